@@ -1,0 +1,44 @@
+# m6-engine: `make install | test | bench | gpu-check`. Each target installs what it needs first.
+# Idempotent: stamps in .stamps/ record what was done; a second `make install` does nothing costly.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
+# The toolkit torch would otherwise guess wrong (setup.py explains); a user's CUDA_HOME wins.
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: install test bench gpu-check clean
+
+install: $(STAMPS)/ext
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMPS)/deps: requirements.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+# m6_engine._C is built in place, ahead of time (ninja, incremental in build/: never a JIT at
+# import); a .pth file puts this checkout on the venv's path, as an editable install would.
+$(STAMPS)/ext: $(STAMPS)/deps setup.py $(CSRC)
+	$(PY) setup.py --quiet build_ext --inplace
+	$(PY) -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'm6_engine_checkout.pth'), 'w').write(os.getcwd() + '\\n')"
+	$(PY) -c "import m6_engine.ops as o; o.require_extension(); print('m6_engine._C:', 'cuda+cpu' if o.cuda_kernels_built() else 'cpu', 'kernels, cpu capability', o.cpu_capability())"
+	@mkdir -p $(STAMPS) && touch $@
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: install
+	$(PY) -m tests.bench.run_all --out bench-results
+
+gpu-check:
+	bash tests/gpu_check.sh
+
+clean:
+	rm -rf build $(STAMPS) m6_engine/_C*.so *.egg-info

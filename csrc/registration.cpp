@@ -1,0 +1,63 @@
+// The one registration file of m6_engine._C: schemas of every m6:: op, and the module init.
+//
+// Kernels register their implementations next to their code, with TORCH_LIBRARY_IMPL(m6, CPU, m)
+// in csrc/<op>/<op>_cpu.cpp and TORCH_LIBRARY_IMPL(m6, CUDA, m) in csrc/<op>/<op>_cuda.cu.
+// Python (m6_engine/ops/) adds the fake (meta) kernels and autograd.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+TORCH_LIBRARY(m6, m) {
+  // scores (B, H, Sq, Sk) fp32|fp16|bf16; prefix_len, valid_len (B,) int32|int64 on scores' device.
+  // Query row i sits at absolute position q_offset + i and may attend key j iff
+  //   j < valid_len[b] and (j < prefix_len[b] or j <= q_offset + i).
+  // out = softmax(scale * scores) over the allowed keys, zeros elsewhere; rows with
+  // q_offset + i >= valid_len[b] are all zeros. Math in fp32, out in scores' dtype.
+  m.def("masked_softmax(Tensor scores, Tensor prefix_len, Tensor valid_len, float scale, "
+        "SymInt q_offset) -> Tensor");
+  // grad_scores = scale * out * (grad_out - sum(grad_out * out, -1)), from the saved output.
+  // The lengths only let the kernel skip keys a row never sees (out is zero there).
+  m.def("masked_softmax_backward(Tensor grad_out, Tensor out, Tensor prefix_len, "
+        "Tensor valid_len, float scale, SymInt q_offset) -> Tensor");
+  // x (..., N); weight, bias (N,) of x's dtype. Returns y (x's shape and dtype) and the fp32
+  // per-row mean and rstd = 1/sqrt(var + eps), each of shape (rows,) = x.numel() / N.
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // Returns grad_x (x's shape and dtype), grad_weight and grad_bias (N,) in weight's dtype.
+  m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+// Which SIMD the CPU kernels were compiled for: the benchmark prints it, because without the
+// capability flags at::vec::Vectorized silently compiles to scalar loops.
+PyObject* cpu_capability(PyObject*, PyObject*) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return PyUnicode_FromString("avx512");
+#elif defined(CPU_CAPABILITY_AVX2)
+  return PyUnicode_FromString("avx2");
+#else
+  return PyUnicode_FromString("default");
+#endif
+}
+
+PyObject* with_cuda(PyObject*, PyObject*) {
+#if defined(M6_WITH_CUDA)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "SIMD capability of the CPU kernels."},
+    {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were built."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "m6-engine kernels (m6:: ops).", -1, methods};
+
+}  // namespace
+
+// Importing m6_engine._C runs the static TORCH_LIBRARY registrations above and in the kernels.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

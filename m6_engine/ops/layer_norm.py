@@ -1,0 +1,70 @@
+"""Fused LayerNorm over the last dim: ``torch.ops.m6.layer_norm``.
+
+Forward:  mean, var over the last dim (fp32, Welford); rstd = 1/sqrt(var + eps);
+          y = (x - mean) * rstd * weight + bias.
+Backward: xhat = (x - mean) * rstd, g = dy * weight;
+          dx = rstd * (g - mean(g) - xhat * mean(g * xhat));
+          dweight = sum_rows(dy * xhat); dbias = sum_rows(dy).
+Shapes:   x (..., N) fp32 | fp16 | bf16, N up to 65536; weight, bias (N,) of x's dtype;
+          mean, rstd (rows,) fp32 with rows = x.numel() / N.
+"""
+
+import torch
+
+from m6_engine.ops._extension import extension_available, require_extension
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5):
+    """Fused LayerNorm; see the module docstring for the math and shapes."""
+    require_extension()
+    y, _, _ = torch.ops.m6.layer_norm(x, weight, bias, float(eps))
+    return y
+
+
+def _check_meta(x, weight):
+    torch._check(x.dim() >= 1, lambda: "layer_norm: x must have at least one dim")
+    torch._check(x.dtype in _FLOAT_DTYPES,
+                 lambda: f"layer_norm: x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
+                 lambda: f"layer_norm: weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+
+
+def _fake_forward(x, weight, bias, eps):
+    _check_meta(x, weight)
+    rows = x.numel() // x.shape[-1]
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return y, stats, torch.empty_like(stats)
+
+
+def _fake_backward(grad_y, x, weight, mean, rstd):
+    _check_meta(x, weight)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight), torch.empty_like(weight))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = torch.ops.m6.layer_norm_backward(
+        grad_y.contiguous(), x, weight, mean, rstd)
+    return grad_x, grad_weight, grad_bias, None
+
+
+def register():
+    """Attach the fake kernels and autograd to the C++-defined ops (once, at import)."""
+    torch.library.register_fake("m6::layer_norm")(_fake_forward)
+    torch.library.register_fake("m6::layer_norm_backward")(_fake_backward)
+    torch.library.register_autograd("m6::layer_norm", _backward, setup_context=_setup_context)
+
+
+if extension_available():
+    register()

@@ -1,0 +1,70 @@
+"""The fused scaled masked softmax with M6's prefix-LM mask: ``torch.ops.m6.masked_softmax``.
+
+The mask is computed from two integers per sample (DESIGN.md "One sequence, one mask rule"):
+query i (absolute position ``q_offset + i``) may attend key j iff
+``j < valid_len[b] and (j < prefix_len[b] or j <= q_offset + i)``. Bidirectional
+(``prefix_len == valid_len``), causal (``prefix_len == 0``) and padding-only masks are special cases.
+
+Forward:   y = softmax(scale * x) over the allowed keys, 0 elsewhere; padded query rows are 0.
+Backward:  dx = scale * y * (dy - sum(dy * y, -1)), from the saved output y only (masked y = 0).
+Shapes:    scores (B, H, Sq, Sk) fp32 | fp16 | bf16; prefix_len, valid_len (B,) int32 | int64.
+"""
+
+import torch
+
+from m6_engine.ops._extension import extension_available, require_extension
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def masked_softmax(scores, prefix_len, valid_len, scale: float = 1.0, q_offset: int = 0):
+    """Fused scaled masked softmax; see the module docstring for the math and shapes."""
+    require_extension()
+    return torch.ops.m6.masked_softmax(scores, prefix_len, valid_len, float(scale), q_offset)
+
+
+def _check_meta(scores, prefix_len, valid_len):
+    # The values of the lengths are checked by the real kernels; the fake kernel sees only shapes.
+    torch._check(scores.dim() == 4, lambda: f"masked_softmax: scores must be 4-D (B, H, Sq, Sk), got {scores.dim()}-D")
+    torch._check(scores.dtype in _FLOAT_DTYPES,
+                 lambda: f"masked_softmax: scores must be float32, float16 or bfloat16, got {scores.dtype}")
+    for name, t in (("prefix_len", prefix_len), ("valid_len", valid_len)):
+        torch._check(t.dtype in (torch.int32, torch.int64),
+                     lambda: f"masked_softmax: {name} must be int32 or int64, got {t.dtype}")
+        torch._check(t.dim() == 1 and t.shape[0] == scores.shape[0],
+                     lambda: f"masked_softmax: {name} must have shape (B,) = ({scores.shape[0]},), got {tuple(t.shape)}")
+
+
+def _fake_forward(scores, prefix_len, valid_len, scale, q_offset):
+    _check_meta(scores, prefix_len, valid_len)
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+def _fake_backward(grad_out, out, prefix_len, valid_len, scale, q_offset):
+    _check_meta(out, prefix_len, valid_len)
+    return torch.empty_like(out, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    _, prefix_len, valid_len, scale, q_offset = inputs
+    ctx.save_for_backward(output, prefix_len, valid_len)
+    ctx.scale = scale
+    ctx.q_offset = q_offset
+
+
+def _backward(ctx, grad_out):
+    out, prefix_len, valid_len = ctx.saved_tensors
+    grad = torch.ops.m6.masked_softmax_backward(
+        grad_out.contiguous(), out, prefix_len, valid_len, ctx.scale, ctx.q_offset)
+    return grad, None, None, None, None
+
+
+def register():
+    """Attach the fake kernels and autograd to the C++-defined ops (once, at import)."""
+    torch.library.register_fake("m6::masked_softmax")(_fake_forward)
+    torch.library.register_fake("m6::masked_softmax_backward")(_fake_backward)
+    torch.library.register_autograd("m6::masked_softmax", _backward, setup_context=_setup_context)
+
+
+if extension_available():
+    register()

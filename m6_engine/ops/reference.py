@@ -1,0 +1,51 @@
+"""Plain-PyTorch references of the fused ops: the test oracle and the model's unfused path.
+
+They are written for clarity, not speed: the prefix-LM mask is materialised as a (B, 1, Sq, Sk)
+boolean tensor, which is exactly what the fused kernels avoid.
+"""
+
+import torch
+
+
+def prefix_lm_mask(prefix_len, valid_len, sq: int, sk: int, q_offset: int = 0):
+    """Boolean mask (B, 1, Sq, Sk), True where query i may attend key j.
+
+    Query i sits at absolute position ``q_offset + i``. It may attend key j iff
+    ``j < valid_len[b] and (j < prefix_len[b] or j <= q_offset + i)``; a padded query
+    (``q_offset + i >= valid_len[b]``) attends nothing.
+    """
+    device = prefix_len.device
+    q = torch.arange(sq, device=device).view(1, sq, 1) + q_offset   # (1, Sq, 1)
+    k = torch.arange(sk, device=device).view(1, 1, sk)              # (1, 1, Sk)
+    prefix = prefix_len.to(torch.long).view(-1, 1, 1)                # (B, 1, 1)
+    valid = valid_len.to(torch.long).view(-1, 1, 1)                  # (B, 1, 1)
+    allowed = (k < valid) & ((k < prefix) | (k <= q)) & (q < valid)  # (B, Sq, Sk)
+    return allowed.unsqueeze(1)
+
+
+def masked_softmax_reference(scores, prefix_len, valid_len, scale: float = 1.0, q_offset: int = 0):
+    """softmax(scale * scores) over the allowed keys, zeros elsewhere; math in fp32.
+
+    scores (B, H, Sq, Sk); returns the same shape and dtype. Rows that attend nothing are zeros.
+    """
+    _, _, sq, sk = scores.shape
+    allowed = prefix_lm_mask(prefix_len, valid_len, sq, sk, q_offset)      # (B, 1, Sq, Sk)
+    logits = (scores.float() * scale).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # A row with no allowed key is softmax of all -inf = NaN: those rows are defined as zeros.
+    probs = probs.masked_fill(~allowed, 0.0)
+    return probs.to(scores.dtype)
+
+
+def masked_softmax_backward_reference(grad_out, out, scale: float = 1.0):
+    """scale * y * (dy - sum(dy * y, -1)) in fp32, cast to grad_out's dtype."""
+    y = out.float()
+    dy = grad_out.float()
+    return (scale * y * (dy - (dy * y).sum(-1, keepdim=True))).to(grad_out.dtype)
+
+
+def layer_norm_reference(x, weight, bias, eps: float = 1e-5):
+    """LayerNorm over the last dim with fp32 math, result in x's dtype."""
+    n = x.shape[-1]
+    y = torch.nn.functional.layer_norm(x.float(), (n,), weight.float(), bias.float(), eps)
+    return y.to(x.dtype)

@@ -1,0 +1,148 @@
+"""Build of m6-engine and its one extension, ``m6_engine._C``.
+
+The C++ CPU kernels are always built. The CUDA kernels are added when torch is a CUDA build
+and a CUDA toolkit is found. Knobs (environment variables, read here and nowhere else):
+
+  M6_BUILD_CUDA=0|1      force the CPU-only or the CUDA build (default: auto-detect)
+  CUDA_HOME              the toolkit; default: /usr/local/cuda, then the parent of `nvcc` on PATH
+  TORCH_CUDA_ARCH_LIST   CUDA architectures, default "8.0;9.0"
+  M6_CPU_NATIVE=1        compile the CPU kernels with -march=native (a source build for this machine)
+  MAX_JOBS               parallel compile jobs (ninja)
+  DEBUG=1                -O0 -g, no NDEBUG
+
+Why we resolve CUDA_HOME ourselves: torch.utils.cpp_extension guesses the toolkit from the place of
+`nvcc` on PATH (e.g. /usr/local/bin/nvcc -> /usr/local), and then fails to link `-lcudart`. It reads
+CUDA_HOME once, at import, so it must be set before that import.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fail(message):
+    sys.stderr.write(f"\nm6-engine build error: {message}\n\n")
+    sys.exit(1)
+
+
+def _toolkit_home():
+    """Return a CUDA toolkit folder that has bin/nvcc, or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
+
+
+def _want_cuda():
+    """Decide the CUDA build from M6_BUILD_CUDA, torch's build and the toolkit; set CUDA_HOME."""
+    flag = os.environ.get("M6_BUILD_CUDA", "auto").strip().lower()
+    if flag not in ("auto", "0", "1"):
+        _fail(f"M6_BUILD_CUDA must be 0, 1 or unset, got {flag!r}")
+    if flag == "0":
+        return False
+    try:
+        import torch
+    except ImportError:
+        _fail("torch is not installed: run `make install` (or `pip install -r requirements.txt`) first")
+    home = _toolkit_home()
+    if torch.version.cuda is None or home is None:
+        if flag == "1":
+            why = ("torch is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA toolkit found (set CUDA_HOME to a folder with bin/nvcc)")
+            _fail(f"M6_BUILD_CUDA=1 but {why}")
+        return False
+    os.environ["CUDA_HOME"] = home
+    return True
+
+
+def _cpu_flags():
+    """Compile flags for the C++ kernels: AVX2 where the compiler and the machine have it.
+
+    at::vec::Vectorized<float> is only SIMD when CPU_CAPABILITY_AVX2 is defined together with the
+    matching -m flags; without them it compiles to scalar loops that still give the same results.
+    """
+    flags = ["-O3", "-std=c++20", "-fopenmp"]
+    if os.environ.get("M6_CPU_NATIVE") == "1":
+        return flags + ["-march=native", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    if _cpu_has_avx2():
+        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return flags
+
+
+def _cpu_has_avx2():
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return False
+    return " avx2" in info and " fma" in info and " f16c" in info
+
+
+def _extensions():
+    with_cuda = _want_cuda()
+    from torch.utils import cpp_extension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    if not sources:
+        _fail("no C++ sources under csrc/: is this a complete checkout?")
+    debug = os.environ.get("DEBUG") == "1"
+    cxx = _cpu_flags()
+    if debug:
+        cxx = [f for f in cxx if not f.startswith("-O")] + ["-O0", "-g", "-UNDEBUG"]
+    extra = {"cxx": cxx}
+    define_macros = []
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++20", "-lineinfo",
+                         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        if debug:
+            extra["nvcc"] = ["-O0", "-g", "-G", "-std=c++20"]
+        define_macros.append(("M6_WITH_CUDA", "1"))
+        return [cpp_extension.CUDAExtension(
+            "m6_engine._C", sources + cuda_sources, extra_compile_args=extra,
+            define_macros=define_macros, extra_link_args=["-fopenmp"])]
+    return [cpp_extension.CppExtension(
+        "m6_engine._C", sources, extra_compile_args=extra, define_macros=define_macros,
+        extra_link_args=["-fopenmp"])]
+
+
+def _build_ext_class():
+    from torch.utils import cpp_extension
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        def build_extensions(self):
+            if shutil.which(os.environ.get("CXX", "c++")) is None:
+                _fail("no C++ compiler found (install g++, or set CXX)")
+            super().build_extensions()
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+def _is_metadata_only():
+    # `setup.py --version`, egg_info and the like need no torch and no compiler.
+    return any(a in sys.argv for a in ("egg_info", "--version", "--name", "dist_info"))
+
+
+setup(
+    name="m6-engine",
+    version="0.1.0",
+    description="Megatron-style training engine for M6, the multimodal Chinese mega-transformer",
+    packages=find_packages(include=["m6_engine", "m6_engine.*", "megatron_ext", "megatron_ext.*"]),
+    package_data={"m6_engine": ["_data/*"]},
+    python_requires=">=3.10",
+    ext_modules=[] if _is_metadata_only() else _extensions(),
+    cmdclass={} if _is_metadata_only() else {"build_ext": _build_ext_class()},
+    extras_require={"test": ["transformers"]},
+)
