@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install test bench gpu-check clean
 
-install: $(STAMPS)/ext
+install: $(STAMPS)/ext m6_engine/_data/vocab.txt
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ $(STAMPS)/ext: $(STAMPS)/deps setup.py $(CSRC)
 	$(PY) -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'm6_engine_checkout.pth'), 'w').write(os.getcwd() + '\\n')"
 	$(PY) -c "import m6_engine.ops as o; o.require_extension(); print('m6_engine._C:', 'cuda+cpu' if o.cuda_kernels_built() else 'cpu', 'kernels, cpu capability', o.cpu_capability())"
 	@mkdir -p $(STAMPS) && touch $@
+
+# The default vocab (bert-base-chinese, 21128 entries) is not committed: fetched from a PyPI wheel
+# and md5-checked (m6_engine/data/vocab_fetch.py says why and how).
+m6_engine/_data/vocab.txt: | $(STAMPS)/deps
+	$(PY) -m m6_engine.data.vocab_fetch --dest $@
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -31,4 +31,25 @@ inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
+// Backward only: grad_y matches x; mean and rstd are the forward's fp32 (rows,) statistics.
+inline void check_layer_norm_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                           const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "layer_norm_backward: grad_y must have x's shape ", x.sizes(),
+              ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "layer_norm_backward: grad_y must have x's dtype ",
+              x.scalar_type(), ", got ", grad_y.scalar_type());
+  TORCH_CHECK(grad_y.device() == x.device(), "layer_norm_backward: grad_y must be on x's device ", x.device(),
+              ", got ", grad_y.device());
+  const int64_t rows = x.numel() / x.size(-1);
+  for (const auto* t : {&mean, &rstd}) {
+    const char* name = (t == &mean) ? "mean" : "rstd";
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "layer_norm_backward: ", name, " must be float32, got ",
+                t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, "layer_norm_backward: ", name, " must have shape (",
+                rows, ",), got ", t->sizes());
+    TORCH_CHECK(t->device() == x.device(), "layer_norm_backward: ", name, " must be on x's device ",
+                x.device(), ", got ", t->device());
+  }
+}
+
 }  // namespace m6

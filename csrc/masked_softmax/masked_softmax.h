@@ -43,6 +43,16 @@ inline void check_masked_softmax_args(const at::Tensor& scores, const at::Tensor
   }
 }
 
+// Backward only: grad_out must match the saved out in shape, dtype and device.
+inline void check_masked_softmax_backward_args(const at::Tensor& grad_out, const at::Tensor& out) {
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "masked_softmax_backward: grad_out must have out's shape ",
+              out.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), "masked_softmax_backward: grad_out must have "
+              "out's dtype ", out.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == out.device(), "masked_softmax_backward: grad_out must be on out's device ",
+              out.device(), ", got ", grad_out.device());
+}
+
 // Value checks on host copies of the lengths (int64, contiguous, CPU):
 // 0 <= prefix_len <= valid_len <= Sk for every sample.
 inline void check_length_values(const int64_t* prefix, const int64_t* valid, int64_t batch,

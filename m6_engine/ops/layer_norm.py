@@ -14,6 +14,7 @@ import torch
 from m6_engine.ops._extension import extension_available, require_extension
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HIDDEN = 65536  # kLayerNormMaxHidden of csrc/layer_norm/layer_norm.h
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):
@@ -23,16 +24,24 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     return y
 
 
-def _check_meta(x, weight):
+def _check_meta(x, *params):
+    """Shape, dtype and device checks of x and its (N,) parameters, worded as the C++ checks."""
     torch._check(x.dim() >= 1, lambda: "layer_norm: x must have at least one dim")
     torch._check(x.dtype in _FLOAT_DTYPES,
                  lambda: f"layer_norm: x must be float32, float16 or bfloat16, got {x.dtype}")
-    torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
-                 lambda: f"layer_norm: weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    torch._check(1 <= x.shape[-1] <= _MAX_HIDDEN,
+                 lambda: f"layer_norm: hidden size (x's last dim) must be in [1, {_MAX_HIDDEN}], got {x.shape[-1]}")
+    for name, t in zip(("weight", "bias"), params):
+        torch._check(t.dim() == 1 and t.shape[0] == x.shape[-1],
+                     lambda: f"layer_norm: {name} must have shape ({x.shape[-1]},), got {tuple(t.shape)}")
+        torch._check(t.dtype == x.dtype, lambda: f"layer_norm: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+        # A meta tensor mixed with real ones dispatches here, not to a real kernel: check devices
+        # here too, or the mix would return an uninitialised tensor.
+        torch._check(t.device == x.device, lambda: f"layer_norm: {name} must be on x's device {x.device}, got {t.device}")
 
 
 def _fake_forward(x, weight, bias, eps):
-    _check_meta(x, weight)
+    _check_meta(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     stats = x.new_empty((rows,), dtype=torch.float32)

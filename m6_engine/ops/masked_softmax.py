@@ -33,6 +33,10 @@ def _check_meta(scores, prefix_len, valid_len):
                      lambda: f"masked_softmax: {name} must be int32 or int64, got {t.dtype}")
         torch._check(t.dim() == 1 and t.shape[0] == scores.shape[0],
                      lambda: f"masked_softmax: {name} must have shape (B,) = ({scores.shape[0]},), got {tuple(t.shape)}")
+        # A meta tensor mixed with real ones dispatches here, not to a real kernel: check devices
+        # here too, or the mix would return an uninitialised tensor.
+        torch._check(t.device == scores.device,
+                     lambda: f"masked_softmax: {name} must be on scores's device {scores.device}, got {t.device}")
 
 
 def _fake_forward(scores, prefix_len, valid_len, scale, q_offset):

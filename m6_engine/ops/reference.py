@@ -7,6 +7,11 @@ boolean tensor, which is exactly what the fused kernels avoid.
 import torch
 
 
+def _math_dtype(dtype):
+    """fp32 for fp32/fp16/bf16 inputs, float64 for float64 ones (the tests' exact oracle)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def prefix_lm_mask(prefix_len, valid_len, sq: int, sk: int, q_offset: int = 0):
     """Boolean mask (B, 1, Sq, Sk), True where query i may attend key j.
 
@@ -24,13 +29,13 @@ def prefix_lm_mask(prefix_len, valid_len, sq: int, sk: int, q_offset: int = 0):
 
 
 def masked_softmax_reference(scores, prefix_len, valid_len, scale: float = 1.0, q_offset: int = 0):
-    """softmax(scale * scores) over the allowed keys, zeros elsewhere; math in fp32.
+    """softmax(scale * scores) over the allowed keys, zeros elsewhere; math in fp32 (fp64 for fp64).
 
     scores (B, H, Sq, Sk); returns the same shape and dtype. Rows that attend nothing are zeros.
     """
     _, _, sq, sk = scores.shape
     allowed = prefix_lm_mask(prefix_len, valid_len, sq, sk, q_offset)      # (B, 1, Sq, Sk)
-    logits = (scores.float() * scale).masked_fill(~allowed, float("-inf"))
+    logits = (scores.to(_math_dtype(scores.dtype)) * scale).masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     # A row with no allowed key is softmax of all -inf = NaN: those rows are defined as zeros.
     probs = probs.masked_fill(~allowed, 0.0)
@@ -38,14 +43,15 @@ def masked_softmax_reference(scores, prefix_len, valid_len, scale: float = 1.0, 
 
 
 def masked_softmax_backward_reference(grad_out, out, scale: float = 1.0):
-    """scale * y * (dy - sum(dy * y, -1)) in fp32, cast to grad_out's dtype."""
-    y = out.float()
-    dy = grad_out.float()
+    """scale * y * (dy - sum(dy * y, -1)) in fp32 (fp64 for fp64), cast to grad_out's dtype."""
+    y = out.to(_math_dtype(out.dtype))
+    dy = grad_out.to(y.dtype)
     return (scale * y * (dy - (dy * y).sum(-1, keepdim=True))).to(grad_out.dtype)
 
 
 def layer_norm_reference(x, weight, bias, eps: float = 1e-5):
-    """LayerNorm over the last dim with fp32 math, result in x's dtype."""
+    """LayerNorm over the last dim with fp32 math (fp64 for fp64), result in x's dtype."""
     n = x.shape[-1]
-    y = torch.nn.functional.layer_norm(x.float(), (n,), weight.float(), bias.float(), eps)
+    math = _math_dtype(x.dtype)
+    y = torch.nn.functional.layer_norm(x.to(math), (n,), weight.to(math), bias.to(math), eps)
     return y.to(x.dtype)

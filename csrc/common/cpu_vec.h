@@ -1,0 +1,117 @@
+// SIMD helpers shared by the CPU kernels (csrc/*/*_cpu.cpp): the fp32 vector type, and row
+// conversions between fp16/bf16 storage and fp32 math buffers.
+//
+// at::vec::Vectorized<float> is 8-wide AVX2 only when this file is compiled with the capability
+// macro and the matching -m flags (setup.py adds them); otherwise it silently becomes a scalar
+// emulation. The static_assert below turns "macro set but flags lost" into a compile error.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace m6::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVecWidth = Vec::size();
+
+#if defined(CPU_CAPABILITY_AVX2)
+static_assert(Vec::size() == 8 && sizeof(Vec) == 32,
+              "CPU_CAPABILITY_AVX2 is defined but Vectorized<float> is not 8-wide AVX2");
+#elif defined(CPU_CAPABILITY_AVX512)
+static_assert(Vec::size() == 16, "CPU_CAPABILITY_AVX512 is defined but Vectorized<float> is not 16-wide");
+#endif
+
+// dst[0:n) = float(src[0:n)). For fp16/bf16, two fp32 vectors per 16-bit vector.
+template <typename T>
+inline void load_row_as_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else {
+    using HalfVec = at::vec::Vectorized<T>;
+    int64_t i = 0;
+    for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(HalfVec::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + kVecWidth);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// dst[0:n) = T(src[0:n)), rounding to nearest even.
+template <typename T>
+inline void store_row_from_float(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else {
+    using HalfVec = at::vec::Vectorized<T>;
+    int64_t i = 0;
+    for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
+      at::vec::convert_from_float<T>(Vec::loadu(src + i), Vec::loadu(src + i + kVecWidth))
+          .store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// dst[0:n) = 0 for any of our storage types (+0.0 is all-zero bits in fp32, fp16 and bf16).
+template <typename T>
+inline void zero_row(T* dst, int64_t n) {
+  if (n > 0) std::memset(static_cast<void*>(dst), 0, sizeof(T) * n);
+}
+
+// The first `count` floats at p as a vector (count < width: a partial load, the rest zero-filled).
+inline Vec load_n(const float* p, int64_t count) {
+  return count == kVecWidth ? Vec::loadu(p) : Vec::loadu(p, count);
+}
+
+// *p[0:count) = v[0:count) (count < width: a partial store).
+inline void store_n(const Vec& v, float* p, int64_t count) {
+  if (count == kVecWidth) v.store(p); else v.store(p, count);
+}
+
+// f(j, count) for the vectors of a row of n floats: count = width, then once count = n % width.
+// Inlined, the full vectors see a constant count, so load_n/store_n compile to plain loads/stores.
+template <typename F>
+inline void for_each_vector(int64_t n, const F& f) {
+  int64_t j = 0;
+  for (; j + kVecWidth <= n; j += kVecWidth) f(j, kVecWidth);
+  if (j < n) f(j, n - j);
+}
+
+// Calls fn(T{}) with T the storage type of `dtype`: float, c10::Half or c10::BFloat16 (the
+// dtypes the m6 ops accept; callers have already rejected the others with a clear message).
+template <typename Fn>
+inline void dispatch_storage_type(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
+// Vector of the first `count` lanes of `v`, the rest filled with `fill` (count in [0, width]).
+inline Vec head_lanes(const Vec& v, int64_t count, float fill) {
+  return Vec::set(Vec(fill), v, count);
+}
+
+// dst[0:len) = value(j, count) for j < n and 0 for n <= j < len, where value(j, count) returns
+// the vector of elements [j, j + count) of the row (count < width only at the row's end; lanes
+// >= count are ignored). dst may alias what value() reads: each vector is read before it is stored.
+template <typename F>
+inline void write_row(float* dst, int64_t n, int64_t len, const F& value) {
+  for_each_vector(n, [&](int64_t j, int64_t c) { store_n(value(j, c), dst + j, c); });
+  zero_row(dst + n, len - n);
+}
+
+}  // namespace m6::cpu

@@ -1,0 +1,49 @@
+"""Shared pytest set-up: the `cuda` marker (skipped unless a GPU and the CUDA kernels are present),
+and poisoned allocations for tests that prove a kernel writes every element of its output."""
+
+import contextlib
+
+import pytest
+import torch
+
+import m6_engine.ops as ops
+
+
+def cuda_ready() -> bool:
+    """True when a GPU is visible and m6_engine._C was built with its CUDA kernels."""
+    return torch.cuda.is_available() and ops.cuda_kernels_built()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and the CUDA kernels of m6_engine._C")
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_ready():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and m6_engine._C built with M6_BUILD_CUDA=1")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+# Test ids of a device parameter; "cuda" carries the marker above.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """Within: every uninitialised tensor torch allocates (kernel outputs included) is NaN-filled.
+
+    Uses torch's deterministic mode with ``fill_uninitialized_memory``; restores both on exit.
+    A position a kernel forgets to write then stays NaN instead of being whatever was in memory.
+    """
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.utils.deterministic.fill_uninitialized_memory = fill

@@ -1,0 +1,256 @@
+"""m6::masked_softmax (forward and backward) against the float64 reference, three ways.
+
+The three-way rule (STYLE.md): with the float64 reference as the exact answer, the kernel's error
+may not exceed twice the error of the same-precision PyTorch composite (masked_fill + softmax in
+the scores' dtype), plus a small floor. Masked and padded positions must be exact zeros.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+import m6_engine.ops as ops
+from m6_engine.ops.reference import masked_softmax_reference, prefix_lm_mask
+from tests.conftest import DEVICES, nan_filled_empty
+
+SCALE = 0.37
+# Absolute error floor per dtype: about one unit in the last place at probability 1.
+FLOOR = {torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _mixed_lengths(sk):
+    """(prefix_len, valid_len) per sample: causal, bidirectional, prefix-LM, prefix-LM + pad, all pad."""
+    return [(0, sk), (sk, sk), (sk // 3, sk), (sk // 4, sk - sk // 3), (0, 0)]
+
+
+def _lengths(pairs, dtype=torch.int64, device="cpu"):
+    prefix = torch.tensor([p for p, _ in pairs], dtype=dtype, device=device)
+    valid = torch.tensor([v for _, v in pairs], dtype=dtype, device=device)
+    return prefix, valid
+
+
+def _scores(b, h, sq, sk, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (4 * torch.randn(b, h, sq, sk, generator=gen)).to(device=device, dtype=dtype)
+
+
+def _composite(scores, prefix, valid, scale, q_offset):
+    """The unfused path in the scores' own dtype: masked_fill with a materialised mask, softmax."""
+    allowed = prefix_lm_mask(prefix, valid, scores.shape[2], scores.shape[3], q_offset)  # (B, 1, Sq, Sk)
+    probs = torch.softmax((scores * scale).masked_fill(~allowed, float("-inf")), dim=-1)
+    return probs.masked_fill(~allowed, 0.0)
+
+
+def _assert_three_way(kernel, composite, exact, floor, what):
+    err_kernel = (kernel.double() - exact).abs().max().item()
+    err_torch = (composite.double() - exact).abs().max().item()
+    assert err_kernel <= 2 * err_torch + floor, (
+        f"{what}: kernel error {err_kernel:.3g} > 2 x torch composite error {err_torch:.3g} + {floor:.1g}")
+
+
+def _assert_masked_zero(out, prefix, valid, q_offset):
+    allowed = prefix_lm_mask(prefix, valid, out.shape[2], out.shape[3], q_offset).expand_as(out)
+    assert torch.all(out[~allowed] == 0), "a masked or padded position is not exactly 0"
+
+
+def _check_forward(scores, prefix, valid, q_offset, scale=SCALE, poison=False):
+    with nan_filled_empty() if poison else contextlib.nullcontext():
+        out = ops.masked_softmax(scores, prefix, valid, scale, q_offset)
+    assert out.shape == scores.shape and out.dtype == scores.dtype and out.is_contiguous()
+    exact = masked_softmax_reference(scores.double(), prefix, valid, scale, q_offset)
+    composite = _composite(scores, prefix, valid, scale, q_offset)
+    _assert_three_way(out, composite, exact, FLOOR[scores.dtype], "forward")
+    _assert_masked_zero(out, prefix, valid, q_offset)
+    return out
+
+
+def _grads(fn, scores, grad_out):
+    x = scores.detach().requires_grad_()
+    (g,) = torch.autograd.grad(fn(x), x, grad_out)
+    return g
+
+
+def _check_backward(scores, prefix, valid, q_offset, scale=SCALE, poison=False):
+    grad_out = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1)).to(scores)
+    with nan_filled_empty() if poison else contextlib.nullcontext():
+        kernel = _grads(lambda x: ops.masked_softmax(x, prefix, valid, scale, q_offset), scores, grad_out)
+    composite = _grads(lambda x: _composite(x, prefix, valid, scale, q_offset), scores, grad_out)
+    exact = _grads(lambda x: masked_softmax_reference(x, prefix, valid, scale, q_offset),
+                   scores.double(), grad_out.double())
+    assert kernel.dtype == scores.dtype
+    # Gradients are O(scale * |dy|): the floor grows with them.
+    floor = FLOOR[scores.dtype] * max(1.0, exact.abs().max().item())
+    _assert_three_way(kernel, composite, exact, floor, "backward")
+    _assert_masked_zero(kernel, prefix, valid, q_offset)
+
+
+# (Sq, Sk, q_offset): square masks, long rows, decoding with a KV cache, Sq != Sk both ways.
+CASES = [(1, 1, 0), (3, 3, 0), (17, 17, 0), (528, 528, 0), (24, 4097, 0), (24, 4097, 4073),
+         (7, 17, 10), (17, 7, 0), (1, 528, 527)]
+
+
+@pytest.mark.parametrize("sq,sk,q_offset", CASES)
+@pytest.mark.parametrize("length_dtype", [torch.int64, torch.int32])
+def test_forward_fp32(sq, sk, q_offset, length_dtype):
+    prefix, valid = _lengths(_mixed_lengths(sk), length_dtype)
+    _check_forward(_scores(len(prefix), 2, sq, sk), prefix, valid, q_offset)
+
+
+@pytest.mark.parametrize("sq,sk,q_offset", [c for c in CASES if c[0] * c[1] <= 200_000])
+def test_backward_fp32(sq, sk, q_offset):
+    prefix, valid = _lengths(_mixed_lengths(sk))
+    _check_backward(_scores(len(prefix), 2, sq, sk), prefix, valid, q_offset)
+
+
+def test_scale_and_extreme_scores():
+    # Large logits test the max subtraction; a negative scale flips which key is the max.
+    prefix, valid = _lengths(_mixed_lengths(33))
+    scores = 50 * _scores(5, 1, 33, 33)
+    for scale in (1.0, -0.5, 0.0):
+        _check_forward(scores, prefix, valid, 0, scale)
+
+
+@pytest.mark.parametrize("sk", [32768, 32771])
+def test_long_rows(sk):
+    # 2 x 128 rows of >= 32768 keys (odd Sk misaligns the rows): outputs of >= 32 MiB, fresh
+    # zero pages from the OS, so poison them, or unwritten zeros would go unnoticed.
+    sq, q_offset = 128, 29950
+    prefix, valid = _lengths([(0, sk), (20000, 30000)])
+    scores = _scores(2, 1, sq, sk)
+    out = _check_forward(scores, prefix, valid, q_offset, poison=True)
+    assert torch.all(out[1, :, 30000 - q_offset:] == 0)  # sample 1's rows from 30000 on are padding
+    _check_backward(scores, prefix, valid, q_offset, poison=True)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("sk", [17, 528])
+def test_non_contiguous(layout, sk):
+    prefix, valid = _lengths(_mixed_lengths(sk))
+    base = _scores(5, 2, sk, 2 * sk)
+    scores = base[..., :sk].transpose(2, 3) if layout == "transposed" else base[..., ::2]
+    assert not scores.is_contiguous() and scores.shape == (5, 2, sk, sk)
+    _check_forward(scores, prefix, valid, 0)
+    _check_backward(scores, prefix, valid, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sq,sk,q_offset", [(17, 17, 0), (8, 528, 520), (5, 1000, 0)])
+def test_half_precision(dtype, sq, sk, q_offset):
+    prefix, valid = _lengths(_mixed_lengths(sk))
+    scores = _scores(5, 2, sq, sk, dtype)
+    _check_forward(scores, prefix, valid, q_offset)
+    _check_backward(scores, prefix, valid, q_offset)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_element_written(device):
+    # With deterministic fill, every at::empty (the kernels' outputs included) starts as NaN: a
+    # position the kernel forgot to write would stay NaN.
+    prefix, valid = _lengths(_mixed_lengths(70), device=device)
+    scores = _scores(5, 3, 70, 70, device=device)
+    with nan_filled_empty():
+        assert torch.empty(16, device=device).isnan().all(), "poisoning is not active"
+        out = ops.masked_softmax(scores, prefix, valid, SCALE, 0)
+        grad = torch.ops.m6.masked_softmax_backward(torch.ones_like(out), out, prefix, valid, SCALE, 0)
+    exact = masked_softmax_reference(scores.double(), prefix, valid, SCALE, 0)
+    assert not out.isnan().any() and not grad.isnan().any()
+    torch.testing.assert_close(out.double(), exact, atol=1e-6, rtol=0)
+    _assert_masked_zero(grad, prefix, valid, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_cpu(device):
+    # The CUDA kernel against the CPU kernel (and both against float64 above); runs on a GPU only
+    # where one is present.
+    prefix, valid = _lengths(_mixed_lengths(300), torch.int32)
+    scores = _scores(5, 2, 40, 300, torch.bfloat16 if device == "cuda" else torch.float32)
+    out = _check_forward(scores.to(device), prefix.to(device), valid.to(device), 260)
+    torch.testing.assert_close(out.cpu().float(), ops.masked_softmax(scores, prefix, valid, SCALE, 260).float(),
+                               atol=FLOOR[scores.dtype], rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")  # fp32 on purpose
+def test_gradcheck():
+    # The kernels take fp32/fp16/bf16 only (no float64), so gradcheck runs in fp32 with a step
+    # and tolerances fit for it; the exact float64 comparison of the backward is above.
+    prefix, valid = _lengths([(0, 6), (2, 5), (6, 6), (0, 0)])
+    scores = _scores(4, 2, 3, 6).requires_grad_()
+    fn = lambda x: ops.masked_softmax(x, prefix, valid, 0.5, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (scores,), eps=1e-3, atol=2e-3, rtol=2e-2)
+
+
+def test_meta_and_fake_tensors():
+    prefix, valid = _lengths([(1, 4), (0, 3)], device="meta")
+    scores = torch.empty(2, 3, 5, 4, dtype=torch.bfloat16, device="meta")
+    out = ops.masked_softmax(scores, prefix, valid, 0.5, 1)
+    assert out.shape == scores.shape and out.dtype == torch.bfloat16 and out.device.type == "meta"
+    grad = torch.ops.m6.masked_softmax_backward(out, out, prefix, valid, 0.5, 1)
+    assert grad.shape == scores.shape and grad.device.type == "meta"
+
+
+def test_torch_compile_fullgraph():
+    prefix, valid = _lengths(_mixed_lengths(17))
+
+    def attention_probs(x):
+        return ops.masked_softmax(x * 2, prefix, valid, SCALE, 0) * 3
+
+    compiled = torch.compile(attention_probs, fullgraph=True, backend="aot_eager")
+    scores = _scores(5, 2, 17, 17)
+    grad_out = torch.randn_like(scores)
+    torch.testing.assert_close(compiled(scores), attention_probs(scores), atol=0, rtol=0)
+    torch.testing.assert_close(_grads(compiled, scores, grad_out), _grads(attention_probs, scores, grad_out),
+                               atol=0, rtol=0)
+
+
+def test_opcheck():
+    prefix, valid = _lengths([(1, 4), (0, 3), (0, 0)], torch.int32)
+    scores = _scores(3, 2, 5, 4).requires_grad_()
+    torch.library.opcheck(torch.ops.m6.masked_softmax.default, (scores, prefix, valid, 0.5, 1))
+    out = ops.masked_softmax(scores.detach(), prefix, valid, 0.5, 1)
+    torch.library.opcheck(torch.ops.m6.masked_softmax_backward.default,
+                          (torch.randn_like(out), out, prefix, valid, 0.5, 1))
+
+
+def _good():
+    prefix, valid = _lengths([(1, 4), (0, 3)])
+    return _scores(2, 1, 3, 4), prefix, valid
+
+
+def _bad_inputs():
+    """(name, (scores, prefix_len, valid_len, q_offset), expected message) for each bad input."""
+    x, p, v = _good()
+    long = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
+    return [
+        ("float64 scores", (x.double(), p, v, 0), "scores must be float32, float16 or bfloat16"),
+        ("int scores", (x.int(), p, v, 0), "scores must be float32, float16 or bfloat16"),
+        ("3-D scores", (x[0], p, v, 0), r"scores must be 4-D \(B, H, Sq, Sk\), got 3-D"),
+        ("prefix of wrong length", (x, long([1, 0, 0]), v, 0), r"prefix_len must have shape \(B,\)"),
+        ("2-D valid", (x, p, v.view(2, 1), 0), r"valid_len must have shape \(B,\)"),
+        ("float lengths", (x, p.float(), v, 0), "prefix_len must be int32 or int64"),
+        ("lengths on another device", (x, p, v.to("meta"), 0), "valid_len must be on scores's device"),
+        ("scores on another device", (x.to("meta"), p, v, 0), "prefix_len must be on scores's device"),
+        ("prefix > valid", (x, long([4, 0]), long([3, 3]), 0), "prefix_len must be <= valid_len"),
+        ("valid > Sk", (x, p, long([4, 5]), 0), "valid_len must be <= Sk = 4"),
+        ("negative prefix", (x, long([-1, 0]), v, 0), "lengths must be >= 0"),
+        ("negative valid", (x, long([0, -2]), long([0, -1]), 0), "lengths must be >= 0"),
+        ("negative q_offset", (x, p, v, -1), "q_offset must be >= 0"),
+    ]
+
+
+@pytest.mark.parametrize("name,args,message", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
+def test_bad_input_raises(name, args, message):
+    scores, prefix, valid, q_offset = args
+    with pytest.raises(RuntimeError, match=message):
+        ops.masked_softmax(scores, prefix, valid, 1.0, q_offset)
+
+
+def test_bad_backward_input_raises():
+    x, p, v = _good()
+    out = ops.masked_softmax(x, p, v)
+    with pytest.raises(RuntimeError, match="grad_out must have out's shape"):
+        torch.ops.m6.masked_softmax_backward(out[..., :3], out, p, v, 1.0, 0)
+    with pytest.raises(RuntimeError, match="grad_out must have out's dtype"):
+        torch.ops.m6.masked_softmax_backward(out.half(), out, p, v, 1.0, 0)
+    with pytest.raises(RuntimeError, match="valid_len must be <= Sk"):
+        torch.ops.m6.masked_softmax_backward(out, out, p, v + 2, 1.0, 0)
