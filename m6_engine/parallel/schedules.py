@@ -1,0 +1,273 @@
+"""Pipeline schedules: one optimizer step's forward and backward over ``num_microbatches``.
+
+Every schedule has the same keyword-only signature (see :func:`forward_backward`):
+
+- ``forward_step(data_iterator, model, input_tensor) -> Tensor`` runs this stage on the next
+  micro-batch. ``input_tensor`` is None on the first stage, else the activation received from the
+  previous stage. It returns the activation for the next stage (shape ``tensor_spec``, a fresh
+  tensor, not a view), or on the last stage the micro-batch's scalar loss (its mean over tokens).
+- The last stage backpropagates loss / num_microbatches, so gradients accumulate to those of the
+  mean loss; ``StepResult.losses`` holds the micro-batch losses (last stage only).
+- ``model`` may be a :class:`~m6_engine.parallel.data_parallel.DataParallel` wrapper: every
+  backward but the last runs in its ``no_sync()``, and after the last one the data-parallel
+  gradients are finished once, then the tied embedding gradients are summed over first and last
+  stage (``parallel.tied``). ``forward_only`` (evaluation) runs forwards under ``no_grad``.
+
+Schedules. ``"1f1b"`` (non-interleaved): stage ``k`` of ``pp`` runs ``w = min(pp - k - 1, m)``
+warm-up forwards, then alternates one forward / one backward, then ``w`` cool-down backwards, so it
+holds at most ``min(pp - k, m)`` micro-batches of activations. ``"gpipe"``: all forwards, then all
+backwards (holds ``m``). With pp == 1 both are the plain accumulation loop. An activation sent
+downstream has its storage released right after the send (only its autograd graph is kept):
+``tensor.data`` becomes a one-element tensor expanded to the original shape, so the shape metadata
+that ``torch.autograd.backward`` checks the incoming gradient against is kept.
+"""
+
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from m6_engine.parallel.p2p import PipeChannel, TensorSpec
+from m6_engine.parallel.state import ParallelState
+from m6_engine.parallel.tied import allreduce_tied_grads
+
+
+@dataclass(frozen=True)
+class ScheduleTimers:
+    """Seconds this stage spent in one call: compute (forward, backward), p2p, gradient sync."""
+
+    forward_s: float
+    backward_s: float
+    p2p_s: float
+    grad_sync_s: float
+    total_s: float
+
+    @property
+    def busy_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Share of the call this stage was not computing (pipeline bubble + communication)."""
+        return 1.0 - self.busy_s / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one schedule call returns; ``losses`` is empty except on the last stage."""
+
+    losses: list[torch.Tensor]
+    timers: ScheduleTimers
+    peak_live_microbatches: int
+    """Most micro-batches whose forward had run and whose backward had not, at any time."""
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        """Mean micro-batch loss on the last stage, else None."""
+        return torch.stack(self.losses).mean() if self.losses else None
+
+
+class _Clock:
+    """Accumulates span durations; on CUDA with events resolved once, at the end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self.events: list = []
+
+    @contextlib.contextmanager
+    def span(self, kind: str):
+        if self.cuda:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            yield
+            end.record()
+            self.events.append((kind, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.totals[kind] = self.totals.get(kind, 0.0) + time.perf_counter() - t0
+
+    def seconds(self, kind: str) -> float:
+        if self.events:
+            torch.cuda.synchronize()
+            for k, start, end in self.events:
+                self.totals[k] = self.totals.get(k, 0.0) + start.elapsed_time(end) / 1000.0
+            self.events.clear()
+        return self.totals.get(kind, 0.0)
+
+
+def _release_storage(output: torch.Tensor) -> None:
+    """Free an activation already sent downstream, keeping its shape and autograd graph."""
+    if output._base is not None:
+        raise ValueError("forward_step returned a view as the stage output; return a fresh tensor "
+                         "(e.g. .contiguous() or .clone()) so its storage can be freed after sending")
+    output.data = torch.empty((), dtype=output.dtype, device=output.device).expand(output.shape)
+
+
+@dataclass
+class _StageRunner:
+    """One stage's micro-batch steps: timing, loss scaling, gradient-sync control, and the queue
+    of micro-batches whose forward ran and whose backward has not (``pending``)."""
+
+    forward_step: object
+    data_iterator: object
+    model: torch.nn.Module
+    num_microbatches: int
+    state: ParallelState
+    forward_only: bool
+    channel: PipeChannel | None
+    clock: _Clock = field(init=False)
+    pending: deque = field(default_factory=deque)
+    losses: list = field(default_factory=list)
+    backwards_done: int = 0
+    peak_live: int = 0
+
+    def __post_init__(self):
+        # The "total" span is opened here and closed in finish(): the whole call is measured.
+        self.clock = _Clock(self.state.device)
+        self.total_span = self.clock.span("total")
+        self.total_span.__enter__()
+
+    def p2p(self, direction: str, *args):
+        with self.clock.span("p2p"):
+            return getattr(self.channel, direction)(*args)
+
+    def forward(self, input_tensor):
+        """Run forward_step on the next micro-batch and queue it for backward."""
+        if input_tensor is not None and not self.forward_only:
+            input_tensor.requires_grad_()
+        grad_mode = torch.no_grad() if self.forward_only else contextlib.nullcontext()
+        with self.clock.span("forward"), grad_mode:
+            output = self.forward_step(self.data_iterator, self.model, input_tensor)
+        if self.state.is_last_stage:
+            if output.dim() != 0:
+                raise ValueError(f"forward_step on the last stage must return the scalar "
+                                 f"micro-batch loss, got shape {tuple(output.shape)}")
+            self.losses.append(output.detach())
+            output = output / self.num_microbatches
+        if not self.forward_only:
+            self.pending.append((input_tensor, output))
+            self.peak_live = max(self.peak_live, len(self.pending))
+        return output
+
+    def backward(self, output_grad):
+        """Backpropagate the oldest pending micro-batch (the last one of the step with data-parallel
+        sync enabled); returns the gradient of its input, None on the first stage."""
+        input_tensor, output = self.pending.popleft()
+        is_last = self.backwards_done == self.num_microbatches - 1
+        no_sync = getattr(self.model, "no_sync", None)
+        sync_mode = contextlib.nullcontext() if is_last or no_sync is None else no_sync()
+        with self.clock.span("backward"), sync_mode:
+            torch.autograd.backward(output, grad_tensors=output_grad)
+        self.backwards_done += 1
+        return None if input_tensor is None else input_tensor.grad
+
+    def sent(self, output) -> None:
+        """Called after ``output`` went downstream: keep only its graph."""
+        if not self.forward_only and not self.state.is_last_stage:
+            _release_storage(output)
+
+    def receive_forward_send(self) -> None:
+        """Receive an activation, run its forward, send the output downstream."""
+        output = self.forward(self.p2p("recv_forward"))
+        self.p2p("send_forward", output)
+        self.sent(output)
+
+    def receive_backward_send(self) -> None:
+        """Receive the oldest pending micro-batch's output gradient, backward, send upstream."""
+        output_grad = self.p2p("recv_backward")
+        self.p2p("send_backward", self.backward(output_grad))
+
+    def finish(self) -> StepResult:
+        if not self.forward_only:
+            with self.clock.span("grad_sync"):
+                finish = getattr(self.model, "finish_grad_sync", None)
+                if finish is not None:
+                    finish()
+                allreduce_tied_grads(self.model, self.state)
+        self.total_span.__exit__(None, None, None)
+        c = self.clock.seconds
+        timers = ScheduleTimers(c("forward"), c("backward"), c("p2p"), c("grad_sync"), c("total"))
+        return StepResult(self.losses, timers, self.peak_live)
+
+
+def forward_backward_no_pipelining(*, forward_step, data_iterator, model, num_microbatches: int,
+                                   state: ParallelState, tensor_spec: TensorSpec | None = None,
+                                   forward_only: bool = False, check_shapes: bool = False) -> StepResult:
+    """pp == 1: forward and backward each micro-batch in turn, accumulating gradients."""
+    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, None)
+    for _ in range(num_microbatches):
+        run.forward(None)
+        if not forward_only:
+            run.backward(None)
+    return run.finish()
+
+
+def forward_backward_gpipe(*, forward_step, data_iterator, model, num_microbatches: int,
+                           state: ParallelState, tensor_spec: TensorSpec | None = None,
+                           forward_only: bool = False, check_shapes: bool = False) -> StepResult:
+    """All forwards, then all backwards in the same micro-batch order (holds m activations)."""
+    channel = PipeChannel(state, tensor_spec, check_shapes)
+    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel)
+    for _ in range(num_microbatches):
+        run.receive_forward_send()
+    while run.pending:
+        run.receive_backward_send()
+    return run.finish()
+
+
+def forward_backward_1f1b(*, forward_step, data_iterator, model, num_microbatches: int,
+                          state: ParallelState, tensor_spec: TensorSpec | None = None,
+                          forward_only: bool = False, check_shapes: bool = False) -> StepResult:
+    """Non-interleaved 1F1B: warm-up forwards, steady one-forward-one-backward, cool-down."""
+    channel = PipeChannel(state, tensor_spec, check_shapes)
+    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel)
+    warmup = min(state.pp_size - state.pp_rank - 1, num_microbatches)
+    steady = num_microbatches - warmup
+    for _ in range(warmup):
+        run.receive_forward_send()
+    input_tensor = run.p2p("recv_forward") if steady > 0 else None
+    for i in range(steady):
+        last = i == steady - 1
+        output = run.forward(input_tensor)
+        if forward_only:
+            run.p2p("send_forward", output)
+            input_tensor = None if last else run.p2p("recv_forward")
+            continue
+        output_grad = run.p2p("send_forward_recv_backward", output)
+        run.sent(output)
+        input_grad = run.backward(output_grad)
+        if last:
+            run.p2p("send_backward", input_grad)
+        else:
+            input_tensor = run.p2p("send_backward_recv_forward", input_grad)
+    while run.pending:
+        run.receive_backward_send()
+    return run.finish()
+
+
+SCHEDULES = {"1f1b": forward_backward_1f1b, "gpipe": forward_backward_gpipe}
+
+
+def forward_backward(schedule: str, *, forward_step, data_iterator, model, num_microbatches: int,
+                     state: ParallelState, tensor_spec: TensorSpec | None = None,
+                     forward_only: bool = False, check_shapes: bool = False) -> StepResult:
+    """Run one step's micro-batches with ``schedule`` ("1f1b" or "gpipe"); see the module doc.
+
+    ``tensor_spec`` (shape and dtype of the activation between stages) is required when pp > 1;
+    ``check_shapes`` exchanges shape metadata before every transfer (debugging).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}")
+    if state.pp_size > 1 and tensor_spec is None:
+        raise ValueError("tensor_spec (the activation shape and dtype between stages) is required "
+                         f"when pp = {state.pp_size} > 1")
+    run = forward_backward_no_pipelining if state.pp_size == 1 else SCHEDULES[schedule]
+    return run(forward_step=forward_step, data_iterator=data_iterator, model=model,
+               num_microbatches=num_microbatches, state=state, tensor_spec=tensor_spec,
+               forward_only=forward_only, check_shapes=check_shapes)
