@@ -200,8 +200,175 @@ def model_config_from_dict(data: dict) -> ModelConfig:
         raise ConfigError(f"ModelConfig: {error}") from None
 
 
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: batch sizes, length, logging, evaluation, checkpoints, profiling."""
+
+    train_steps: int = 100
+    """Optimizer steps of the whole run (also the length of the LR schedule)."""
+    micro_batch: int = 4
+    """Samples per micro-batch on one data-parallel replica."""
+    global_batch: int = 16
+    """Samples per optimizer step over all replicas: micro_batch * dp * gradient-accumulation steps."""
+    recompute: str = "none"
+    """Activation checkpointing: "none", "selective" (attention core) or "full" (whole blocks)."""
+    seed: int = 1234
+    """Seeds weights, dropout streams and the data order."""
+    log_interval: int = 10
+    """Steps between console lines / TensorBoard scalars."""
+    eval_interval: int = 0
+    """Steps between evaluations on the held-out set; 0 disables evaluation."""
+    eval_iters: int = 2
+    """Global batches per evaluation."""
+    save_dir: str = ""
+    """Folder of checkpoints; empty disables saving."""
+    save_interval: int = 0
+    """Steps between checkpoints (and one at the end); 0 saves only at the end when save_dir is set."""
+    keep_last: int = 0
+    """Complete checkpoints to keep (older ones are deleted); 0 keeps all."""
+    load: str = ""
+    """"auto" (the latest complete checkpoint in save_dir, if any), a checkpoint folder, or empty."""
+    tensorboard_dir: str = ""
+    """Folder of TensorBoard event files; empty disables TensorBoard."""
+    profile_steps: str = ""
+    """"a:b": write a torch.profiler trace of steps a..b-1 (TensorBoard opens it); empty disables."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)."""
+
+    def __post_init__(self):
+        for name in ("train_steps", "micro_batch", "global_batch", "log_interval", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_interval", "save_interval", "keep_last", "peak_tflops"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"TrainConfig.recompute must be one of {RECOMPUTE_MODES}, "
+                              f"got {self.recompute!r}")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(f"TrainConfig.global_batch = {self.global_batch} is not divisible by "
+                              f"TrainConfig.micro_batch = {self.micro_batch}")
+        if self.profile_steps:
+            self.profile_range()
+
+    def profile_range(self) -> range:
+        """Steps to profile, from ``profile_steps`` "a:b" (empty range when disabled)."""
+        if not self.profile_steps:
+            return range(0)
+        try:
+            start, stop = (int(x) for x in self.profile_steps.split(":"))
+        except ValueError:
+            raise ConfigError(f"TrainConfig.profile_steps must be 'a:b' with integers a < b, "
+                              f"got {self.profile_steps!r}") from None
+        if not 1 <= start < stop:
+            raise ConfigError(f"TrainConfig.profile_steps must be 'a:b' with 1 <= a < b, "
+                              f"got {self.profile_steps!r}")
+        return range(start, stop)
+
+    def num_microbatches(self, dp: int) -> int:
+        """Gradient-accumulation steps: global_batch / (micro_batch * dp), which must be whole."""
+        per_step = self.micro_batch * dp
+        if self.global_batch % per_step:
+            raise ConfigError(f"TrainConfig.global_batch = {self.global_batch} is not divisible by "
+                              f"micro_batch * dp = {self.micro_batch} * {dp} = {per_step}")
+        return self.global_batch // per_step
+
+
+
+EXHAUSTED_MODES = ("wrap", "stop")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the preprocessed data is and how tasks mix (m6_engine.data.dataset reads it)."""
+
+    corpus: str = ""
+    """Training corpus prefix written by ``python -m m6_engine.data.preprocess``."""
+    eval_corpus: str = ""
+    """Held-out corpus prefix for evaluation; empty disables evaluation."""
+    vocab_file: str = ""
+    """BERT vocab.txt; empty means the default bert-base-chinese vocab of ``make install``."""
+    task_weights: dict = dataclasses.field(default_factory=lambda: {
+        "text_denoising": 1.0, "language_modelling": 1.0, "image_to_text": 1.0, "multimodal_to_text": 1.0})
+    """Relative frequency of each pretraining task; 0 or absent disables a task."""
+    exhausted: str = "wrap"
+    """When a source runs out: "wrap" (new reshuffled epoch) or "stop" (end the run cleanly)."""
+
+    def __post_init__(self):
+        if self.exhausted not in EXHAUSTED_MODES:
+            raise ConfigError(f"DataConfig.exhausted must be one of {EXHAUSTED_MODES}, got {self.exhausted!r}")
+
+
+def _default_optimizer():
+    from m6_engine.optim.config import OptimizerConfig
+
+    return OptimizerConfig()
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one training job is: the sections of a YAML config file."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    optimizer: Any = dataclasses.field(default_factory=_default_optimizer)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (what checkpoints record and ``job_config_from_dict`` reads back)."""
+        out = dataclasses.asdict(self)
+        out["optimizer"]["betas"] = list(self.optimizer.betas)
+        return out
+
+
+SECTIONS = ("model", "parallel", "optimizer", "train", "data")
+
+
+def _section(cls, data: dict, name: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"section {name!r}: {cls.__name__} has no field(s) {unknown}; "
+                          f"fields: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as error:
+        raise ConfigError(f"section {name!r}: {error}") from None
+
+
+def job_config_from_dict(data: dict, overrides: dict[str, str] | None = None) -> JobConfig:
+    """JobConfig from a mapping of sections (a YAML file) and ``section.field=value`` overrides."""
+    from m6_engine.optim.config import OptimizerConfig
+
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; sections are {list(SECTIONS)}")
+    sections = {name: dict(data.get(name) or {}) for name in SECTIONS}
+    if "betas" in sections["optimizer"]:
+        sections["optimizer"]["betas"] = tuple(sections["optimizer"]["betas"])
+    job = JobConfig(
+        model=model_config_from_dict(sections["model"] or {"preset": "tiny"}),
+        parallel=_section(ParallelConfig, sections["parallel"], "parallel"),
+        optimizer=_section(OptimizerConfig, sections["optimizer"], "optimizer"),
+        train=_section(TrainConfig, sections["train"], "train"),
+        data=_section(DataConfig, sections["data"], "data"))
+    by_section: dict[str, dict] = {}
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"override {key!r} must be section.field with section one of {list(SECTIONS)}")
+        by_section.setdefault(section, {})[name] = value
+    return dataclasses.replace(job, **{
+        section: apply_overrides(getattr(job, section), values) for section, values in by_section.items()})
+
+
 __all__ = [
-    "BERT_CHINESE_VOCAB_SIZE", "ConfigError", "ModelConfig", "NUM_PATCHES", "PATCH_FEATURE_DIM",
-    "PRESETS", "ParallelConfig", "apply_overrides", "load_yaml", "model_config_from_dict",
-    "model_preset",
+    "BERT_CHINESE_VOCAB_SIZE", "ConfigError", "DataConfig", "JobConfig", "ModelConfig", "NUM_PATCHES", "PATCH_FEATURE_DIM",
+    "PRESETS", "ParallelConfig", "RECOMPUTE_MODES", "TrainConfig", "apply_overrides", "load_yaml", "model_config_from_dict",
+    "model_preset", "job_config_from_dict",
 ]

@@ -1,0 +1,63 @@
+"""One pre-LN transformer block (GPT-2 / Megatron order) and its activation checkpointing.
+
+    h = h + dropout(attention(LN1(h), prefix_len, valid_len))
+    h = h + dropout(mlp(LN2(h)))
+
+h (B, S, d) is replicated over tp; the two dropouts act on replicated tensors and draw from the
+default RNG stream. Parameter names below ``layers.<global index>.``: ``ln1``, ``attention.qkv``,
+``attention.out``, ``ln2``, ``mlp.fc1``, ``mlp.fc2`` (``.weight`` / ``.bias``).
+
+Recomputation (``recompute``): ``"none"`` keeps every activation; ``"selective"`` reruns only the
+attention core (scores, softmax, dropout, context: the S^2-sized activations) in backward;
+``"full"`` keeps only each block's input and reruns the whole block. Both replay the RNG streams
+(``m6_engine.parallel.random.checkpoint``), so gradients equal those of ``"none"``.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m6_engine.config import ConfigError, ModelConfig
+from m6_engine.model.attention import SelfAttention
+from m6_engine.model.common import LayerNorm, ParamInit
+from m6_engine.model.mlp import MLP
+from m6_engine.parallel.random import RNGTracker, checkpoint
+from m6_engine.parallel.state import ParallelState
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def check_recompute(mode: str) -> str:
+    if mode not in RECOMPUTE_MODES:
+        raise ConfigError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+    return mode
+
+
+class TransformerBlock(nn.Module):
+    """LN, self-attention, residual, LN, MLP, residual; ``prefix`` is ``layers.<i>.``."""
+
+    def __init__(self, config: ModelConfig, state: ParallelState, init: ParamInit, ops,
+                 prefix: str, rng_tracker: RNGTracker | None):
+        super().__init__()
+        self.dropout = config.hidden_dropout
+        self.ln1 = LayerNorm(config.hidden_size, config.layernorm_eps, ops, init)
+        self.attention = SelfAttention(config, state, init, ops, f"{prefix}attention.", rng_tracker)
+        self.ln2 = LayerNorm(config.hidden_size, config.layernorm_eps, ops, init)
+        self.mlp = MLP(config, state, init, f"{prefix}mlp.")
+
+    def forward(self, h: torch.Tensor, prefix_len: torch.Tensor, valid_len: torch.Tensor,
+                recompute_core: bool = False) -> torch.Tensor:
+        a = self.attention(self.ln1(h), prefix_len, valid_len, recompute_core)
+        h = h + F.dropout(a, self.dropout, self.training)
+        return h + F.dropout(self.mlp(self.ln2(h)), self.dropout, self.training)
+
+
+def run_blocks(blocks, h: torch.Tensor, prefix_len: torch.Tensor, valid_len: torch.Tensor,
+               recompute: str, rng_tracker: RNGTracker | None) -> torch.Tensor:
+    """Apply ``blocks`` in order under the recomputation mode; h (B, S, d) -> (B, S, d)."""
+    for block in blocks:
+        if recompute == "full" and torch.is_grad_enabled():
+            h = checkpoint(block, h, prefix_len, valid_len, tracker=rng_tracker)
+        else:
+            h = block(h, prefix_len, valid_len, recompute == "selective" and torch.is_grad_enabled())
+    return h

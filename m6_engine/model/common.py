@@ -1,0 +1,86 @@
+"""Pieces every M6 module shares: layout-independent initialisation and replicated layers.
+
+Every weight is drawn from a generator named after the parameter's *global* name (e.g.
+``layers.7.attention.qkv.weight``, :func:`m6_engine.parallel.init.init_generator`), as the full
+fp32 master weight on the CPU; a rank keeps its shard. So every (tp, pp) layout builds the same
+model from the same seed, and a module that exists on two pipeline stages (the tied word
+embedding) is drawn identically on both. On the meta device nothing is drawn: the shapes are
+built, the values are not (parameter counting of 10B models without memory).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m6_engine.parallel.init import InitMethod, init_generator, master_weight, normal_init
+
+
+def _leave_uninitialised(weight: torch.Tensor, generator: torch.Generator) -> None:
+    """Meta-device builds: the master weight's values are never read, so draw nothing."""
+
+
+@dataclass(frozen=True)
+class ParamInit:
+    """Where and how this model's parameters are made: seed, N(0, std), dtype, device."""
+
+    seed: int
+    std: float
+    dtype: torch.dtype
+    device: torch.device
+
+    def generator(self, name: str) -> torch.Generator:
+        """The generator of the parameter with global name ``name``."""
+        return init_generator(self.seed, name)
+
+    @property
+    def init_method(self) -> InitMethod:
+        """N(0, std), or nothing at all on the meta device."""
+        return _leave_uninitialised if self.device.type == "meta" else normal_init(self.std)
+
+    def normal(self, shape: tuple[int, ...], name: str) -> nn.Parameter:
+        """A replicated parameter drawn N(0, std) from ``name``'s generator."""
+        master = master_weight(shape, self.generator(name), self.init_method)
+        return nn.Parameter(master.to(dtype=self.dtype, device=self.device))
+
+    def constant(self, shape: tuple[int, ...], value: float) -> nn.Parameter:
+        """A replicated parameter filled with ``value`` (LayerNorm gains and biases)."""
+        return nn.Parameter(torch.full(shape, value, dtype=self.dtype, device=self.device))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim with replicated gain / bias, run by the selected op
+    (``m6_engine.ops``: fused kernel or reference). x (..., d) -> (..., d)."""
+
+    def __init__(self, dim: int, eps: float, ops, init: ParamInit):
+        super().__init__()
+        self.weight = init.constant((dim,), 1.0)
+        self.bias = init.constant((dim,), 0.0)
+        self.eps, self.ops = eps, ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T + b with W (out, in) replicated on the tp group (no communication)."""
+
+    def __init__(self, in_features: int, out_features: int, init: ParamInit, name: str):
+        super().__init__()
+        self.weight = init.normal((out_features, in_features), f"{name}.weight")
+        self.bias = init.constant((out_features,), 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedEmbedding(nn.Module):
+    """A small lookup table (rows, d) replicated on the tp group: ids (...) -> (..., d)."""
+
+    def __init__(self, rows: int, dim: int, init: ParamInit, name: str):
+        super().__init__()
+        self.weight = init.normal((rows, dim), f"{name}.weight")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)

@@ -1,0 +1,90 @@
+"""M6's input embedding (paper 3.1-3.2): words or image patches, plus positions and segments.
+
+For a packed sample ``[patches][masked text][complete text][pad]`` (``m6_engine.data.tasks``):
+
+    e_s = x_s + P[position_ids_s] + G[segment_ids_s],   then dropout(hidden_dropout)
+    x_s = W_patch f_s + b_patch     for the sample's first ``num_image_patches`` slots (f_s 2048-d)
+    x_s = E[tokens_s]               elsewhere (vocab-parallel word embedding, shared with the head)
+
+Positions: one learned table of ``max_text_positions`` rows serves every part. Text positions
+restart at 0 in each text part and the patches of a sample take positions 0..num_patches-1 of the
+same table (the batch's ``position_ids`` say so); the segment embedding (image / masked text /
+complete text) is what tells the parts apart, so no second position table is needed.
+``num_segments = 0`` drops G and ``num_patches = 0`` the patch projection (an imported GPT-2).
+
+Parameters (global names): ``embedding.word.weight`` (padded vocab, d) split over tp along the
+vocabulary, ``embedding.position.weight`` (max_text_positions, d), ``embedding.segment.weight``
+(num_segments, d), ``embedding.patch.weight`` (d, patch_feature_dim) and ``.bias`` (d,), the last
+three replicated. All N(0, init_std), biases 0.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m6_engine.config import ModelConfig
+from m6_engine.model.common import ParamInit, ReplicatedEmbedding, ReplicatedLinear
+from m6_engine.parallel.layers import VocabParallelEmbedding
+from m6_engine.parallel.state import ParallelState
+
+WORD_EMBEDDING = "embedding.word.weight"
+"""Global name of the word embedding, on the first stage and (tied copy) on the last."""
+
+
+def word_embedding(config: ModelConfig, state: ParallelState, init: ParamInit) -> VocabParallelEmbedding:
+    """The vocab-parallel word embedding, drawn from the generator of :data:`WORD_EMBEDDING`."""
+    return VocabParallelEmbedding(config.vocab_size, config.hidden_size, state,
+                                  generator=init.generator(WORD_EMBEDDING),
+                                  init_method=init.init_method, vocab_multiple=config.vocab_multiple,
+                                  dtype=init.dtype, device=init.device)
+
+
+class M6Embeddings(nn.Module):
+    """The first stage's input layer; on a last stage that is not the first, only ``word`` (the
+    tied head's copy) is built (``word_only``), under the same parameter name."""
+
+    def __init__(self, config: ModelConfig, state: ParallelState, init: ParamInit, *,
+                 word_only: bool = False):
+        super().__init__()
+        self.config = config
+        self.word = word_embedding(config, state, init)
+        self.word_only = word_only
+        if word_only:
+            return
+        d = config.hidden_size
+        self.position = ReplicatedEmbedding(config.max_text_positions, d, init, "embedding.position")
+        self.segment = (ReplicatedEmbedding(config.num_segments, d, init, "embedding.segment")
+                        if config.num_segments else None)
+        self.patch = (ReplicatedLinear(config.patch_feature_dim, d, init, "embedding.patch")
+                      if config.num_patches else None)
+
+    def _patch_inputs(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Replace the first ``num_image_patches[b]`` slots of sample b by projected patches."""
+        n = self.config.num_patches
+        patches = batch["patches"].to(device=x.device, dtype=x.dtype)             # (B, n, F)
+        if patches.shape[1] != n or patches.shape[2] != self.config.patch_feature_dim:
+            raise ValueError(f"batch['patches'] must be (B, {n}, {self.config.patch_feature_dim}), "
+                             f"got {tuple(patches.shape)}")
+        if x.shape[1] < n:
+            raise ValueError(f"sequence length {x.shape[1]} is shorter than num_patches = {n}")
+        count = batch["num_image_patches"].to(x.device)                             # (B,)
+        is_patch = torch.arange(n, device=x.device).unsqueeze(0) < count.unsqueeze(1)   # (B, n)
+        head = torch.where(is_patch.unsqueeze(-1), self.patch(patches), x[:, :n])   # (B, n, d)
+        return torch.cat([head, x[:, n:]], dim=1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """batch -> (B, S, d) in the parameters' dtype. Reads tokens, position_ids, segment_ids
+        (when num_segments > 0), and patches with num_image_patches (when num_patches > 0; a batch
+        without them is text only)."""
+        if self.word_only:
+            raise RuntimeError("this stage holds only the tied word embedding of the output head")
+        device = self.word.weight.device
+        x = self.word(batch["tokens"].to(device))                                  # (B, S, d)
+        if self.patch is not None and "patches" in batch:   # no patches: a text-only batch
+            x = self._patch_inputs(x, batch)
+        x = x + self.position(batch["position_ids"].to(device))
+        if self.segment is not None:
+            x = x + self.segment(batch["segment_ids"].to(device))
+        # x is replicated over tp, so its dropout mask comes from the default stream, which is
+        # seeded identically on every tp rank.
+        return F.dropout(x, self.config.hidden_dropout, self.training)

@@ -1,0 +1,201 @@
+"""M6Model: the layers of one pipeline stage of M6 (paper 3.2), tensor-parallel inside.
+
+Stage ``k`` of ``pp`` holds the contiguous blocks :func:`stage_layer_range` gives it (earlier
+stages take the remainder); the first stage also the input embedding (``embedding.*``), the last
+the final LayerNorm (``final_ln.*``) and the output head, tied to the word embedding. Blocks live
+in ``layers`` keyed by their *global* index, so parameter names (``layers.7.mlp.fc1.weight``) do
+not depend on pp. With pp > 1 the last stage holds a copy of the word embedding under the first
+stage's name, ``embedding.word.weight``, marked tied (``m6_engine.parallel.tied``): a checkpoint
+stores it once and loads it into both; both copies are drawn from the same generator, so they
+start equal without communication.
+
+Last stage, per micro-batch (``loss_mask`` selects the N complete-text tokens that carry a loss):
+
+    logits_r = final_ln(h)[loss tokens] E_r^T                    (N, V/t), vocab-parallel
+    loss_n   = vocab_parallel_cross_entropy(logits, labels)      (N,) fp32
+    loss     = sum_n w_n loss_n / max(sum_n w_n, 1)              w = loss_mask (0 / 1)
+
+Logits are computed for the loss tokens only (prefix and pad rows never reach the head).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from m6_engine import ops as m6_ops
+from m6_engine.config import ModelConfig
+from m6_engine.data.tasks import TASKS
+from m6_engine.model.block import TransformerBlock, check_recompute, run_blocks
+from m6_engine.model.common import LayerNorm, ParamInit
+from m6_engine.model.embeddings import M6Embeddings
+from m6_engine.parallel.cross_entropy import vocab_parallel_cross_entropy
+from m6_engine.parallel.mappings import gather_from_tp
+from m6_engine.parallel.p2p import TensorSpec
+from m6_engine.parallel.random import RNGTracker
+from m6_engine.parallel.state import ParallelState
+from m6_engine.parallel.tied import mark_tied
+
+
+def stage_layer_range(num_layers: int, pp: int, stage_id: int) -> range:
+    """Global indices of the blocks of pipeline stage ``stage_id``; earlier stages take the remainder."""
+    if not 0 <= stage_id < pp or num_layers < pp:
+        raise ValueError(f"cannot place {num_layers} layers on stage {stage_id} of {pp}")
+    base, extra = divmod(num_layers, pp)
+    start = stage_id * base + min(stage_id, extra)
+    return range(start, start + base + (1 if stage_id < extra else 0))
+
+
+@dataclass(frozen=True)
+class M6Loss:
+    """The last stage's output for one micro-batch. Only ``loss`` carries a graph.
+
+    ``task_*`` are indexed by task id (``m6_engine.data.tasks.TASKS``); None when the batch has no
+    ``task_ids``. Token-weighted means: ``loss_sum / num_tokens``, ``task_loss_sum / task_num_tokens``.
+    """
+
+    loss: torch.Tensor
+    """Scalar fp32: mean loss over the micro-batch's loss tokens (what the schedule backpropagates)."""
+    loss_sum: torch.Tensor
+    """Scalar fp32: sum of the loss-mask-weighted token losses."""
+    num_tokens: torch.Tensor
+    """Scalar fp32: sum of loss_mask."""
+    task_loss_sum: torch.Tensor | None
+    """(len(TASKS),) fp32 per-task sum of token losses."""
+    task_num_tokens: torch.Tensor | None
+    """(len(TASKS),) fp32 per-task loss tokens."""
+
+    def detach(self) -> "M6Loss":
+        return M6Loss(self.loss.detach(), self.loss_sum, self.num_tokens, self.task_loss_sum,
+                      self.task_num_tokens)
+
+
+class M6Model(nn.Module):
+    """One pipeline stage of M6. See the module docstring for layout and names.
+
+    ``forward(batch, input_tensor=None)`` returns the hidden state (B, S, d) on a stage that is not
+    the last, else an :class:`M6Loss`. ``logits(batch, input_tensor=None)`` (last stage) returns
+    the vocabulary logits of every position. ``batch`` is a micro-batch of
+    ``m6_engine.data.tasks.collate``; tensors may be on the CPU (they are moved to the device).
+
+    Arguments: ``pre_process`` / ``post_process`` (default: first / last stage) build the input
+    embedding / final norm and head; ``seed`` drives every weight (same model for every layout);
+    ``dtype`` of the weights (fp32, or fp16 / bf16 for O2 training); ``device`` (default
+    ``state.device``; "meta" builds shapes only); ``recompute`` "none" | "selective" | "full";
+    ``rng_tracker`` (``parallel.seed_parallel_rng``) holds the model-parallel dropout stream,
+    required when training with attention dropout and tp > 1.
+    """
+
+    def __init__(self, config: ModelConfig, state: ParallelState, *, pre_process: bool | None = None,
+                 post_process: bool | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, recompute: str = "none",
+                 rng_tracker: RNGTracker | None = None):
+        super().__init__()
+        config.check_layout(state.tp_size, state.pp_size)
+        self.config, self.state = config, state
+        self.pre_process = state.is_first_stage if pre_process is None else pre_process
+        self.post_process = state.is_last_stage if post_process is None else post_process
+        self.recompute = check_recompute(recompute)
+        self.rng_tracker = rng_tracker
+        self.ops = m6_ops.select_ops(config.fused_kernels)
+        device = torch.device(state.device if device is None else device)
+        init = ParamInit(seed=seed, std=config.init_std, dtype=dtype, device=device)
+        self.layer_ids = stage_layer_range(config.num_layers, state.pp_size, state.pp_rank)
+
+        self.embedding = None
+        if self.pre_process or self.post_process:
+            self.embedding = M6Embeddings(config, state, init, word_only=not self.pre_process)
+            mark_tied(self.embedding.word.weight)
+        self.layers = nn.ModuleDict({
+            str(i): TransformerBlock(config, state, init, self.ops, f"layers.{i}.", rng_tracker)
+            for i in self.layer_ids})
+        self.final_ln = (LayerNorm(config.hidden_size, config.layernorm_eps, self.ops, init)
+                         if self.post_process else None)
+
+    def activation_spec(self, micro_batch: int, seq_length: int) -> TensorSpec:
+        """Shape and dtype of the activation between stages (the schedules' ``tensor_spec``)."""
+        return TensorSpec((micro_batch, seq_length, self.config.hidden_size), self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def hidden_states(self, batch: dict, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's blocks on the embedded batch (first stage) or on ``input_tensor``: (B, S, d)."""
+        if self.pre_process:
+            h = self.embedding(batch)
+        elif input_tensor is None:
+            raise ValueError(f"pipeline stage {self.state.pp_rank} needs the previous stage's "
+                             "activation as input_tensor")
+        else:
+            h = input_tensor
+        device = h.device
+        prefix_len = batch["prefix_len"].to(device)
+        valid_len = batch["valid_len"].to(device)
+        return run_blocks(self.layers.values(), h, prefix_len, valid_len, self.recompute,
+                          self.rng_tracker)
+
+    def forward(self, batch: dict, input_tensor: torch.Tensor | None = None):
+        """(B, S, d) activation on a stage that is not the last, else the micro-batch's M6Loss."""
+        h = self.hidden_states(batch, input_tensor)
+        return self.loss(h, batch) if self.post_process else h
+
+    def _require_head(self, what: str):
+        if not self.post_process:
+            raise RuntimeError(f"{what} runs on the last pipeline stage only (post_process=True)")
+
+    def loss(self, hidden: torch.Tensor, batch: dict) -> M6Loss:
+        """Final norm, tied head and vocab-parallel cross entropy on the loss tokens."""
+        self._require_head("the loss")
+        device = hidden.device
+        weights = batch["loss_mask"].to(device=device, dtype=torch.float32)        # (B, S)
+        rows = weights.nonzero(as_tuple=True)                                       # (N,), (N,)
+        logits = self.embedding.word.logits(self.final_ln(hidden[rows]))            # (N, V/t)
+        token_loss = vocab_parallel_cross_entropy(logits, batch["labels"].to(device)[rows], self.state)
+        w = weights[rows]
+        weighted = token_loss * w                                                   # (N,) fp32
+        loss_sum, num_tokens = weighted.sum(), w.sum()
+        task_loss_sum = task_num_tokens = None
+        if "task_ids" in batch:
+            task_of_token = batch["task_ids"].to(device)[rows[0]]                   # (N,)
+            zeros = torch.zeros(len(TASKS), dtype=torch.float32, device=device)
+            task_loss_sum = zeros.index_add(0, task_of_token, weighted.detach())
+            task_num_tokens = zeros.index_add(0, task_of_token, w)
+        return M6Loss(loss_sum / num_tokens.clamp(min=1.0), loss_sum.detach(), num_tokens,
+                      task_loss_sum, task_num_tokens)
+
+    def logits(self, batch: dict, input_tensor: torch.Tensor | None = None, *,
+               gather: bool = True) -> torch.Tensor:
+        """Logits of every position: (B, S, vocab_size) gathered over tp, or with ``gather=False``
+        this rank's vocab-parallel shard (B, S, V/t) with padding columns at -inf."""
+        self._require_head("logits")
+        h = self.final_ln(self.hidden_states(batch, input_tensor))
+        logits = self.embedding.word.logits(h)
+        if not gather:
+            return logits
+        return gather_from_tp(logits, self.state.group("tp"))[..., :self.config.vocab_size]
+
+
+class ForwardStep:
+    """The ``forward_step`` of ``m6_engine.parallel.schedules`` for an M6 stage.
+
+    Returns the stage's activation, or on the last stage the micro-batch's scalar loss, passed
+    through ``loss_transform`` when given (e.g. the O2 optimizer's ``scale_loss``: the schedule
+    backpropagates what is returned). Keeps that stage's detached, untransformed :class:`M6Loss`
+    of every micro-batch in ``outputs`` (loss and per-task logging).
+    """
+
+    def __init__(self, *, loss_transform=None):
+        self.loss_transform = loss_transform
+        self.outputs: list[M6Loss] = []
+
+    def __call__(self, data_iterator, model, input_tensor):
+        output = model(next(data_iterator), input_tensor)
+        if not isinstance(output, M6Loss):
+            return output
+        self.outputs.append(output.detach())
+        return output.loss if self.loss_transform is None else self.loss_transform(output.loss)
