@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 # The paper's input layout (appendix A.1): a 4x4 grid of 2048-d ResNet-50 patch features, 512
 # text positions (256 masked + 256 complete when both parts are present).
 NUM_PATCHES = 16
@@ -279,6 +281,75 @@ class TrainConfig:
 
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ADAM_BACKENDS = ("auto", "apex", "torch")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """How parameters are updated: AdamW on fp32 master weights of half-precision parameters."""
+
+    lr: float = 1.5e-4
+    """Peak learning rate, reached at the end of the warm-up (paper: 1.5e-4)."""
+    min_lr: float = 1.5e-5
+    """Floor the cosine decay ends at, and the rate after the last scheduled step."""
+    warmup_fraction: float = 0.01
+    """Share of the scheduled steps spent in linear warm-up (paper: 1%)."""
+    weight_decay: float = 0.01
+    """Decoupled (AdamW) weight decay of matrices; vectors (biases, norm weights) get none."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's moment decay rates (paper: 0.9, 0.999)."""
+    eps: float = 1e-8
+    """Adam's denominator epsilon (paper: 1e-8)."""
+    clip_grad: float = 1.0
+    """Largest global gradient 2-norm; gradients above it are scaled down. 0 disables clipping."""
+    precision: str = "fp32"
+    """dtype of the model parameters: "fp32", "fp16" (dynamic loss scaling) or "bf16"."""
+    initial_loss_scale: float = 2.0 ** 32
+    """fp16 only: the loss scale of the first step."""
+    loss_scale_growth_interval: int = 1000
+    """fp16 only: clean steps after which the scale doubles."""
+    loss_scale_hysteresis: int = 2
+    """fp16 only: overflowing steps (since the last growth) before the scale starts to halve."""
+    min_loss_scale: float = 1.0
+    """fp16 only: the scale never drops below this."""
+    optimizer_sharding: bool = False
+    """ZeRO-1: each dp rank keeps master weights and Adam moments of its shard only."""
+    adam_backend: str = "auto"
+    """"auto" (Apex FusedAdam when importable and on CUDA, else torch), "apex" or "torch"."""
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"OptimizerConfig.precision must be one of {sorted(PRECISIONS)}, "
+                              f"got {self.precision!r}")
+        if self.adam_backend not in ADAM_BACKENDS:
+            raise ConfigError(f"OptimizerConfig.adam_backend must be one of {ADAM_BACKENDS}, "
+                              f"got {self.adam_backend!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"OptimizerConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"OptimizerConfig.min_lr must be in [0, lr = {self.lr}], got {self.min_lr}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ConfigError(f"OptimizerConfig.warmup_fraction must be in [0, 1], "
+                              f"got {self.warmup_fraction}")
+        if self.weight_decay < 0 or self.clip_grad < 0 or not self.eps > 0:
+            raise ConfigError(f"OptimizerConfig.weight_decay = {self.weight_decay} and clip_grad = "
+                              f"{self.clip_grad} must be >= 0 and eps = {self.eps} > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"OptimizerConfig.betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.min_loss_scale >= 1 or self.initial_loss_scale < self.min_loss_scale:
+            raise ConfigError(f"OptimizerConfig: need 1 <= min_loss_scale = {self.min_loss_scale} <= "
+                              f"initial_loss_scale = {self.initial_loss_scale}")
+        if self.loss_scale_growth_interval < 1 or self.loss_scale_hysteresis < 1:
+            raise ConfigError(f"OptimizerConfig.loss_scale_growth_interval = "
+                              f"{self.loss_scale_growth_interval} and loss_scale_hysteresis = "
+                              f"{self.loss_scale_hysteresis} must be >= 1")
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """dtype the model's parameters must have for this precision."""
+        return PRECISIONS[self.precision]
+
 EXHAUSTED_MODES = ("wrap", "stop")
 
 
@@ -303,19 +374,13 @@ class DataConfig:
             raise ConfigError(f"DataConfig.exhausted must be one of {EXHAUSTED_MODES}, got {self.exhausted!r}")
 
 
-def _default_optimizer():
-    from m6_engine.optim.config import OptimizerConfig
-
-    return OptimizerConfig()
-
-
 @dataclass(frozen=True)
 class JobConfig:
     """Everything one training job is: the sections of a YAML config file."""
 
     model: ModelConfig
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    optimizer: Any = dataclasses.field(default_factory=_default_optimizer)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
@@ -343,8 +408,6 @@ def _section(cls, data: dict, name: str):
 
 def job_config_from_dict(data: dict, overrides: dict[str, str] | None = None) -> JobConfig:
     """JobConfig from a mapping of sections (a YAML file) and ``section.field=value`` overrides."""
-    from m6_engine.optim.config import OptimizerConfig
-
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; sections are {list(SECTIONS)}")
@@ -368,7 +431,7 @@ def job_config_from_dict(data: dict, overrides: dict[str, str] | None = None) ->
 
 
 __all__ = [
-    "BERT_CHINESE_VOCAB_SIZE", "ConfigError", "DataConfig", "JobConfig", "ModelConfig", "NUM_PATCHES", "PATCH_FEATURE_DIM",
+    "BERT_CHINESE_VOCAB_SIZE", "ConfigError", "DataConfig", "JobConfig", "ModelConfig", "NUM_PATCHES", "OptimizerConfig", "PATCH_FEATURE_DIM",
     "PRESETS", "ParallelConfig", "RECOMPUTE_MODES", "TrainConfig", "apply_overrides", "load_yaml", "model_config_from_dict",
     "model_preset", "job_config_from_dict",
 ]
