@@ -93,8 +93,8 @@ def test_samples_are_the_tasks_of_the_mixer(corpus):
                     assert int(batch["prefix_len"][i]) == 0
                 continue
             masked = batch["tokens"][i, 16:int(batch["prefix_len"][i])].tolist()
-            if task == "image_to_text":
-                assert masked == []
+            if task == "image_to_text":  # captions only: never a question-answer text
+                assert masked == [] and complete[:2] != tok.encode("问：")
                 rows = _rows_of_texts_starting(pairs, complete)
             elif masked[-len(marker):] == marker:  # a question: the answer is decoded
                 assert masked[:2] == tok.encode("问：")
@@ -118,7 +118,7 @@ def test_each_epoch_reads_every_document_once(corpus):
         epochs.append([_complete_text(b, i) for b in batches for i in range(5)])
     assert sorted(epochs[0]) == expected and sorted(epochs[1]) == expected
     assert epochs[0] != epochs[1]  # reshuffled
-    assert ds.epochs() == {"text": 2.0, "pairs": 0.0}
+    assert ds.epochs() == {"text": 2.0, "captions": 0.0, "pairs": 0.0}
 
 
 def test_dp_ranks_split_the_single_process_stream(corpus):
@@ -195,7 +195,7 @@ def test_configuration_errors(corpus, tmp_path):
     text_only.write_text(json.dumps(_text_docs()[3], ensure_ascii=False) + "\n", encoding="utf-8")
     preprocess.preprocess([text_only], tmp_path / "t", preprocess.PreprocessConfig(vocab_file=str(vocab)),
                           progress=False)
-    with pytest.raises(DatasetError, match="task image_to_text has weight 1.0 but corpus .* no image-text"):
+    with pytest.raises(DatasetError, match=r"task image_to_text has weight 1.0 but corpus .* no caption \(image, no answer marker\)"):
         PretrainDataset(DatasetConfig(str(tmp_path / "t")), _layout(tok), tok)
     ds = PretrainDataset(DatasetConfig(str(tmp_path / "t"), task_weights={"language_modelling": 1}), _layout(tok), tok)
     assert next(ds)["tokens"].shape == (1, 16 + 32)

@@ -2,11 +2,17 @@
 
 A corpus is what ``python -m m6_engine.data.preprocess`` writes: ``<corpus>_text`` (one token
 sequence per document, each with the row of its image or -1) and ``<corpus>_image`` (16 × 2048
-fp16 patch features per image). Its documents form two *sources*:
+fp16 patch features per image). Its documents form three *sources*:
 
 * ``text``: documents without an image, for text denoising and language modelling;
-* ``pairs``: documents with an image (captions, question-answer texts), for image-to-text and
-  multimodality-to-text.
+* ``captions``: documents with an image and without ``answer_marker`` (captions), for
+  image-to-text: with nothing but the image as prefix, the target must be one kind of text, or a
+  captioning model could not know whether to describe the image or to ask about it;
+* ``pairs``: every document with an image (captions and question-answer texts), for
+  multimodality-to-text, where the prefix text says what is wanted.
+
+Sorting image documents into captions and question-answer texts reads each one once when the
+dataset opens (a search for the marker's first token, vectorised).
 
 The sample stream is one global sequence, the same on every rank. Sample ``g`` (0, 1, 2, ...):
 
@@ -20,7 +26,7 @@ The sample stream is one global sequence, the same on every rank. Sample ``g`` (
      span of ~15 % replaced by a single [MASK] as the prefix, the window decoded;
    * ``language_modelling``: a random window of at most ``max_text_positions - 2`` tokens, decoded
      from an empty prefix (windows let long documents be used beyond their first tokens);
-   * ``image_to_text``: the 16 patches, the text decoded;
+   * ``image_to_text``: the 16 patches, the caption decoded;
    * ``multimodal_to_text``: a question-answer text (one holding ``answer_marker``, "答：")
      gives patches + the question up to and including the marker as the prefix and decodes
      the answer; any other text is masked as in text denoising and decoded whole.
@@ -51,10 +57,10 @@ from m6_engine.data.doc_tokens import tokenizer_fingerprint
 from m6_engine.data.preprocess import image_prefix, text_prefix
 from m6_engine.data.tasks import SampleLayout, TaskMixer
 
-SOURCES = ("text", "pairs")
-"""Document sources: text-only documents and image-text documents."""
+SOURCES = ("text", "captions", "pairs")
+"""Document sources: text-only documents, image captions, all image-text documents."""
 SOURCE_OF_TASK = {"text_denoising": "text", "language_modelling": "text",
-                  "image_to_text": "pairs", "multimodal_to_text": "pairs"}
+                  "image_to_text": "captions", "multimodal_to_text": "pairs"}
 EXHAUSTED_MODES = ("wrap", "stop")
 _PERMUTATION_TAG = 0x7065726D  # "perm"
 
@@ -152,16 +158,26 @@ class PretrainDataset:
             raise DatasetError(f"{indexed.index_path(text_prefix(config.corpus))} pairs a document with image row "
                                f"{int(image_ids.max())}, but {image_prefix(config.corpus)} has {len(self.images)}")
         self.sources = {"text": _Source("text", np.flatnonzero(image_ids < 0), config.seed),
+                        "captions": _Source("captions", self._captions(image_ids, tokenizer), config.seed),
                         "pairs": _Source("pairs", np.flatnonzero(image_ids >= 0), config.seed)}
         self.mixer = TaskMixer(dict(config.task_weights), config.seed)
         for task in self.mixer.tasks:
             if not len(self.sources[SOURCE_OF_TASK[task]]):
-                kind = "text-only" if SOURCE_OF_TASK[task] == "text" else "image-text"
+                kind = {"text": "text-only", "captions": "caption (image, no answer marker)",
+                        "pairs": "image-text"}[SOURCE_OF_TASK[task]]
                 raise DatasetError(f"task {task} has weight {config.task_weights[task]} but corpus "
                                    f"{config.corpus!r} has no {kind} documents: give it weight 0")
         self.answer_marker = np.asarray(tokenizer.encode(config.answer_marker), dtype=np.int64)
         self.position = 0
         self.draws = {name: 0 for name in SOURCES}
+
+    def _captions(self, image_ids: np.ndarray, tokenizer) -> np.ndarray:
+        """Image documents without the answer marker (all of them when the marker is empty)."""
+        paired = np.flatnonzero(image_ids >= 0)
+        marker = np.asarray(tokenizer.encode(self.config.answer_marker), dtype=np.int64)
+        if not len(marker):
+            return paired
+        return np.asarray([d for d in paired.tolist() if _find(self.texts[d], marker) < 0], dtype=np.int64)
 
     @classmethod
     def for_rank(cls, config: DatasetConfig, layout: SampleLayout, tokenizer, state) -> "PretrainDataset":

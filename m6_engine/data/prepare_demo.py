@@ -49,6 +49,8 @@ class DemoDataConfig:
     """Synthetic held-out images, the ones after the training images."""
     questions_per_image: int = 3
     """Question-answer documents per image."""
+    max_shapes: int = 3
+    """Shapes per synthetic image, drawn from 1..max_shapes (the demo uses fewer to train in minutes)."""
     seed: int = 0
     """Seed of the synthetic set and of the MinHash functions."""
     heldout_every: int = 20
@@ -87,7 +89,8 @@ def prepare(out_dir, config: DemoDataConfig, tagged_corpus: Path, vocab_file: Pa
     for split, first, n in (("train", 0, config.num_images),
                             ("heldout", config.num_images, config.num_heldout_images)):
         syn = synthetic.SyntheticConfig(num_images=n, seed=config.seed, first_index=first,
-                                        questions_per_image=config.questions_per_image)
+                                        questions_per_image=config.questions_per_image,
+                                        max_shapes=config.max_shapes)
         shapes[split] = synthetic.write_synthetic(raw, syn, name=f"shapes_{split}", workers=config.workers)
     seconds["raw"] = time.perf_counter() - start
 
@@ -129,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=defaults.num_images)
     p.add_argument("--num-heldout-images", type=int, default=None, help="default: num-images / 10, at least 1")
     p.add_argument("--questions-per-image", type=int, default=defaults.questions_per_image)
+    p.add_argument("--max-shapes", type=int, default=defaults.max_shapes, help="shapes per image: 1..N")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--max-text-documents", type=int, default=None, help="use only the first People's Daily paragraphs")
     p.add_argument("--workers", type=int, default=defaults.workers)
@@ -141,6 +145,7 @@ def main(argv=None) -> int:
     try:
         config = DemoDataConfig(num_images=a.num_images, num_heldout_images=heldout,
                                 questions_per_image=a.questions_per_image, seed=a.seed,
+                                max_shapes=a.max_shapes,
                                 max_text_documents=a.max_text_documents, workers=a.workers)
         vocab = Path(a.vocab) if a.vocab else default_vocab_path()
         tagged = people_daily.fetch_corpus(a.cache_dir, sdist=a.people_daily_sdist)
