@@ -25,7 +25,7 @@ $(STAMPS)/deps: requirements.txt | $(PY)
 
 # m6_engine._C is built in place, ahead of time (ninja, incremental in build/: never a JIT at
 # import); a .pth file puts this checkout on the venv's path, as an editable install would.
-$(STAMPS)/ext: $(STAMPS)/deps setup.py $(CSRC)
+$(STAMPS)/ext: $(STAMPS)/deps setup.py build_support.py $(CSRC)
 	$(PY) setup.py --quiet build_ext --inplace
 	$(PY) -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'm6_engine_checkout.pth'), 'w').write(os.getcwd() + '\\n')"
 	$(PY) -c "import m6_engine.ops as o; o.require_extension(); print('m6_engine._C:', 'cuda+cpu' if o.cuda_kernels_built() else 'cpu', 'kernels, cpu capability', o.cpu_capability())"

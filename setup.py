@@ -3,27 +3,31 @@
 The C++ CPU kernels are always built. The CUDA kernels are added when torch is a CUDA build
 and a CUDA toolkit is found. Knobs (environment variables, read here and nowhere else):
 
-  M6_BUILD_CUDA=0|1      force the CPU-only or the CUDA build (default: auto-detect)
-  CUDA_HOME              the toolkit; default: /usr/local/cuda, then the parent of `nvcc` on PATH
+  M6_BUILD_CUDA=0|1|auto force the CPU-only or the CUDA build (default, unset or auto: CUDA when
+                         torch is a CUDA build and a toolkit is found)
+  CUDA_HOME              the toolkit; else CUDA_PATH, /usr/local/cuda, the parent of `nvcc` on PATH
   TORCH_CUDA_ARCH_LIST   CUDA architectures, default "8.0;9.0"
   M6_CPU_NATIVE=1        compile the CPU kernels with -march=native (a source build for this machine)
   MAX_JOBS               parallel compile jobs (ninja)
   DEBUG=1                -O0 -g, no NDEBUG
 
-Why we resolve CUDA_HOME ourselves: torch.utils.cpp_extension guesses the toolkit from the place of
-`nvcc` on PATH (e.g. /usr/local/bin/nvcc -> /usr/local), and then fails to link `-lcudart`. It reads
-CUDA_HOME once, at import, so it must be set before that import.
+Why we resolve CUDA_HOME ourselves (build_support.py, unit-tested by tests/test_build.py):
+torch.utils.cpp_extension guesses the toolkit from the place of `nvcc` on PATH (e.g.
+/usr/local/bin/nvcc -> /usr/local), and then fails to link `-lcudart`. It reads CUDA_HOME once, at
+import, so it is set here before that import.
 """
 
 import glob
 import os
 import shutil
-import subprocess
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # build_support.py sits next to this file; not every build front end adds it
+
+import build_support  # noqa: E402  (after the path set-up above)
 
 
 def _fail(message):
@@ -31,38 +35,15 @@ def _fail(message):
     sys.exit(1)
 
 
-def _toolkit_home():
-    """Return a CUDA toolkit folder that has bin/nvcc, or None."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for home in candidates:
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-    return None
-
-
-def _want_cuda():
-    """Decide the CUDA build from M6_BUILD_CUDA, torch's build and the toolkit; set CUDA_HOME."""
-    flag = os.environ.get("M6_BUILD_CUDA", "auto").strip().lower()
-    if flag not in ("auto", "0", "1"):
-        _fail(f"M6_BUILD_CUDA must be 0, 1 or unset, got {flag!r}")
-    if flag == "0":
-        return False
+def _cuda_build_home():
+    """The toolkit for the CUDA build (exported as CUDA_HOME for torch), or None for CPU-only."""
     try:
-        import torch
-    except ImportError:
-        _fail("torch is not installed: run `make install` (or `pip install -r requirements.txt`) first")
-    home = _toolkit_home()
-    if torch.version.cuda is None or home is None:
-        if flag == "1":
-            why = ("torch is a CPU-only build" if torch.version.cuda is None
-                   else "no CUDA toolkit found (set CUDA_HOME to a folder with bin/nvcc)")
-            _fail(f"M6_BUILD_CUDA=1 but {why}")
-        return False
-    os.environ["CUDA_HOME"] = home
-    return True
+        home = build_support.cuda_build_home(os.environ)
+    except build_support.BuildError as error:
+        _fail(str(error))
+    if home is not None:
+        os.environ["CUDA_HOME"] = home  # before torch.utils.cpp_extension reads it at import
+    return home
 
 
 def _cpu_flags():
@@ -71,7 +52,9 @@ def _cpu_flags():
     at::vec::Vectorized<float> is only SIMD when CPU_CAPABILITY_AVX2 is defined together with the
     matching -m flags; without them it compiles to scalar loops that still give the same results.
     """
-    flags = ["-O3", "-std=c++20", "-fopenmp"]
+    # -Wno-unknown-pragmas: torch's vectorised headers carry `#pragma unroll`, which g++ does not
+    # know; its warnings would bury ours.
+    flags = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
     if os.environ.get("M6_CPU_NATIVE") == "1":
         return flags + ["-march=native", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     if _cpu_has_avx2():
@@ -89,7 +72,7 @@ def _cpu_has_avx2():
 
 
 def _extensions():
-    with_cuda = _want_cuda()
+    with_cuda = _cuda_build_home() is not None
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))

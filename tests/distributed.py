@@ -29,7 +29,8 @@ import traceback
 import torch.multiprocessing
 
 PG_TIMEOUT_S = 60.0
-_PRELOAD = ["torch", "torch.distributed", "m6_engine.parallel"]
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "m6_engine.parallel",
+            "m6_engine.model", "m6_engine.checkpoint"]
 
 
 class RankFailure(AssertionError):

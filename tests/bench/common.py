@@ -92,6 +92,8 @@ def write_json(out_dir: str, name: str, data: dict) -> str:
     """Write ``data`` to ``<out_dir>/<name>.json`` (folder created if needed); return the path."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)   # a reader never sees half a result
     return path

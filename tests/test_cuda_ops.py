@@ -1,0 +1,345 @@
+"""The CUDA kernels of m6::masked_softmax and m6::layer_norm, on a GPU (skipped without one).
+
+Each kernel is compared three ways (STYLE.md): against the float64 reference, against the
+same-precision PyTorch composite (the kernel's error may be at most twice PyTorch's plus a small
+floor), and, in fp32, against the CPU kernel. The cases cover every CUDA path of each op
+(csrc/masked_softmax/masked_softmax_cuda.cu): 16-byte access (Sk a multiple of 4 fp32 / 8 16-bit
+keys and aligned pointers) or scalar access, and by row length
+  forward:  one warp per row in registers up to 1024 keys (256 scalar), several warps of a block
+            in registers up to 32768 (8192 scalar), the two-pass block beyond;
+  backward: one warp per row up to 1024 fp32 / 2048 16-bit keys (256 scalar), a block beyond.
+Runs only where `make gpu-check` runs it: a GPU and m6_engine._C built with its CUDA kernels.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import m6_engine.ops as ops
+from tests.conftest import nan_filled_empty
+from tests.test_layer_norm import EPS
+from tests.test_layer_norm import _check as _check_layer_norm
+from tests.test_layer_norm import _inputs as _ln_inputs
+from tests.test_masked_softmax import (
+    CASES, SCALE, _check_backward, _check_forward, _lengths, _mixed_lengths, _scores)
+
+pytestmark = pytest.mark.cuda
+
+CUDA = "cuda"
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+ALL_DTYPES = [torch.float32, *HALF_DTYPES]
+# Sk on both sides of each path switch (see the module docstring), and the longest vectorised rows
+# of the two-pass forward. 257 and 8193 force scalar access.
+PATH_EDGES = {torch.float32: [256, 257, 1024, 1028, 8192, 8193, 32772],
+              torch.float16: [257, 1024, 1032, 2048, 2056, 8193, 32776],
+              torch.bfloat16: [257, 1024, 1032, 2048, 2056, 8193, 32776]}
+
+
+def _on_cuda(*tensors):
+    return [t.to(CUDA) for t in tensors]
+
+
+# ---- masked_softmax: numerics.
+
+@pytest.mark.parametrize("sq,sk,q_offset", CASES)
+@pytest.mark.parametrize("length_dtype", [torch.int64, torch.int32])
+def test_softmax_forward_fp32_and_cpu_kernel(sq, sk, q_offset, length_dtype):
+    prefix, valid = _lengths(_mixed_lengths(sk), length_dtype)
+    scores = _scores(len(prefix), 2, sq, sk)
+    out = _check_forward(*_on_cuda(scores, prefix, valid), q_offset)
+    cpu = ops.masked_softmax(scores, prefix, valid, SCALE, q_offset)
+    torch.testing.assert_close(out.cpu(), cpu, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sq,sk,q_offset", CASES)
+def test_softmax_backward_fp32_and_cpu_kernel(sq, sk, q_offset):
+    prefix, valid = _lengths(_mixed_lengths(sk))
+    scores = _scores(len(prefix), 2, sq, sk)
+    _check_backward(*_on_cuda(scores, prefix, valid), q_offset)
+    y = ops.masked_softmax(scores, prefix, valid, SCALE, q_offset)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    cpu = torch.ops.m6.masked_softmax_backward(dy, y, prefix, valid, SCALE, q_offset)
+    gpu = torch.ops.m6.masked_softmax_backward(*_on_cuda(dy, y, prefix, valid), SCALE, q_offset)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("at_end", [False, True], ids=["q_offset 0", "last rows"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_softmax_path_edges(dtype, at_end):
+    # 7 rows per sample: 35 rows, odd, so multi-row blocks also end with a row past the last.
+    for sk in PATH_EDGES[dtype]:
+        prefix, valid = _lengths(_mixed_lengths(sk), device=CUDA)
+        scores = _scores(len(prefix), 1, 7, sk, dtype, device=CUDA)
+        q_offset = sk - 7 if at_end else 0  # the last rows: causal rows of every length class
+        _check_forward(scores, prefix, valid, q_offset)
+        _check_backward(scores, prefix, valid, q_offset)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("sq,sk,q_offset", [(17, 17, 0), (8, 528, 520), (5, 1000, 0), (24, 4097, 4073),
+                                            (3, 3, 0), (1, 1, 0), (7, 17, 10)])
+def test_softmax_half_precision(dtype, sq, sk, q_offset):
+    prefix, valid = _lengths(_mixed_lengths(sk), device=CUDA)
+    scores = _scores(len(prefix), 2, sq, sk, dtype, device=CUDA)
+    _check_forward(scores, prefix, valid, q_offset)
+    _check_backward(scores, prefix, valid, q_offset)
+
+
+@pytest.mark.parametrize("sk", [8192, 32768])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_softmax_long_rows(dtype, sk):
+    sq = 4
+    q_offset = sk - sq  # the last rows: the longest causal rows
+    # Sample 1 ends 2 keys early: its rows 2 and 3 are padding; sample 3 is all padding.
+    prefix, valid = _lengths([(0, sk), (sk // 2, sk - 2), (sk, sk), (0, 0)], device=CUDA)
+    scores = _scores(4, 2, sq, sk, dtype, device=CUDA)
+    out = _check_forward(scores, prefix, valid, q_offset, poison=True)
+    assert torch.all(out[1, :, 2:] == 0) and torch.all(out[3] == 0)  # padded rows
+    _check_backward(scores, prefix, valid, q_offset, poison=True)
+
+
+def test_softmax_many_rows_and_heads():
+    # Several rows per warp-path block and more rows than blocks in flight; a mix of samples.
+    prefix, valid = _lengths([(0, 528), (272, 528), (144, 400), (528, 528)] * 4, torch.int32, CUDA)
+    scores = _scores(16, 16, 128, 528, torch.bfloat16, device=CUDA)
+    _check_forward(scores, prefix, valid, 400)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "misaligned"])
+@pytest.mark.parametrize("sk", [17, 528, 4104])
+def test_softmax_non_contiguous_and_misaligned(layout, sk):
+    prefix, valid = _lengths(_mixed_lengths(sk), device=CUDA)
+    if layout == "misaligned":  # contiguous, but 4 bytes past a 16-byte boundary: scalar access
+        flat = _scores(1, 1, 1, 5 * 2 * 8 * sk + 1, device=CUDA).flatten()
+        scores = flat[1:].view(5, 2, 8, sk)
+        assert scores.is_contiguous() and scores.data_ptr() % 16 != 0
+    else:
+        scores = (_scores(5, 2, 8, 2 * sk, device=CUDA)[..., ::2] if layout == "strided"
+                  else _scores(5, 2, sk, 8, device=CUDA).transpose(2, 3))  # (5, 2, 8, Sk)
+        assert not scores.is_contiguous()
+    q_offset = max(0, sk - 8)
+    _check_forward(scores, prefix, valid, q_offset)
+    _check_backward(scores, prefix, valid, q_offset)
+
+
+def test_softmax_extreme_scores_and_scales():
+    prefix, valid = _lengths(_mixed_lengths(600), device=CUDA)
+    scores = 50 * _scores(5, 1, 40, 600, device=CUDA)
+    for scale in (1.0, -0.5, 0.0):
+        _check_forward(scores, prefix, valid, 560, scale)
+    # A huge q_offset: every row is past valid_len, so everything is padding.
+    out = ops.masked_softmax(scores, prefix, valid, 1.0, 2**40)
+    assert torch.all(out == 0)
+
+
+def test_softmax_every_element_written():
+    # Outputs allocated NaN-filled: a position a kernel forgets to write stays NaN. Both paths.
+    for sk in (70, 528, 4097):
+        prefix, valid = _lengths(_mixed_lengths(sk), device=CUDA)
+        scores = _scores(5, 2, 9, sk, torch.bfloat16, device=CUDA)
+        _check_forward(scores, prefix, valid, sk - 9, poison=True)
+        _check_backward(scores, prefix, valid, sk - 9, poison=True)
+
+
+# ---- masked_softmax: the CUDA contract (stream, device, graphs, no host sync, bad values).
+
+def test_softmax_runs_on_the_callers_stream_and_in_a_cuda_graph():
+    # Capture fails if the op synchronises with the host (e.g. copies the lengths back): the fast
+    # path must not. Replaying the graph on new scores must give the eager result.
+    prefix, valid = _lengths(_mixed_lengths(528), torch.int32, CUDA)
+    scores = _scores(5, 2, 16, 528, torch.bfloat16, device=CUDA)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm = ops.masked_softmax(scores, prefix, valid, SCALE, 512)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.masked_softmax(scores, prefix, valid, SCALE, 512)
+    scores.copy_(_scores(5, 2, 16, 528, torch.bfloat16, device=CUDA, seed=7))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = ops.masked_softmax(scores, prefix, valid, SCALE, 512)
+    torch.testing.assert_close(captured, expected, atol=0, rtol=0)
+    assert not torch.equal(warm, expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_softmax_and_layer_norm_on_a_second_gpu():
+    # The CUDA guard: tensors on cuda:1 while cuda:0 is current.
+    prefix, valid = _lengths(_mixed_lengths(64), device="cuda:1")
+    scores = _scores(5, 2, 64, 64, device="cuda:1")
+    _check_forward(scores, prefix, valid, 0)
+    _check_layer_norm(*_ln_inputs((33, 256), torch.float32, "cuda:1"))
+
+
+_BAD_LENGTHS_SCRIPT = """
+import sys, torch
+import m6_engine.ops as ops
+prefix, valid = (torch.tensor(v, device="cuda", dtype=torch.int64) for v in ({prefix}, {valid}))
+scores = torch.randn(2, 2, 3, 8, device="cuda")
+out = {call}
+torch.cuda.synchronize()
+print("NO ERROR")
+"""
+
+
+@pytest.mark.parametrize("op,prefix,valid", [
+    ("forward", [4, 0], [3, 3]), ("forward", [0, 0], [9, 3]), ("forward", [-1, 0], [3, 3]),
+    ("forward", [0, -2], [0, -1]), ("backward", [0, 0], [3, 9])],
+    ids=["prefix>valid", "valid>Sk", "negative prefix", "negative valid", "backward valid>Sk"])
+def test_softmax_bad_length_values_raise(op, prefix, valid):
+    # Length values are not copied to the host on CUDA: they are clamped for memory safety and
+    # checked by an asynchronous device assert, which fails at the next synchronisation and leaves
+    # the CUDA context unusable, hence a subprocess.
+    call = ("ops.masked_softmax(scores, prefix, valid, 1.0, 0)" if op == "forward" else
+            "torch.ops.m6.masked_softmax_backward(scores, scores, prefix, valid, 1.0, 0)")
+    script = _BAD_LENGTHS_SCRIPT.format(prefix=prefix, valid=valid, call=call)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                            timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "NO ERROR" not in output, output[-2000:]
+    assert "device-side assert" in output or "masked_softmax: lengths out of range" in output, output[-2000:]
+
+
+def test_softmax_good_edge_lengths_do_not_assert():
+    # The edges of the valid range: prefix == valid == Sk, prefix == valid == 0.
+    prefix, valid = _lengths([(8, 8), (0, 0), (0, 8), (3, 3)], device=CUDA)
+    scores = _scores(4, 2, 3, 8, device=CUDA)
+    _check_forward(scores, prefix, valid, 5)
+    torch.cuda.synchronize()
+
+
+def test_softmax_bad_inputs_raise_on_cuda():
+    x = _scores(2, 1, 3, 4, device=CUDA)
+    p, v = _lengths([(1, 4), (0, 3)], device=CUDA)
+    with pytest.raises(RuntimeError, match="scores must be float32, float16 or bfloat16"):
+        ops.masked_softmax(x.double(), p, v)
+    with pytest.raises(RuntimeError, match=r"scores must be 4-D \(B, H, Sq, Sk\), got 3-D"):
+        ops.masked_softmax(x[0], p, v)
+    with pytest.raises(RuntimeError, match="valid_len must be on scores's device"):
+        ops.masked_softmax(x, p, v.cpu())
+    with pytest.raises(RuntimeError, match=r"prefix_len must have shape \(B,\)"):
+        ops.masked_softmax(x, p[:1], v)
+    with pytest.raises(RuntimeError, match="q_offset must be >= 0"):
+        ops.masked_softmax(x, p, v, 1.0, -1)
+    out = ops.masked_softmax(x, p, v)
+    with pytest.raises(RuntimeError, match="grad_out must have out's dtype"):
+        torch.ops.m6.masked_softmax_backward(out.half(), out, p, v, 1.0, 0)
+    with pytest.raises(RuntimeError, match="grad_out must have out's shape"):
+        torch.ops.m6.masked_softmax_backward(out[..., :3], out, p, v, 1.0, 0)
+
+
+def test_softmax_opcheck_and_compile_on_cuda():
+    prefix, valid = _lengths([(1, 4), (0, 3), (0, 0)], torch.int32, CUDA)
+    scores = _scores(3, 2, 5, 4, device=CUDA).requires_grad_()
+    torch.library.opcheck(torch.ops.m6.masked_softmax.default, (scores, prefix, valid, 0.5, 1))
+    out = ops.masked_softmax(scores.detach(), prefix, valid, 0.5, 1)
+    torch.library.opcheck(torch.ops.m6.masked_softmax_backward.default,
+                          (torch.randn_like(out), out, prefix, valid, 0.5, 1))
+    fn = lambda x: ops.masked_softmax(x * 2, prefix, valid, SCALE, 1) * 3  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(scores.detach()), fn(scores.detach()), atol=0, rtol=0)
+
+
+# ---- layer_norm (the three-way check of y, mean, rstd and the gradients is tests/test_layer_norm's).
+
+HIDDEN = [1, 3, 17, 1024, 4097, 4104, 65536]
+
+
+@pytest.mark.parametrize("n", HIDDEN)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_layer_norm_forward_backward(n, dtype):
+    rows = max(2, min(301, 2**21 // n))  # odd where small: a partial last block of rows
+    _check_layer_norm(*_ln_inputs((rows, n), dtype, CUDA))
+
+
+def test_layer_norm_leading_dims_and_many_rows():
+    _check_layer_norm(*_ln_inputs((4, 1000, 1024), torch.bfloat16, CUDA, seed=1))
+
+
+@pytest.mark.parametrize("n", [17, 1024, 65536])
+def test_layer_norm_matches_cpu_kernel_fp32(n):
+    x, w, b = _ln_inputs((7, n), torch.float32, CUDA, seed=4)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x)
+    gpu = torch.ops.m6.layer_norm(x, w, b, EPS)
+    cpu = torch.ops.m6.layer_norm(x.cpu(), w.cpu(), b.cpu(), EPS)
+    for g, c in zip(gpu, cpu):
+        torch.testing.assert_close(g.cpu(), c, atol=1e-5, rtol=1e-5)
+    gpu_b = torch.ops.m6.layer_norm_backward(grad, x, w, gpu[1], gpu[2])
+    cpu_b = torch.ops.m6.layer_norm_backward(grad.cpu(), x.cpu(), w.cpu(), cpu[1], cpu[2])
+    for g, c in zip(gpu_b, cpu_b):
+        torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "misaligned"])
+def test_layer_norm_non_contiguous_and_misaligned(layout):
+    n = 1024
+    x, w, b = _ln_inputs((96, n), torch.float16, CUDA, seed=6)
+    if layout == "transposed":
+        x = x.reshape(n, 96).t()
+        assert not x.is_contiguous()
+    else:  # contiguous, 2 bytes past a 16-byte boundary: scalar access
+        x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(96, n)
+        assert x.is_contiguous() and x.data_ptr() % 16 != 0
+    _check_layer_norm(x, w, b)
+
+
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 200), (torch.bfloat16, 4104), (torch.float16, 1001),
+                                     (torch.float32, 65536)],
+                         ids=["fp32 4 rows per block", "bf16 vectorised", "fp16 scalar", "fp32 widest"])
+def test_layer_norm_every_element_written(dtype, n):
+    # NaN-poisoned outputs (and the fp32 partial sums of grad_weight / grad_bias): a position a
+    # kernel forgets to write stays NaN. 37 rows: with n = 200 (one warp per row, 4 rows per
+    # block) the last block has one row and three past the end.
+    x, w, b = _ln_inputs((37, n), dtype, CUDA, seed=7)
+    with nan_filled_empty():
+        assert torch.empty(16, device=CUDA).isnan().all(), "poisoning is not active"
+        outputs = torch.ops.m6.layer_norm(x, w, b, EPS)
+        outputs += torch.ops.m6.layer_norm_backward(torch.ones_like(x), x, w, *outputs[1:])
+    assert not any(t.isnan().any() for t in outputs)
+
+
+def test_layer_norm_no_rows():
+    w = torch.ones(64, device=CUDA)
+    empty = torch.empty(0, 3, 64, device=CUDA)
+    y, mean, rstd = torch.ops.m6.layer_norm(empty, w, w, EPS)
+    assert y.shape == empty.shape and mean.shape == rstd.shape == (0,)
+    dx, dw, db = torch.ops.m6.layer_norm_backward(empty, empty, w, mean, rstd)
+    assert dx.shape == empty.shape and torch.all(dw == 0) and torch.all(db == 0)
+
+
+def test_layer_norm_bad_inputs_raise_on_cuda():
+    x, w, b = _ln_inputs((4, 8), torch.float32, CUDA)
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        torch.ops.m6.layer_norm(x.double(), w, b, EPS)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(8,\)"):
+        torch.ops.m6.layer_norm(x, w[:4], b, EPS)
+    with pytest.raises(RuntimeError, match="bias must have x's dtype"):
+        torch.ops.m6.layer_norm(x, w, b.half(), EPS)
+    with pytest.raises(RuntimeError, match="weight must be on x's device"):
+        torch.ops.m6.layer_norm(x, w.cpu(), b, EPS)
+    with pytest.raises(RuntimeError, match=r"hidden size \(x's last dim\) must be in \[1, 65536\]"):
+        torch.ops.m6.layer_norm(torch.empty(2, 65537, device=CUDA), torch.empty(65537, device=CUDA),
+                                torch.empty(65537, device=CUDA), EPS)
+    _, mean, rstd = torch.ops.m6.layer_norm(x, w, b, EPS)
+    with pytest.raises(RuntimeError, match="grad_y must have x's shape"):
+        torch.ops.m6.layer_norm_backward(x[:2], x, w, mean, rstd)
+    with pytest.raises(RuntimeError, match="rstd must be float32"):
+        torch.ops.m6.layer_norm_backward(x, x, w, mean, rstd.double())
+    with pytest.raises(RuntimeError, match=r"mean must have shape \(4,\)"):
+        torch.ops.m6.layer_norm_backward(x, x, w, mean[:2], rstd)
+
+
+def test_layer_norm_opcheck_on_cuda():
+    x, w, b = _ln_inputs((3, 5, 16), torch.float32, CUDA)
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.m6.layer_norm.default, (x, w, b, EPS))
+    _, mean, rstd = torch.ops.m6.layer_norm(x.detach(), w, b, EPS)
+    torch.library.opcheck(torch.ops.m6.layer_norm_backward.default,
+                          (torch.randn_like(x), x.detach(), w, mean, rstd))
+
