@@ -1,0 +1,40 @@
+"""Sharded, reshardable, atomic checkpoints on ``torch.distributed.checkpoint`` (DCP).
+
+    save_checkpoint(ckpt_dir, step, model=..., state=..., optimizer=..., extra=..., rng_tracker=...,
+                    config=..., keep_last=K) -> ckpt_dir/step_000123
+    load_checkpoint(ckpt_dir_or_folder, model=..., state=..., optimizer=..., rng_tracker=...,
+                    seed=...) -> LoadedCheckpoint(step, extra, config, saved_layout, rng, path)
+    latest_checkpoint(ckpt_dir) -> Path | None          # what ``--load auto`` resumes from
+
+Both calls are collective over the job. Every rank writes its own shards in parallel; tensors are
+keyed by global names and stored as global tensors (``sharding``: DTensor shards over the "tp"
+mesh axis, the vocab-parallel embedding without its tp-dependent padding), so a checkpoint saved
+with one (tp, pp, dp) loads into any other. Folders are published atomically with a manifest
+written last (``folders``); RNG streams are restored when the layout is unchanged and reseeded
+otherwise (``rng``).
+
+The optimizer contract (``m6_engine.optim``): with ``named = {global name: parameter}`` of the
+stage,
+
+    optimizer.param_states(named) -> {name: {"master" | "exp_avg" | "exp_avg_sq": fp32 tensor
+                                      shaped like the local parameter}}     (collective over dp)
+    optimizer.load_param_states(named, states)                             (collective over dp)
+    optimizer.scalar_state() -> dict;  optimizer.load_scalar_state(dict)
+
+Per-parameter states are stored sharded like their parameter; on load the optimizer is first
+asked for its ``param_states`` (their keys and shapes), which are filled in place and handed back.
+"""
+
+from m6_engine.checkpoint.folders import (
+    CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, complete_checkpoints,
+    latest_checkpoint, read_manifest, step_dirname,
+)
+from m6_engine.checkpoint.load import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
+from m6_engine.checkpoint.rng import resume_seed
+from m6_engine.checkpoint.save import save_checkpoint
+
+__all__ = [
+    "CheckpointCorruptError", "CheckpointError", "CheckpointNotFoundError", "LoadedCheckpoint",
+    "complete_checkpoints", "latest_checkpoint", "load_checkpoint", "read_manifest",
+    "resolve_checkpoint", "resume_seed", "save_checkpoint", "step_dirname",
+]
