@@ -127,5 +127,5 @@ setup(
     python_requires=">=3.10",
     ext_modules=[] if _is_metadata_only() else _extensions(),
     cmdclass={} if _is_metadata_only() else {"build_ext": _build_ext_class()},
-    extras_require={"test": ["transformers"]},
+    extras_require={"test": ["transformers"], "megatron": ["megatron-core==0.16.1"]},
 )

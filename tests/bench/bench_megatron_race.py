@@ -1,0 +1,202 @@
+"""The race: our engine vs megatron-core, same GPT, same weights, same data, same machine, one run.
+
+A tiny GPT (4 layers, d 256, 8 heads, vocab 21128, seq 528, no dropout) at tp = 2, pp = 2 on 4 CPU
+ranks (gloo, one thread each), micro-batch 2, 8 micro-batches per step, non-interleaved 1F1B,
+AdamW (constant lr 1e-4, weight decay 0.01 on matrices, no clipping), 10 steps:
+
+- ours: ``m6_engine.training.Trainer`` (M6Model with our fused prefix-mask softmax and LayerNorm,
+  our schedules, DataParallel buffers, MixedPrecisionOptimizer);
+- megatron-core 0.16.1 as a user without Apex runs it: ``GPTModel`` with its local layer spec
+  (``torch.nn.LayerNorm``, ``DotProductAttention`` whose softmax masks a materialised causal mask),
+  its DDP, optimizer (``torch.optim.AdamW``) and ``get_forward_backward_func`` 1F1B schedule,
+  with the CPU test shim of ``megatron_ext.testing`` for its CUDA-only calls.
+
+megatron-core starts from our initial weights, converted (``megatron_ext.convert``; its vocabulary
+is left unpadded, 21128 = 2 x 10564, so no padding column changes its softmax). The two engines run
+in the same 4 processes, one step of ours then one step of megatron-core's, so both meet the same
+machine load. A step is timed from a barrier to the end of the optimizer step on each rank; its time
+is the slowest rank's; the figure is the median over steps 3..10 (steady state). Losses are each
+step's mean micro-batch loss (equal token counts, so also the token mean); they must agree to 1e-4.
+
+Usage: ``python -m tests.bench.bench_megatron_race --out DIR`` (writes
+``DIR/bench_megatron_race.json``), or ``run(out_dir)`` from another script.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from tests.bench.common import print_table, write_json
+from tests.distributed import init_state, run_ranks
+
+TP, PP = 2, 2
+MICRO_BATCH, MICROBATCHES, STEPS, WARMUP_STEPS = 2, 8, 10, 2
+SEQ, VOCAB, SEED = 528, 21128, 1234
+LOSS_TOLERANCE = 1e-4
+
+
+def _model_config():
+    from m6_engine.config import ModelConfig
+
+    return ModelConfig(num_layers=4, hidden_size=256, num_heads=8, vocab_size=VOCAB,
+                       max_text_positions=SEQ, num_patches=0, num_segments=0, hidden_dropout=0.0,
+                       attention_dropout=0.0)
+
+
+def _optimizer_config():
+    from m6_engine.config import OptimizerConfig
+
+    return OptimizerConfig(lr=1e-4, min_lr=1e-4, warmup_fraction=0.0, weight_decay=0.01, clip_grad=0.0)
+
+
+def microbatches(step: int) -> list[dict]:
+    """Step ``step``'s micro-batches: full-length LM sequences of arithmetic progressions over a
+    band of the vocabulary (learnable, so the loss falls), loss on every next token."""
+    out = []
+    for m in range(MICROBATCHES):
+        gen = torch.Generator().manual_seed(step * MICROBATCHES + m)
+        start = torch.randint(0, 2000, (MICRO_BATCH, 1), generator=gen)
+        stride = torch.randint(1, 4, (MICRO_BATCH, 1), generator=gen)
+        seq = 104 + (start + stride * torch.arange(SEQ + 1)) % 2000          # (B, S + 1)
+        out.append({"tokens": seq[:, :-1].contiguous(), "labels": seq[:, 1:].contiguous(),
+                    "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ).contiguous(),
+                    "loss_mask": torch.ones(MICRO_BATCH, SEQ),
+                    "prefix_len": torch.zeros(MICRO_BATCH, dtype=torch.long),
+                    "valid_len": torch.full((MICRO_BATCH,), SEQ, dtype=torch.long)})
+    return out
+
+
+def _ours(state):
+    """Our Trainer and its first-step weights (full state dict)."""
+    from m6_engine.config import JobConfig, ParallelConfig, TrainConfig
+    from m6_engine.convert import full_state_dict
+    from m6_engine.training import Trainer
+
+    job = JobConfig(model=_model_config(), parallel=ParallelConfig(tp=TP, pp=PP),
+                    optimizer=_optimizer_config(),
+                    train=TrainConfig(train_steps=STEPS, micro_batch=MICRO_BATCH,
+                                      global_batch=MICRO_BATCH * MICROBATCHES, seed=SEED,
+                                      peak_tflops=1.0))
+    data = (batch for step in range(STEPS) for batch in microbatches(step))
+    trainer = Trainer(job, state, data, log_rank_output=False)
+    return trainer, full_state_dict(trainer.stage)
+
+
+def _megatron(full):
+    """megatron-core's GPTModel (local spec), DDP and optimizer, from our weights."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_ext import convert
+    from megatron_ext.config import transformer_config
+    from megatron_ext.training import build_optimizer, wrap_ddp
+
+    model = _model_config()
+    ps.initialize_model_parallel(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP)
+    tensor_parallel.model_parallel_cuda_manual_seed(SEED)
+    # Megatron's defaults where they differ from M6's plain-PyTorch choices: fused softmax asked for
+    # (fp32 inputs take its torch path without Apex in any case).
+    config = transformer_config(model, tp=TP, pp=PP, masked_softmax_fusion=True)
+    module = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                      share_embeddings_and_output_weights=True)
+    convert.load_full_into_mcore(module, full, model, padded_vocab_size=VOCAB)
+    ddp = wrap_ddp(module, config)
+    return ddp, build_optimizer(ddp, config, _optimizer_config())
+
+
+def _gpt_forward_step(data_iterator, model):
+    from functools import partial
+
+    from megatron_ext.model import masked_token_mean
+
+    batch = next(data_iterator)
+    loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])   # (B, S)
+    return loss, partial(masked_token_mean, batch["loss_mask"])
+
+
+def _timed(fn):
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def _race_rank() -> dict:
+    from megatron_ext.testing import cpu_shim
+    from megatron_ext.training import train_step
+
+    state = init_state(tp=TP, pp=PP)
+    trainer, full = _ours(state)
+    with cpu_shim():
+        ddp, optimizer = _megatron(full)
+    ours, theirs = {"seconds": [], "losses": []}, {"seconds": [], "losses": []}
+    for step in range(STEPS):
+        report, seconds = _timed(trainer.train_step)
+        ours["seconds"].append(seconds)
+        ours["losses"].append(float(report.loss_parts[0] / report.loss_parts[1])
+                              if state.is_last_stage else None)
+        with cpu_shim():
+            losses, seconds = _timed(lambda: train_step(
+                _gpt_forward_step, ddp, optimizer, iter(microbatches(step)),
+                num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH))
+        theirs["seconds"].append(seconds)
+        theirs["losses"].append(float(torch.stack([d["lm loss"] for d in losses]).mean())
+                                if losses else None)
+    return {"rank": state.rank, "ours": ours, "megatron": theirs}
+
+
+def _step_times(results: list[dict], engine: str) -> list[float]:
+    """Per step, the slowest rank's time."""
+    return [max(times) for times in zip(*(r[engine]["seconds"] for r in results))]
+
+
+def run(out_dir: str) -> dict:
+    """Run the race once; print the figures and write ``out_dir/bench_megatron_race.json``."""
+    import megatron.core
+
+    load_before = os.getloadavg()[0]
+    results = run_ranks(_race_rank, TP * PP, timeout_s=3000)
+    last = next(r for r in results if r["ours"]["losses"][0] is not None)
+    ours_t, theirs_t = _step_times(results, "ours"), _step_times(results, "megatron")
+    ours_s = statistics.median(ours_t[WARMUP_STEPS:])
+    theirs_s = statistics.median(theirs_t[WARMUP_STEPS:])
+    diffs = [abs(a - b) for a, b in zip(last["ours"]["losses"], last["megatron"]["losses"])]
+    result = {
+        "model": {"layers": 4, "hidden": 256, "heads": 8, "vocab": VOCAB, "seq": SEQ,
+                  "micro_batch": MICRO_BATCH, "microbatches": MICROBATCHES, "tp": TP, "pp": PP},
+        "megatron_core_version": megatron.core.__version__,
+        "ours_step_s": ours_s, "megatron_step_s": theirs_s, "ratio": ours_s / theirs_s,
+        "target_ratio": 0.8,
+        "ours_step_s_all": ours_t, "megatron_step_s_all": theirs_t,
+        "ours_losses": last["ours"]["losses"], "megatron_losses": last["megatron"]["losses"],
+        "max_loss_difference": max(diffs), "losses_agree": max(diffs) <= LOSS_TOLERANCE,
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "cpu_count": os.cpu_count(),
+    }
+    print_table("the race: tiny GPT, tp=2 pp=2 on 4 CPU ranks, 1F1B, AdamW",
+                ["step", "ours loss", "megatron loss", "|diff|", "ours s", "megatron s"],
+                [[i + 1, f"{a:.6f}", f"{b:.6f}", f"{d:.1e}", t1, t2] for i, (a, b, d, t1, t2) in
+                 enumerate(zip(result["ours_losses"], result["megatron_losses"], diffs, ours_t, theirs_t))])
+    print(f"median step (steps {WARMUP_STEPS + 1}..{STEPS}): ours {ours_s:.3f} s, megatron-core "
+          f"{theirs_s:.3f} s, ratio {result['ratio']:.3f} (goal <= 0.8); losses agree to "
+          f"{max(diffs):.1e} (must be <= {LOSS_TOLERANCE})")
+    print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on "
+          f"{os.cpu_count()} cores")
+    write_json(out_dir, "bench_megatron_race", result)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON result")
+    run(parser.parse_args(argv).out)
+
+
+if __name__ == "__main__":
+    main()
