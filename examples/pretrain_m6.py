@@ -1,0 +1,82 @@
+"""Pretrain M6: ``torchrun --nproc_per_node=N examples/pretrain_m6.py --config CONFIG.yaml [flags]``.
+
+The YAML file has the sections of ``m6_engine.config.JobConfig`` (model, parallel, optimizer,
+train, data); the flags below override the common fields, ``--set section.field=value`` any field.
+dp = world size / (tp * pp).
+
+With ``torchrun --max-restarts=N`` use the c10d rendezvous (``--standalone`` or
+``--rdzv-backend=c10d``) and set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: otherwise torchrun lends
+its rendezvous TCPStore to the workers and keeps it across restarts, and a restarted job's process
+groups read the dead attempt's addresses (pytorch/pytorch#135712).
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from m6_engine.config import job_config_from_dict, load_yaml
+from m6_engine.parallel import initialize
+from m6_engine.training import Trainer, check_job, make_datasets
+
+# flag -> "section.field"
+FLAGS = {
+    "tp": "parallel.tp", "pp": "parallel.pp", "schedule": "parallel.schedule",
+    "train_steps": "train.train_steps", "micro_batch": "train.micro_batch",
+    "global_batch": "train.global_batch", "recompute": "train.recompute", "seed": "train.seed",
+    "log_interval": "train.log_interval", "eval_interval": "train.eval_interval",
+    "save": "train.save_dir", "load": "train.load", "save_interval": "train.save_interval",
+    "keep_last": "train.keep_last", "tensorboard_dir": "train.tensorboard_dir",
+    "profile_steps": "train.profile_steps", "precision": "optimizer.precision",
+    "lr": "optimizer.lr", "optimizer_sharding": "optimizer.optimizer_sharding",
+    "data": "data.corpus", "eval_data": "data.eval_corpus", "vocab_file": "data.vocab_file",
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML job config (examples/configs/)")
+    for flag, target in FLAGS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=f"sets {target}")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override any config field (repeatable)")
+    return parser.parse_args(argv)
+
+
+def overrides_of(args) -> dict:
+    overrides = {FLAGS[k]: v for k, v in vars(args).items() if k in FLAGS and v is not None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def warn_if_restarts_cannot_reconnect() -> None:
+    """The module docstring's torchrun caveat, said once at start-up rather than at the first restart."""
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0"):
+        print("warning: torchrun shares its rendezvous store with the workers, so a restart after a "
+              "failure will not reconnect (pytorch/pytorch#135712); launch with "
+              "--rdzv-backend=c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    warn_if_restarts_cannot_reconnect()
+    job = job_config_from_dict(load_yaml(args.config), overrides_of(args))
+    check_job(job, int(os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(int(os.environ.get("M6_THREADS_PER_RANK", torch.get_num_threads())))
+    state = initialize(job.parallel.tp, job.parallel.pp, timeout=job.parallel.timeout_s)
+    try:
+        train_data, eval_factory = make_datasets(job, state)
+        Trainer(job, state, train_data, eval_data_factory=eval_factory).run()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The training loop: one M6 pipeline stage per rank, 1F1B over micro-batches, O2 optimizer step.
+
+One step (``Trainer.train_step``), read top to bottom:
+
+1. zero the fp32 gradient buffers;
+2. ``forward_backward`` runs ``num_microbatches = global_batch / (micro_batch * dp)`` micro-batches
+   through this stage with the pipeline schedule; the last stage backpropagates the loss scaled by
+   the optimizer's loss scale; data-parallel and tied-embedding gradients are reduced at the end;
+3. the optimizer unscales, checks for inf/NaN on every model-parallel rank (skipping the step on
+   all ranks when found), clips the global norm, steps AdamW on the fp32 masters and copies back.
+
+Every ``log_interval`` steps the logging rank (last stage, dp 0, tp 0) prints one line and writes
+the same scalars to TensorBoard: loss (token-weighted over the job) and loss per task, lr, loss
+scale, grad norm, skipped steps, tokens/s, TFLOP/s per device, MFU, peak memory. Every
+``eval_interval`` steps the held-out set is run forward-only. Checkpoints every
+``save_interval`` steps and at the end; ``load="auto"`` resumes from the latest complete one,
+with the data position, RNG streams, optimizer and loss scaler, so a resumed run continues bit
+for bit (same layout, CPU fp32).
+"""
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from m6_engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from m6_engine.config import ConfigError, JobConfig
+from m6_engine.data.tasks import TASKS
+from m6_engine.metrics import (
+    IntervalTotals, ScalarLog, format_line, interval_scalars, loss_parts, losses_of, peak_memory_gib,
+    peak_tflops,
+)
+from m6_engine.model import M6Model
+from m6_engine.model.flops import batch_forward_flops
+from m6_engine.model.m6 import ForwardStep
+from m6_engine.optim import MixedPrecisionOptimizer
+from m6_engine.parallel import DataParallel, ParallelState, forward_backward, seed_parallel_rng
+
+
+class CountingIterator:
+    """Wraps a micro-batch iterator and records, per micro-batch, what throughput and MFU need:
+    valid tokens and model FLOPs (forward; the trainer multiplies by 3 for training)."""
+
+    def __init__(self, source, config):
+        self.source, self.config = source, config
+        self.tokens = 0
+        self.forward_flops = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.source)
+        self.tokens += int(batch["valid_len"].sum())
+        self.forward_flops += batch_forward_flops(self.config, batch)
+        return batch
+
+
+@dataclass
+class StepReport:
+    """What one training or evaluation step measured on this rank (loss parts on the last stage)."""
+
+    seconds: float
+    tokens: int
+    model_flops: float
+    loss_parts: torch.Tensor
+    """``metrics.loss_parts`` of the step's micro-batches (zeros off the last stage)."""
+    stats: object = None
+    """The optimizer's StepStats (training only)."""
+
+
+class Trainer:
+    """Builds this rank's stage, optimizer and data, and runs the loop (module docstring).
+
+    ``train_data`` / ``eval_data_factory``: the micro-batch iterator of this rank's data-parallel
+    replica (``PretrainDataset.for_rank``), and a callable returning a fresh held-out iterator.
+    """
+
+    def __init__(self, job: JobConfig, state: ParallelState, train_data, *, eval_data_factory=None,
+                 log_rank_output: bool = True):
+        self.job, self.state = job, state
+        train, opt = job.train, job.optimizer
+        job.model.check_layout(state.tp_size, state.pp_size)
+        self.num_microbatches = train.num_microbatches(state.dp_size)
+        self.tracker = seed_parallel_rng(train.seed, state)
+        stage = M6Model(job.model, state, seed=train.seed, dtype=opt.param_dtype,
+                        recompute=train.recompute, rng_tracker=self.tracker)
+        self.stage = stage
+        self.model = DataParallel(stage, state, grad_reduce=(
+            "reduce_scatter" if opt.optimizer_sharding else "all_reduce"))
+        self.optimizer = MixedPrecisionOptimizer(self.model, opt, state, total_steps=train.train_steps)
+        self.seq_length = job.model.num_patches + job.model.max_text_positions
+        self.tensor_spec = stage.activation_spec(train.micro_batch, self.seq_length)
+        self.train_data = train_data
+        self.eval_data_factory = eval_data_factory
+        self.step = 0
+        self.logs_here = (state.is_last_stage and state.dp_rank == 0 and state.tp_rank == 0
+                          and log_rank_output)
+        self.log = ScalarLog(self.logs_here, train.tensorboard_dir)
+        self.peak = peak_tflops(state.device, opt.param_dtype, train.peak_tflops)
+        self.history: list[dict] = []
+        self.step_callbacks: list = []
+        """Called as ``callback(trainer)`` after every step (after its log line, evaluation and save)."""
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def _run_schedule(self, data, *, forward_only: bool) -> tuple[ForwardStep, CountingIterator]:
+        forward_step = ForwardStep(loss_transform=None if forward_only else self.optimizer.scale_loss)
+        counted = CountingIterator(data, self.job.model)
+        forward_backward(self.job.parallel.schedule, forward_step=forward_step, data_iterator=counted,
+                         model=self.model, num_microbatches=self.num_microbatches, state=self.state,
+                         tensor_spec=self.tensor_spec, forward_only=forward_only)
+        return forward_step, counted
+
+    def train_step(self) -> StepReport:
+        """One optimizer step over ``num_microbatches`` micro-batches (module docstring)."""
+        start = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad()
+        forward_step, counted = self._run_schedule(self.train_data, forward_only=False)
+        stats = self.optimizer.step()
+        self.step += 1
+        if self.state.device.type == "cuda":
+            torch.cuda.synchronize(self.state.device)
+        return StepReport(time.perf_counter() - start, counted.tokens, 3.0 * counted.forward_flops,
+                          loss_parts(forward_step.outputs, self.state.device), stats)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Forward-only over ``eval_iters`` global batches of a fresh held-out iterator: mean loss
+        and loss per task (token-weighted over the job); {} on ranks that do not log."""
+        data = self.eval_data_factory()
+        self.model.eval()
+        parts = torch.zeros(2 + 2 * len(TASKS), dtype=torch.float64, device=self.state.device)
+        for _ in range(self.job.train.eval_iters):
+            forward_step, _ = self._run_schedule(data, forward_only=True)
+            parts += loss_parts(forward_step.outputs, self.state.device)
+        self.model.train()
+        return losses_of(self._reduce_over_dp(parts))
+
+    def _reduce_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.state.dp_size > 1:
+            dist.all_reduce(tensor, group=self.state.group("dp"))
+        return tensor
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save(self) -> None:
+        train = self.job.train
+        save_checkpoint(train.save_dir, self.step, model=self.model, state=self.state,
+                        optimizer=self.optimizer, rng_tracker=self.tracker, config=self.job.to_dict(),
+                        extra={"step": self.step, "data": self.train_data.state_dict()},
+                        keep_last=train.keep_last or None)
+
+    def resume(self) -> bool:
+        """Load ``train.load`` ("auto": the latest complete checkpoint of save_dir, if any)."""
+        train = self.job.train
+        if not train.load:
+            return False
+        source = train.load
+        if source == "auto":
+            if not train.save_dir or latest_checkpoint(train.save_dir) is None:
+                self.log.print(f"load=auto: no complete checkpoint in {train.save_dir!r}, starting fresh")
+                return False
+            source = train.save_dir
+        loaded = load_checkpoint(source, model=self.model, state=self.state, optimizer=self.optimizer,
+                                 rng_tracker=self.tracker, seed=train.seed)
+        self.step = int(loaded.extra["step"])
+        self.train_data.load_state_dict(loaded.extra["data"])
+        self.log.print(f"resumed from {loaded.path} at step {self.step}")
+        return True
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _profiler(self):
+        """A torch.profiler tracing the steps of ``profile_steps`` still to run, else a null context.
+        The loop calls ``prof.step()`` after each step, and runs steps ``self.step + 1, ...``."""
+        steps = self.job.train.profile_range()
+        first = max(steps.start, self.step + 1)          # first traced step
+        if first >= steps.stop:
+            return contextlib.nullcontext(None)
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if self.state.device.type == "cuda" else [])
+        trace_dir = self.job.train.tensorboard_dir or "runs/profile"
+        before = first - (self.step + 1)                  # steps run before the first traced one
+        warmup = min(before, 1)
+        return profile(activities=activities, schedule=schedule(wait=before - warmup, warmup=warmup,
+                                                                 active=steps.stop - first, repeat=1),
+                       on_trace_ready=tensorboard_trace_handler(trace_dir,
+                                                                worker_name=f"rank{self.state.rank}"))
+
+    def _log_interval(self, totals: IntervalTotals, report: StepReport) -> None:
+        totals.parts = self._reduce_over_dp(totals.parts)
+        scalars = interval_scalars(totals, world_size=self.state.world_size, peak=self.peak)
+        stats = report.stats   # the interval's last step; skipped_steps counts the whole run
+        scalars.update(lr=stats.lr, loss_scale=stats.loss_scale, grad_norm=stats.grad_norm,
+                       skipped_steps=self.optimizer.skipped_steps,
+                       peak_memory_gib=peak_memory_gib(self.state.device))
+        self.log.print(format_line(self.step, self.job.train.train_steps, scalars))
+        self.log.scalars("train", scalars, self.step)
+        self.history.append({"step": self.step, **scalars})
+
+    def _new_totals(self) -> IntervalTotals:
+        return IntervalTotals(parts=torch.zeros(2 + 2 * len(TASKS), dtype=torch.float64,
+                                                device=self.state.device))
+
+    def run(self) -> list[dict]:
+        """Train to ``train_steps`` (resuming first if asked); returns ``history``, the scalars of
+        every log line (on every rank: the loss values are only meaningful on the logging rank)."""
+        train = self.job.train
+        self.resume()
+        totals = self._new_totals()
+        with self._profiler() as prof:
+            while self.step < train.train_steps:
+                try:
+                    report = self.train_step()
+                except StopIteration:
+                    self.log.print(f"data exhausted at step {self.step} (exhausted='stop'): stopping")
+                    break
+                if prof is not None:
+                    prof.step()
+                totals.steps += 1
+                totals.seconds += report.seconds
+                totals.tokens += report.tokens
+                totals.model_flops += report.model_flops
+                totals.parts += report.loss_parts
+                if self.step % train.log_interval == 0 or self.step == train.train_steps:
+                    self._log_interval(self._finish_totals(totals), report)
+                    totals = self._new_totals()
+                if train.eval_interval and self.eval_data_factory and self.step % train.eval_interval == 0:
+                    result = self.evaluate()
+                    self.log.print(f"eval at step {self.step}: " + " ".join(
+                        f"{k}={v:.4f}" for k, v in result.items()))
+                    self.log.scalars("eval", result, self.step)
+                if train.save_dir and train.save_interval and self.step % train.save_interval == 0:
+                    self.save()
+                for callback in self.step_callbacks:
+                    callback(self)
+        if train.save_dir and (not train.save_interval or self.step % train.save_interval):
+            self.save()
+        self.log.close()
+        return self.history
+
+    def _finish_totals(self, totals: IntervalTotals) -> IntervalTotals:
+        """Sum tokens and FLOPs over data-parallel replicas (each replica counted its own batches)."""
+        counts = torch.tensor([totals.tokens, totals.model_flops], dtype=torch.float64,
+                              device=self.state.device)
+        counts = self._reduce_over_dp(counts)
+        totals.tokens, totals.model_flops = float(counts[0]), float(counts[1])
+        return totals
+
+
+def make_datasets(job: JobConfig, state: ParallelState):
+    """This rank's training iterator and a factory of fresh held-out iterators (None without
+    ``data.eval_corpus``); a missing corpus or one tokenised with another vocab is a clear error."""
+    from m6_engine.data.dataset import DatasetConfig, PretrainDataset
+    from m6_engine.data.tasks import SampleLayout
+    from m6_engine.data.tokenizer import BertWordPieceTokenizer, default_vocab_path
+
+    data = job.data
+    if not data.corpus:
+        raise ConfigError("data.corpus is empty: give the prefix written by "
+                          "`python -m m6_engine.data.preprocess` (--data on the command line)")
+    tokenizer = BertWordPieceTokenizer(data.vocab_file or default_vocab_path())
+    if tokenizer.vocab_size > job.model.vocab_size:
+        raise ConfigError(f"the tokenizer's vocabulary ({tokenizer.vocab_size} entries) is larger than "
+                          f"model.vocab_size = {job.model.vocab_size}")
+    layout = SampleLayout.from_model(job.model, tokenizer)
+
+    def dataset(corpus: str, exhausted: str) -> PretrainDataset:
+        config = DatasetConfig(corpus=corpus, task_weights=data.task_weights, seed=job.train.seed,
+                               micro_batch_size=job.train.micro_batch,
+                               num_microbatches=job.train.num_microbatches(state.dp_size),
+                               exhausted=exhausted)
+        return PretrainDataset.for_rank(config, layout, tokenizer, state)
+
+    train = dataset(data.corpus, data.exhausted)
+    eval_factory = (lambda: dataset(data.eval_corpus, "wrap")) if data.eval_corpus else None
+    return train, eval_factory
+
+
+def check_job(job: JobConfig, world_size: int) -> None:
+    """Early, clear errors for a layout that cannot run (before any process group is built)."""
+    tp, pp = job.parallel.tp, job.parallel.pp
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tp * pp = {tp} * {pp}")
+    job.model.check_layout(tp, pp)
+    job.train.num_microbatches(world_size // (tp * pp))

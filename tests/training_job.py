@@ -1,0 +1,198 @@
+"""The small M6 training job of tests/test_training.py: its config, a rank function that runs a list
+of jobs in one launch, and (run as a script under torchrun) the worker of the fault test.
+
+The data is a small demo corpus (:func:`build_corpus`: ``m6_engine.data.prepare_demo`` on 24
+synthetic images and 120 People's-Daily-like paragraphs) tokenised with a vocabulary of just the
+characters it holds (~450 entries), so the output layer does not dominate every step. The model is
+the ``tiny`` preset shrunk to 2 layers of width 64 and 64 text positions, with that vocabulary and
+16 patches of 2048 features; a step is a global batch of 8 in micro-batches of 2, AdamW with 2
+warm-up steps out of 10 and a cosine decay to 1e-4.
+
+Fault worker: ``python -m torch.distributed.run --nproc_per_node=2 --max-restarts=1 ...
+tests/training_job.py --data DIR --save DIR --out DIR --kill-after K`` (DIR of build_corpus) trains
+:func:`fault_job` (pp = 2, dropout 0.1, a checkpoint every 2 steps, ``load=auto``); on the first
+attempt (``TORCHELASTIC_RESTART_COUNT`` 0) rank 1 SIGKILLs itself after step K. The logging rank
+of each attempt that finishes writes ``OUT/losses_attempt<N>.json``: {step: loss}.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from m6_engine.config import JobConfig, job_config_from_dict
+
+STEPS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """What :func:`build_corpus` wrote under ``folder``."""
+
+    folder: Path
+
+    @property
+    def train(self) -> str:
+        return str(self.folder / "corpus" / "train")
+
+    @property
+    def heldout(self) -> str:
+        return str(self.folder / "corpus" / "heldout")
+
+    @property
+    def vocab_file(self) -> str:
+        return str(self.folder / "vocab.txt")
+
+    @property
+    def vocab_size(self) -> int:
+        from m6_engine.data.tokenizer import BertWordPieceTokenizer
+
+        return BertWordPieceTokenizer(self.vocab_file).vocab_size
+
+
+def build_corpus(folder, *, num_images: int = 24, paragraphs: int = 120, vocab_file=None) -> Corpus:
+    """Demo corpora (train / heldout) under ``folder``, tokenised with ``vocab_file`` or, by
+    default, a vocabulary of the specials and every character of the texts."""
+    from m6_engine.data import prepare_demo, synthetic
+    from tests.test_indexed import write_vocab
+    from tests.test_prepare_demo import _tagged_corpus
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = prepare_demo.DemoDataConfig(num_images=num_images, num_heldout_images=max(1, num_images // 6),
+                                         seed=3, heldout_every=10, workers=1)
+    tagged = _tagged_corpus(folder / "tagged.txt", paragraphs)
+    texts = tagged.read_text(encoding="utf-8").splitlines()
+    shapes = synthetic.SyntheticConfig(num_images=num_images + config.num_heldout_images, seed=config.seed,
+                                       max_shapes=config.max_shapes,
+                                       questions_per_image=config.questions_per_image)
+    texts += [d["content"] for i in range(shapes.num_images) for d in synthetic.documents(shapes, i)[1]]
+    vocab = folder / "vocab.txt"
+    if vocab_file is None:
+        write_vocab(vocab, texts)
+    else:
+        vocab.write_bytes(Path(vocab_file).read_bytes())
+    prepare_demo.prepare(folder, config, tagged, vocab)
+    return Corpus(folder)
+
+
+def small_job(corpus: Corpus, *, tp: int = 1, pp: int = 1, steps: int = STEPS, dropout: float = 0.0,
+              evaluate: bool = False, model: dict | None = None, optimizer: dict | None = None,
+              train: dict | None = None, timeout_s: float = 60.0) -> JobConfig:
+    """The test job on ``corpus``; the dicts override fields of their section. ``evaluate``: with
+    the held-out corpus (one global batch per evaluation; :func:`run_jobs` evaluates at the end)."""
+    return job_config_from_dict({
+        "model": {"preset": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
+                  "max_text_positions": 64, "vocab_size": corpus.vocab_size,
+                  "hidden_dropout": dropout, "attention_dropout": dropout, **(model or {})},
+        "parallel": {"tp": tp, "pp": pp, "timeout_s": timeout_s},
+        "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_fraction": 0.2, "weight_decay": 0.01,
+                      "clip_grad": 1.0, **(optimizer or {})},
+        # peak_tflops given: the CPU's matmul peak is not measured at every Trainer start.
+        "train": {"train_steps": steps, "micro_batch": 2, "global_batch": 8, "log_interval": 1,
+                  "eval_iters": 1, "peak_tflops": 1.0, **(train or {})},
+        "data": {"corpus": corpus.train, "eval_corpus": corpus.heldout if evaluate else "",
+                 "vocab_file": corpus.vocab_file, "exhausted": "wrap"},
+    })
+
+
+def fault_job(corpus: Corpus, *, save_dir: str = "", save_interval: int = 0, load: str = "") -> JobConfig:
+    """The job of the resume and fault tests: pp = 2, dropout 0.1, 6 steps."""
+    return small_job(corpus, pp=2, steps=6, dropout=0.1,
+                     train={"save_dir": save_dir, "save_interval": save_interval, "load": load})
+
+
+class StopRun(Exception):
+    """Raised by a step callback to end a run early (as a job that is stopped would)."""
+
+
+def _stop_after(step: int):
+    def callback(trainer):
+        if trainer.step == step:
+            raise StopRun
+
+    return callback
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One Trainer run of a launch: its job, and the step after which it stops (0: run to the end)."""
+
+    job: JobConfig
+    stop_after: int = 0
+
+
+def run_jobs(runs: list[Run]) -> list[dict | None]:
+    """Rank function: each run in turn, on a fresh ParallelState of its (tp, pp) over all ranks.
+
+    Returns per run, on the logging rank, {"losses": {step: loss}, "history", "param_dtype",
+    "optimizer_bytes_per_param" (this rank's), "eval" (``Trainer.evaluate()`` after the run, when
+    the job has a held-out corpus)}; None on the other ranks.
+    """
+    from m6_engine.training import Trainer, make_datasets
+    from tests.distributed import init_state
+
+    results = []
+    for run in runs:
+        state = init_state(run.job.parallel.tp, run.job.parallel.pp)
+        train_data, eval_factory = make_datasets(run.job, state)
+        trainer = Trainer(run.job, state, train_data, eval_data_factory=eval_factory)
+        if run.stop_after:
+            trainer.step_callbacks.append(_stop_after(run.stop_after))
+        try:
+            trainer.run()
+        except StopRun:
+            trainer.log.close()
+        evaluation = trainer.evaluate() if eval_factory is not None else None
+        results.append({"losses": {h["step"]: h["loss"] for h in trainer.history},
+                        "history": trainer.history, "param_dtype": str(trainer.stage.dtype),
+                        "optimizer_bytes_per_param": trainer.optimizer.state_bytes()
+                        / sum(p.numel() for p in trainer.stage.parameters()),
+                        "eval": evaluation} if trainer.logs_here else None)
+    return results
+
+
+def _kill_rank_after(step: int, rank: int):
+    def callback(trainer):
+        if trainer.step == step and trainer.state.rank == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return callback
+
+
+def main(argv=None) -> None:
+    """The fault worker (module docstring)."""
+    import torch.distributed as dist
+
+    from m6_engine.parallel import initialize
+    from m6_engine.training import Trainer, make_datasets
+
+    parser = argparse.ArgumentParser(description="fault-test worker (run under torchrun)")
+    parser.add_argument("--data", required=True, help="folder of build_corpus")
+    parser.add_argument("--save", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--kill-after", type=int, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)   # as the test harness's ranks: the reference run is computed there
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    job = fault_job(Corpus(Path(args.data)), save_dir=args.save, save_interval=2, load="auto")
+    state = initialize(job.parallel.tp, job.parallel.pp, backend="gloo", timeout=job.parallel.timeout_s)
+    train_data, _ = make_datasets(job, state)
+    trainer = Trainer(job, state, train_data)
+    if attempt == 0:
+        trainer.step_callbacks.append(_kill_rank_after(args.kill_after, rank=1))
+    trainer.run()
+    if trainer.logs_here:
+        path = os.path.join(args.out, f"losses_attempt{attempt}.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({h["step"]: h["loss"] for h in trainer.history}, f)
+        os.replace(path + ".tmp", path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
