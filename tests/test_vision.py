@@ -67,14 +67,20 @@ def test_pixels_extractor_pools_and_flattens():
     x = torch.rand(16, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     f = ext(x)
     assert f.shape == (16, 2048) and f.dtype == torch.float32
-    # value (c, i, j) of patch n is the mean of its 4 x 4 block (rows 4i.., columns 4j..) minus 0.5
-    blocks = torch.nn.functional.avg_pool2d(x.double(), 4).flatten(1) - 0.5  # (16, 3 * 14 * 14)
+    # value (c, i, j) of patch n is the mean of its 4 x 4 block (rows 4i.., columns 4j..) minus the
+    # image's background: the median, per channel, of all 16 x 14 x 14 block means
+    pooled = torch.nn.functional.avg_pool2d(x.double(), 4)  # (16, 3, 14, 14)
+    background = pooled.permute(1, 0, 2, 3).reshape(3, -1).quantile(0.5, dim=1, interpolation="midpoint")
+    blocks = (pooled - background.view(1, 3, 1, 1)).flatten(1)  # (16, 3 * 14 * 14)
     torch.testing.assert_close(f[:, :588].double(), blocks, rtol=0, atol=1e-6)
     assert (f[:, 588:] == 0).all()
     patches = vision.image_to_patches(_grid_image())
     g = vision.build_extractor(ExtractorConfig("pixels", pixels_grid=1))(patches)
-    expected = torch.tensor([[r * 60 / 255, c * 60 / 255, 200 / 255] for r in range(4) for c in range(4)]) - 0.5
+    expected = torch.tensor([[r * 60 / 255, c * 60 / 255, 200 / 255] for r in range(4) for c in range(4)])
+    expected -= expected.quantile(0.5, dim=0, interpolation="midpoint")  # the per-channel median
     torch.testing.assert_close(g[:, :3], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="whole images"):
+        ext(x[:15])
     for bad in (3, 28):  # 3 does not divide 56; 3 * 28^2 > 2048
         with pytest.raises(ValueError, match="pixels_grid"):
             vision.build_extractor(ExtractorConfig("pixels", pixels_grid=bad))
