@@ -11,7 +11,7 @@ export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install test bench gpu-check clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(STAMPS)/ext m6_engine/_data/vocab.txt
 
@@ -35,6 +35,12 @@ $(STAMPS)/ext: $(STAMPS)/deps setup.py build_support.py $(CSRC)
 # and md5-checked (m6_engine/data/vocab_fetch.py says why and how).
 m6_engine/_data/vocab.txt: | $(STAMPS)/deps
 	$(PY) -m m6_engine.data.vocab_fetch --dest $@
+
+# The main job on an embedded default: data, 4-rank pretraining (tp=2, pp=2) on CPU, held-out
+# captions. DEMO_STEPS, DEMO_IMAGES, DEMO_MAX_SHAPES, DEMO_EVAL_LIMIT shorten or lengthen it.
+DEMO_OUT ?= runs/demo
+demo: install
+	$(PY) examples/demo.py --out $(DEMO_OUT)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -152,4 +152,5 @@ class VocabParallelEmbedding(nn.Module):
         logits = F.linear(copy_to_tp(hidden, self.group), self.weight)   # (..., V/t)
         if not self.shard_has_padding:
             return logits
-        return logits.masked_fill(self.padding_mask, float("-inf"))
+        # In place: the matmul's backward keeps its inputs, not its output, so no copy is needed.
+        return logits.masked_fill_(self.padding_mask, float("-inf"))

@@ -17,14 +17,13 @@ Usage: ``python -m tests.bench.bench_pipeline --out DIR`` (writes ``DIR/bench_pi
 or ``run(out_dir)`` from another script.
 """
 
-import argparse
 import os
 import statistics
 import time
 
 import torch
 
-from tests.bench.common import print_table, write_json
+from tests.bench.common import out_dir_main, print_table, write_json
 from tests.distributed import init_state, run_ranks
 from tests.toy_lm import ToyLMConfig, ToyLMStage, forward_step, microbatches, ops_for_tests
 
@@ -109,9 +108,7 @@ def run(out_dir: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench-results", help="folder for the JSON result")
-    run(parser.parse_args(argv).out)
+    out_dir_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ Usage: ``python -m tests.bench.bench_tokenizer --out DIR`` (writes ``DIR/bench_t
 or ``run(out_dir)`` from another script. Needs the default vocab (``make install``).
 """
 
-import argparse
 import contextlib
 import os
 import random
 from typing import Callable, Dict, List
 
 from m6_engine.data.tokenizer import BertWordPieceTokenizer, default_vocab_path, read_vocab
-from tests.bench.common import print_table, time_fn, write_json
+from tests.bench.common import out_dir_main, print_table, time_fn, write_json
 
 CORPUS_BYTES = 512 * 1024
 TARGET_MB_S = 1.0
@@ -121,9 +120,7 @@ def run(out_dir: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench-results", help="folder for bench_tokenizer.json")
-    run(parser.parse_args(argv).out)
+    out_dir_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Benchmarks report figures; none of these helpers judges them.
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -97,3 +98,10 @@ def write_json(out_dir: str, name: str, data: dict) -> str:
         json.dump(data, f, indent=2, default=str)
     os.replace(tmp, path)   # a reader never sees half a result
     return path
+
+
+def out_dir_main(run, description: str, argv=None) -> dict:
+    """Command line of a benchmark whose ``run`` takes only the output folder: ``--out DIR``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON result")
+    return run(parser.parse_args(argv).out)
