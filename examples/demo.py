@@ -1,6 +1,6 @@
 """`make demo`: data -> 4-rank pretraining (tp=2, pp=2, CPU) -> captions and answers on held-out images.
 
-    python examples/demo.py --out runs/demo [--steps 400] [--images 2000] [--max-shapes 1]
+    python examples/demo.py --out runs/demo [--steps 900] [--images 2000] [--max-shapes 1]
 
 1. the synthetic shapes set + People's Daily text, cleaned and preprocessed by the real pipeline
    (``m6_engine.data.prepare_demo``), reused when already there with the same settings;
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="data, checkpoints and TensorBoard logs go here")
-    p.add_argument("--steps", type=int, default=int(os.environ.get("DEMO_STEPS", 400)))
+    p.add_argument("--steps", type=int, default=int(os.environ.get("DEMO_STEPS", 900)))
     p.add_argument("--images", type=int, default=int(os.environ.get("DEMO_IMAGES", 2000)))
     p.add_argument("--max-shapes", type=int, default=int(os.environ.get("DEMO_MAX_SHAPES", 1)))
     p.add_argument("--text-documents", type=int, default=int(os.environ.get("DEMO_TEXT_DOCS", 4000)))
