@@ -14,7 +14,7 @@ case "$CLUSTER" in
     *) echo "CLUSTER must be 96xV100 or 8xH200, got '$CLUSTER'" >&2; exit 2 ;;
 esac
 : "${DATA:?set DATA to the corpus prefix written by python -m m6_engine.data.preprocess}"
-: "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 # Restarts re-rendezvous on a fresh store (pytorch/pytorch#135712), see README.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun --nnodes="${NNODES:-$DEFAULT_NNODES}" --nproc_per_node=8 --node_rank="${NODE_RANK:-0}" \
