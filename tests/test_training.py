@@ -325,8 +325,10 @@ def test_cli_run_writes_tensorboard_checkpoint_and_trace(corpus, tmp_path):
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/loss_scale", "train/grad_norm", "train/skipped_steps",
                 "train/tokens_per_s", "train/tflops_per_device", "train/mfu", "train/peak_memory_gib",
-                "train/loss/text_denoising", "eval/loss"):
+                "eval/loss"):
         assert tag in tags, sorted(tags)
+    # Per-task losses: whichever tasks the 12 samples of the run drew (the mix is seeded).
+    assert any(tag.startswith("train/loss/") for tag in tags), sorted(tags)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
 
     assert (save / "latest").read_text().strip() == "step_000003"

@@ -22,7 +22,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, group, vocab_start):
         z = logits.float()
         m = z.max(dim=-1).values                                        # (...)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        tp_size = dist.get_world_size(group)   # size-1 groups skip the collectives (tp = 1)
+        if tp_size > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         shifted = z - m.unsqueeze(-1)                                   # (..., V/t), a new tensor
         local = target - vocab_start
         outside = (local < 0) | (local >= z.shape[-1])                  # target not in this shard
@@ -30,7 +32,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
         exp = shifted.exp_()
         sums = torch.stack([exp.sum(dim=-1), target_logit])             # (2, ...)
-        dist.all_reduce(sums, group=group)
+        if tp_size > 1:
+            dist.all_reduce(sums, group=group)
         loss = sums[0].log() - sums[1]
         ctx.save_for_backward(exp.div_(sums[0].unsqueeze(-1)), local, outside)   # softmax
         ctx.logits_dtype = logits.dtype

@@ -152,5 +152,9 @@ class VocabParallelEmbedding(nn.Module):
         logits = F.linear(copy_to_tp(hidden, self.group), self.weight)   # (..., V/t)
         if not self.shard_has_padding:
             return logits
-        # In place: the matmul's backward keeps its inputs, not its output, so no copy is needed.
-        return logits.masked_fill_(self.padding_mask, float("-inf"))
+        # In place and outside autograd: the matmul's backward keeps its inputs, not its output, and
+        # the gradient reaching a padding column is already 0 (softmax of -inf, never a target),
+        # so recording the fill would only add a masking pass to backward.
+        with torch.no_grad():
+            logits.masked_fill_(self.padding_mask, float("-inf"))
+        return logits
