@@ -60,7 +60,7 @@ class CountingIterator:
 
 @dataclass
 class StepReport:
-    """What one training or evaluation step measured on this rank (loss parts on the last stage)."""
+    """What one training step measured on this rank (loss parts on the last stage)."""
 
     seconds: float
     tokens: int
