@@ -1,6 +1,6 @@
 """`make demo`: data -> 4-rank pretraining (tp=2, pp=2, CPU) -> captions and answers on held-out images.
 
-    python examples/demo.py --out runs/demo [--steps 900] [--images 2000] [--max-shapes 1]
+    python examples/demo.py --out runs/demo [--steps 600] [--images 2000] [--max-shapes 1]
 
 1. the synthetic shapes set + People's Daily text, cleaned and preprocessed by the real pipeline
    (``m6_engine.data.prepare_demo``), reused when already there with the same settings;
@@ -26,9 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="data, checkpoints and TensorBoard logs go here")
-    p.add_argument("--steps", type=int, default=int(os.environ.get("DEMO_STEPS", 900)))
+    p.add_argument("--steps", type=int, default=int(os.environ.get("DEMO_STEPS", 600)))
     p.add_argument("--images", type=int, default=int(os.environ.get("DEMO_IMAGES", 2000)))
     p.add_argument("--max-shapes", type=int, default=int(os.environ.get("DEMO_MAX_SHAPES", 1)))
+    p.add_argument("--extractor", default=os.environ.get("DEMO_EXTRACTOR", "pixels_edges"),
+                   help="patch features: pixels_edges | pixels")
     p.add_argument("--text-documents", type=int, default=int(os.environ.get("DEMO_TEXT_DOCS", 4000)))
     p.add_argument("--eval-limit", type=int, default=int(os.environ.get("DEMO_EVAL_LIMIT", 100)),
                    help="held-out captions (and questions) to decode")
@@ -39,7 +41,7 @@ def parse_args(argv=None):
 
 def prepare_data(args, data: Path) -> dict:
     wanted = {"num_images": args.images, "max_shapes": args.max_shapes,
-              "max_text_documents": args.text_documents}
+              "max_text_documents": args.text_documents, "extractor": args.extractor}
     manifest_path = data / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -49,7 +51,7 @@ def prepare_data(args, data: Path) -> dict:
     print(f"[demo] data: synthetic shapes ({args.images} images) + People's Daily -> {data}", flush=True)
     subprocess.run([sys.executable, "-m", "m6_engine.data.prepare_demo", "--out", str(data),
                     "--num-images", str(args.images), "--max-shapes", str(args.max_shapes),
-                    "--max-text-documents", str(args.text_documents)], check=True)
+                    "--max-text-documents", str(args.text_documents), "--extractor", args.extractor], check=True)
     return json.loads(manifest_path.read_text(encoding="utf-8"))
 
 

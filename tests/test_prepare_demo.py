@@ -41,7 +41,7 @@ def test_prepare_small_demo(tmp_path):
     assert counts["train"] == {"documents": 36 + 8 * 4, "paired_documents": 32, "images": 8,
                                "tokens": counts["train"]["tokens"]}
     assert counts["heldout"]["documents"] == 4 + 2 * 4 and counts["heldout"]["images"] == 2
-    assert manifest["extractor"]["name"] == "pixels" and manifest["people_daily_paragraphs"] == 40
+    assert manifest["extractor"]["name"] == "pixels_edges" and manifest["people_daily_paragraphs"] == 40
     images = {}
     for split in prepare_demo.SPLITS:
         lines = (out / "clean" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
@@ -54,6 +54,11 @@ def test_prepare_small_demo(tmp_path):
         ds = PretrainDataset(DatasetConfig(manifest["corpora"][split], micro_batch_size=4), layout, tok)
         assert next(ds)["tokens"].shape == (4, 16 + 64)
         assert indexed.open_patches(f"{manifest['corpora'][split]}_image", 16, 2048)[0].dtype == np.float16
+
+
+def test_demo_extractor_must_need_no_weights():
+    with pytest.raises(ValueError, match="'pixels' or 'pixels_edges'.*'resnet50'"):
+        prepare_demo.DemoDataConfig(extractor="resnet50")
 
 
 def test_cli_fails_clearly_without_the_text(tmp_path, capsys):

@@ -86,8 +86,64 @@ def test_pixels_extractor_pools_and_flattens():
             vision.build_extractor(ExtractorConfig("pixels", pixels_grid=bad))
 
 
+def _edge_histograms_loop(patches: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Plain reference of vision.edge_histograms: one pixel at a time."""
+    n, bins, cell = patches.shape[0], vision.EDGE_BINS, vision.EDGE_CELL
+    out = np.zeros((n, bins, 56 // cell, 56 // cell))
+    for k in range(n):
+        fg = np.sqrt(((patches[k] - background[k][:, None, None]) ** 2).sum(axis=0))
+        for i in range(56):
+            for j in range(56):
+                gx = fg[i, j + 1] - fg[i, j - 1] if 0 < j < 55 else 0.0
+                gy = fg[i + 1, j] - fg[i - 1, j] if 0 < i < 55 else 0.0
+                angle = np.arctan2(gy, gx) % np.pi
+                b = int(np.floor(angle / np.pi * bins + 0.5)) % bins
+                out[k, b, i // cell, j // cell] += np.hypot(gx, gy)
+    return out.reshape(n, -1) * vision.EDGE_SCALE / cell ** 2
+
+
+def test_edge_histograms_equal_a_plain_loop():
+    rng = np.random.default_rng(0)
+    patches = rng.random((2, 3, 56, 56))
+    background = rng.random((2, 3))
+    np.testing.assert_allclose(vision.edge_histograms(patches, background),
+                               _edge_histograms_loop(patches, background), rtol=1e-5, atol=1e-6)
+
+
+def _one_shape(kind: str) -> Image.Image:
+    """A 224 x 224 image with one red square or diamond centred in patch (1, 1)."""
+    from PIL import ImageDraw
+    img = Image.new("RGB", (224, 224), (240, 240, 240))
+    cx, cy, r = 84, 84, 20
+    pen = ImageDraw.Draw(img)
+    if kind == "square":
+        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=(220, 40, 40))
+    else:
+        pen.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=(220, 40, 40))
+    return img
+
+
+def test_pixels_edges_extractor():
+    x = torch.rand(32, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    f = vision.build_extractor(ExtractorConfig("pixels_edges"))(x)
+    assert f.shape == (32, 2048) and f.dtype == torch.float32
+    torch.testing.assert_close(f[:, :588], vision.build_extractor(ExtractorConfig("pixels"))(x)[:, :588])
+    assert (f[:, 588 + vision.EDGE_FEATURES:] == 0).all() and (f[:, 588:588 + vision.EDGE_FEATURES] > 0).any()
+    # What the features are for: a square's outline votes into the horizontal / vertical gradient
+    # bins (0: 0 degrees, 4: 90), a diamond's into the diagonal ones (2: 45, 6: 135).
+    ext = vision.build_extractor(ExtractorConfig("pixels_edges"))
+    votes = {}
+    for kind in ("square", "diamond"):
+        edges = ext(vision.image_to_patches(_one_shape(kind)))[:, 588:588 + vision.EDGE_FEATURES]
+        votes[kind] = edges.reshape(16, vision.EDGE_BINS, -1).sum(dim=(0, 2))
+    assert votes["square"][[0, 4]].sum() > 0.8 * votes["square"].sum()
+    assert votes["diamond"][[2, 6]].sum() > 0.8 * votes["diamond"].sum()
+    with pytest.raises(ValueError, match="edge values"):
+        vision.build_extractor(ExtractorConfig("pixels_edges", pixels_grid=28))  # 2352 + 392 > 2048
+
+
 def test_extractor_registry_errors():
-    assert set(vision.EXTRACTORS) == {"resnet50", "pixels"}
+    assert set(vision.EXTRACTORS) == {"resnet50", "pixels", "pixels_edges"}
     with pytest.raises(ValueError, match="unknown patch extractor 'vgg'"):
         vision.build_extractor(ExtractorConfig("vgg"))
     with pytest.raises(ValueError, match="resnet50 only"):

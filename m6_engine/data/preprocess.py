@@ -3,7 +3,7 @@
 Usage::
 
     python -m m6_engine.data.preprocess --input cleaned.jsonl [more.jsonl ...] --output-prefix data/corpus \\
-        [--vocab vocab.txt] [--workers 2] [--extractor resnet50 (--weights W | --random-weights) | --extractor pixels]
+        [--vocab vocab.txt] [--workers 2] [--extractor resnet50 (--weights W | --random-weights) | --extractor pixels | pixels_edges]
     python -m m6_engine.data.preprocess --merge data/shard0 data/shard1 --output-prefix data/corpus
 
 Writes two indexed datasets (:mod:`m6_engine.data.indexed`):
@@ -236,7 +236,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--cased", action="store_true", help="do not lower-case (the default vocab is uncased)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--chunk-lines", type=int, default=1000)
-    p.add_argument("--extractor", default=ExtractorConfig.name, help="patch extractor: resnet50 | pixels")
+    p.add_argument("--extractor", default=ExtractorConfig.name, help="patch extractor: resnet50 | pixels | pixels_edges")
     p.add_argument("--weights", default=None, help="resnet50 weights file (torchvision state dict)")
     p.add_argument("--random-weights", action="store_true", help="resnet50 with random weights (testing only)")
     p.add_argument("--image-batch-size", type=int, default=8)
