@@ -9,19 +9,21 @@
 #include <string>
 
 TORCH_LIBRARY(m6, m) {
-  // scores (B, H, Sq, Sk) fp32|fp16|bf16; prefix_len, valid_len (B,) int32|int64 on scores' device.
+  // scores (B, H, Sq, Sk) fp32|fp16|bf16, or fp64 on the CPU (csrc/common/dtypes.h);
+  // prefix_len, valid_len (B,) int32|int64 on scores' device.
   // Query row i sits at absolute position q_offset + i and may attend key j iff
   //   j < valid_len[b] and (j < prefix_len[b] or j <= q_offset + i).
   // out = softmax(scale * scores) over the allowed keys, zeros elsewhere; rows with
-  // q_offset + i >= valid_len[b] are all zeros. Math in fp32, out in scores' dtype.
+  // q_offset + i >= valid_len[b] are all zeros. Math in fp32 (fp64 for fp64), out in scores' dtype.
   m.def("masked_softmax(Tensor scores, Tensor prefix_len, Tensor valid_len, float scale, "
         "SymInt q_offset) -> Tensor");
   // grad_scores = scale * out * (grad_out - sum(grad_out * out, -1)), from the saved output.
   // The lengths only let the kernel skip keys a row never sees (out is zero there).
   m.def("masked_softmax_backward(Tensor grad_out, Tensor out, Tensor prefix_len, "
         "Tensor valid_len, float scale, SymInt q_offset) -> Tensor");
-  // x (..., N); weight, bias (N,) of x's dtype. Returns y (x's shape and dtype) and the fp32
-  // per-row mean and rstd = 1/sqrt(var + eps), each of shape (rows,) = x.numel() / N.
+  // x (..., N) fp32|fp16|bf16, or fp64 on the CPU; weight, bias (N,) of x's dtype. Returns y (x's
+  // shape and dtype) and the per-row mean and rstd = 1/sqrt(var + eps), each of shape
+  // (rows,) = x.numel() / N, in fp32 (fp64 for fp64 x).
   m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   // Returns grad_x (x's shape and dtype), grad_weight and grad_bias (N,) in weight's dtype.
   m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "

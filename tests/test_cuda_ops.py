@@ -31,6 +31,8 @@ pytestmark = pytest.mark.cuda
 CUDA = "cuda"
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 ALL_DTYPES = [torch.float32, *HALF_DTYPES]
+# The error of a float64 input on CUDA (csrc/common/dtypes.h), as a pattern.
+NO_FP64 = r"float32, float16 or bfloat16 \(float64 is CPU-only\), got Double"
 # Sk on both sides of each path switch (see the module docstring), and the longest vectorised rows
 # of the two-pass forward. 257 and 8193 force scalar access.
 PATH_EDGES = {torch.float32: [256, 257, 1024, 1028, 8192, 8193, 32772],
@@ -217,8 +219,11 @@ def test_softmax_good_edge_lengths_do_not_assert():
 def test_softmax_bad_inputs_raise_on_cuda():
     x = _scores(2, 1, 3, 4, device=CUDA)
     p, v = _lengths([(1, 4), (0, 3)], device=CUDA)
-    with pytest.raises(RuntimeError, match="scores must be float32, float16 or bfloat16"):
+    # float64 is the CPU kernels' exact path; the CUDA kernels compute in fp32 and refuse it.
+    with pytest.raises(RuntimeError, match="scores must be " + NO_FP64):
         ops.masked_softmax(x.double(), p, v)
+    with pytest.raises(RuntimeError, match="out must be " + NO_FP64):
+        torch.ops.m6.masked_softmax_backward(x.double(), x.double(), p, v, 1.0, 0)
     with pytest.raises(RuntimeError, match=r"scores must be 4-D \(B, H, Sq, Sk\), got 3-D"):
         ops.masked_softmax(x[0], p, v)
     with pytest.raises(RuntimeError, match="valid_len must be on scores's device"):
@@ -315,8 +320,8 @@ def test_layer_norm_no_rows():
 
 def test_layer_norm_bad_inputs_raise_on_cuda():
     x, w, b = _ln_inputs((4, 8), torch.float32, CUDA)
-    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
-        torch.ops.m6.layer_norm(x.double(), w, b, EPS)
+    with pytest.raises(RuntimeError, match="x must be " + NO_FP64):
+        torch.ops.m6.layer_norm(x.double(), w.double(), b.double(), EPS)
     with pytest.raises(RuntimeError, match=r"weight must have shape \(8,\)"):
         torch.ops.m6.layer_norm(x, w[:4], b, EPS)
     with pytest.raises(RuntimeError, match="bias must have x's dtype"):
@@ -331,6 +336,8 @@ def test_layer_norm_bad_inputs_raise_on_cuda():
         torch.ops.m6.layer_norm_backward(x[:2], x, w, mean, rstd)
     with pytest.raises(RuntimeError, match="rstd must be float32"):
         torch.ops.m6.layer_norm_backward(x, x, w, mean, rstd.double())
+    with pytest.raises(RuntimeError, match="x must be " + NO_FP64):
+        torch.ops.m6.layer_norm_backward(x.double(), x.double(), w.double(), mean.double(), rstd.double())
     with pytest.raises(RuntimeError, match=r"mean must have shape \(4,\)"):
         torch.ops.m6.layer_norm_backward(x, x, w, mean[:2], rstd)
 

@@ -3,6 +3,8 @@
 The three-way rule (STYLE.md): with the float64 reference as the exact answer, the kernel's error
 may not exceed twice the error of the same-precision PyTorch composite (masked_fill + softmax in
 the scores' dtype), plus a small floor. Masked and padded positions must be exact zeros.
+float64 (CPU only) is the kernels' exact path: it must match the reference to 1e-12 and pass
+torch.autograd.gradcheck.
 """
 
 import contextlib
@@ -15,8 +17,9 @@ from m6_engine.ops.reference import masked_softmax_reference, prefix_lm_mask
 from tests.conftest import DEVICES, nan_filled_empty
 
 SCALE = 0.37
-# Absolute error floor per dtype: about one unit in the last place at probability 1.
-FLOOR = {torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# Absolute error floor per dtype: about one unit in the last place at probability 1; float64 is
+# held to 1e-12 (the reference is float64 too, so its composite error is ~1e-16).
+FLOOR = {torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
 
 
 def _mixed_lengths(sk):
@@ -124,10 +127,10 @@ def test_long_rows(sk):
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided"])
-@pytest.mark.parametrize("sk", [17, 528])
-def test_non_contiguous(layout, sk):
+@pytest.mark.parametrize("sk,dtype", [(17, torch.float32), (528, torch.float32), (17, torch.float64)])
+def test_non_contiguous(layout, sk, dtype):
     prefix, valid = _lengths(_mixed_lengths(sk))
-    base = _scores(5, 2, sk, 2 * sk)
+    base = _scores(5, 2, sk, 2 * sk, dtype)
     scores = base[..., :sk].transpose(2, 3) if layout == "transposed" else base[..., ::2]
     assert not scores.is_contiguous() and scores.shape == (5, 2, sk, sk)
     _check_forward(scores, prefix, valid, 0)
@@ -170,14 +173,52 @@ def test_matches_cpu(device):
                                atol=FLOOR[scores.dtype], rtol=0)
 
 
-@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")  # fp32 on purpose
-def test_gradcheck():
-    # The kernels take fp32/fp16/bf16 only (no float64), so gradcheck runs in fp32 with a step
-    # and tolerances fit for it; the exact float64 comparison of the backward is above.
-    prefix, valid = _lengths([(0, 6), (2, 5), (6, 6), (0, 0)])
-    scores = _scores(4, 2, 3, 6).requires_grad_()
-    fn = lambda x: ops.masked_softmax(x, prefix, valid, 0.5, 2)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (scores,), eps=1e-3, atol=2e-3, rtol=2e-2)
+# float64 cases: (name, [(prefix_len, valid_len) per sample], Sq, Sk, q_offset, scale).
+FP64_CASES = [
+    ("causal", [(0, 7), (0, 7)], 7, 7, 0, 1.0),
+    ("full prefix", [(7, 7), (7, 7)], 5, 7, 0, SCALE),
+    ("prefix-lm, q_offset", [(3, 7), (1, 7)], 5, 7, 2, SCALE),
+    ("padding", [(2, 5), (0, 4)], 5, 7, 0, 1.7),
+    ("decode row", [(0, 7), (4, 6)], 1, 7, 6, SCALE),
+    ("Sq > Sk, negative scale", [(2, 4), (0, 3)], 6, 4, 0, -0.5),
+    ("mixed, all-pad sample", _mixed_lengths(7), 5, 7, 1, SCALE),
+]
+FP64_IDS = [c[0] for c in FP64_CASES]
+
+
+@pytest.mark.parametrize("name,pairs,sq,sk,q_offset,scale", FP64_CASES, ids=FP64_IDS)
+def test_fp64_matches_reference(name, pairs, sq, sk, q_offset, scale):
+    prefix, valid = _lengths(pairs)
+    scores = _scores(len(pairs), 2, sq, sk, torch.float64)
+    _check_forward(scores, prefix, valid, q_offset, scale)
+    _check_backward(scores, prefix, valid, q_offset, scale)
+
+
+def test_fp64_long_rows_match_reference():
+    # Rows longer than any vector or task size, decoding at the end of a long cache.
+    prefix, valid = _lengths([(0, 4097), (2000, 3000)])
+    scores = _scores(2, 1, 8, 4097, torch.float64)
+    _check_forward(scores, prefix, valid, 4089, poison=True)
+    _check_backward(scores, prefix, valid, 4089, poison=True)
+
+
+@pytest.mark.parametrize("name,pairs,sq,sk,q_offset,scale", FP64_CASES, ids=FP64_IDS)
+def test_gradcheck_fp64(name, pairs, sq, sk, q_offset, scale):
+    # gradcheck at its default (float64) step and tolerances: masked keys and padded rows have
+    # zero numerical and analytical gradients alike.
+    prefix, valid = _lengths(pairs)
+    scores = _scores(len(pairs), 2, sq, sk, torch.float64).requires_grad_()
+    fn = lambda x: ops.masked_softmax(x, prefix, valid, scale, q_offset)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (scores,))
+
+
+def test_double_backward_raises():
+    prefix, valid = _lengths([(2, 5), (0, 4)])
+    scores = _scores(2, 2, 5, 7, torch.float64).requires_grad_()
+    out = ops.masked_softmax(scores, prefix, valid, SCALE, 0)
+    (grad,) = torch.autograd.grad(out, scores, torch.randn_like(out), create_graph=True)
+    with pytest.raises(RuntimeError, match="masked_softmax: double backward is not supported"):
+        grad.sum().backward()
 
 
 def test_meta_and_fake_tensors():
@@ -187,6 +228,18 @@ def test_meta_and_fake_tensors():
     assert out.shape == scores.shape and out.dtype == torch.bfloat16 and out.device.type == "meta"
     grad = torch.ops.m6.masked_softmax_backward(out, out, prefix, valid, 0.5, 1)
     assert grad.shape == scores.shape and grad.device.type == "meta"
+    assert ops.masked_softmax(scores.double(), prefix, valid, 0.5, 1).dtype == torch.float64
+
+
+def test_fake_cuda_rejects_fp64():
+    # The CUDA kernels compute in fp32 and reject float64; the fake kernel must agree (fake CUDA
+    # tensors need no GPU), naming the dtype.
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        scores = torch.empty(2, 1, 3, 4, dtype=torch.float64, device="cuda")
+        lengths = torch.zeros(2, dtype=torch.int64, device="cuda")
+        assert ops.masked_softmax(scores.float(), lengths, lengths).dtype == torch.float32
+        with pytest.raises(RuntimeError, match=r"float16 or bfloat16 \(float64 is CPU-only\), got torch.float64"):
+            ops.masked_softmax(scores, lengths, lengths)
 
 
 def test_torch_compile_fullgraph():
@@ -203,9 +256,10 @@ def test_torch_compile_fullgraph():
                                atol=0, rtol=0)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
     prefix, valid = _lengths([(1, 4), (0, 3), (0, 0)], torch.int32)
-    scores = _scores(3, 2, 5, 4).requires_grad_()
+    scores = _scores(3, 2, 5, 4, dtype).requires_grad_()
     torch.library.opcheck(torch.ops.m6.masked_softmax.default, (scores, prefix, valid, 0.5, 1))
     out = ops.masked_softmax(scores.detach(), prefix, valid, 0.5, 1)
     torch.library.opcheck(torch.ops.m6.masked_softmax_backward.default,
@@ -222,8 +276,8 @@ def _bad_inputs():
     x, p, v = _good()
     long = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
     return [
-        ("float64 scores", (x.double(), p, v, 0), "scores must be float32, float16 or bfloat16"),
-        ("int scores", (x.int(), p, v, 0), "scores must be float32, float16 or bfloat16"),
+        ("int scores", (x.int(), p, v, 0), "scores must be float32, float64, float16 or bfloat16, got Int"),
+        ("complex scores", (x.cfloat(), p, v, 0), "scores must be float32, float64, float16 or bfloat16"),
         ("3-D scores", (x[0], p, v, 0), r"scores must be 4-D \(B, H, Sq, Sk\), got 3-D"),
         ("prefix of wrong length", (x, long([1, 0, 0]), v, 0), r"prefix_len must have shape \(B,\)"),
         ("2-D valid", (x, p, v.view(2, 1), 0), r"valid_len must have shape \(B,\)"),
@@ -252,5 +306,7 @@ def test_bad_backward_input_raises():
         torch.ops.m6.masked_softmax_backward(out[..., :3], out, p, v, 1.0, 0)
     with pytest.raises(RuntimeError, match="grad_out must have out's dtype"):
         torch.ops.m6.masked_softmax_backward(out.half(), out, p, v, 1.0, 0)
+    with pytest.raises(RuntimeError, match="grad_out must have out's dtype Double, got Float"):
+        torch.ops.m6.masked_softmax_backward(out, out.double(), p, v, 1.0, 0)
     with pytest.raises(RuntimeError, match="valid_len must be <= Sk"):
         torch.ops.m6.masked_softmax_backward(out, out, p, v + 2, 1.0, 0)

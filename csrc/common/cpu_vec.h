@@ -63,7 +63,7 @@ inline void store_row_from_float(const float* src, T* dst, int64_t n) {
   }
 }
 
-// dst[0:n) = 0 for any of our storage types (+0.0 is all-zero bits in fp32, fp16 and bf16).
+// dst[0:n) = 0 for any of our storage types (+0.0 is all-zero bits in fp32, fp64, fp16 and bf16).
 template <typename T>
 inline void zero_row(T* dst, int64_t n) {
   if (n > 0) std::memset(static_cast<void*>(dst), 0, sizeof(T) * n);
@@ -88,12 +88,14 @@ inline void for_each_vector(int64_t n, const F& f) {
   if (j < n) f(j, n - j);
 }
 
-// Calls fn(T{}) with T the storage type of `dtype`: float, c10::Half or c10::BFloat16 (the
-// dtypes the m6 ops accept; callers have already rejected the others with a clear message).
+// Calls fn(T{}) with T the storage type of `dtype`: float, c10::Half, c10::BFloat16 or double
+// (the dtypes the m6 ops accept on the CPU, csrc/common/dtypes.h; callers have already rejected
+// the others with a clear message).
 template <typename Fn>
 inline void dispatch_storage_type(at::ScalarType dtype, const char* op, Fn&& fn) {
   switch (dtype) {
     case at::kFloat: fn(float{}); break;
+    case at::kDouble: fn(double{}); break;
     case at::kHalf: fn(c10::Half{}); break;
     case at::kBFloat16: fn(c10::BFloat16{}); break;
     default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype);

@@ -13,7 +13,8 @@
 #include <initializer_list>
 
 // The three storage types of the kernels (math is always fp32). ATen's FLOATING_TYPES macros
-// would also instantiate double, which the checks reject: dead code that costs compile time.
+// would also instantiate double, which the checks reject on CUDA (csrc/common/dtypes.h: float64
+// is the CPU kernels' exact path): dead code that costs compile time.
 #define M6_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                          \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                               \
                      AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)      \

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "../common/dtypes.h"
+
 namespace m6 {
 
 // The largest hidden size the kernels support.
@@ -15,8 +17,8 @@ inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& bias) {
   TORCH_CHECK(x.dim() >= 1, "layer_norm: x must have at least one dim");
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "layer_norm: x must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(kernel_dtype_ok(dtype, x.device()), "layer_norm: x must be ", kernel_dtypes_text(x.device()),
+              ", got ", dtype);
   const int64_t n = x.size(-1);
   TORCH_CHECK(n >= 1 && n <= kLayerNormMaxHidden, "layer_norm: hidden size (x's last dim) must be in [1, ",
               kLayerNormMaxHidden, "], got ", n);
@@ -31,7 +33,12 @@ inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
-// Backward only: grad_y matches x; mean and rstd are the forward's fp32 (rows,) statistics.
+// dtype of the per-row mean and rstd: float64 for float64 x (the exact path), else float32.
+inline at::ScalarType layer_norm_stats_dtype(at::ScalarType x_dtype) {
+  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Backward only: grad_y matches x; mean and rstd are the forward's (rows,) statistics.
 inline void check_layer_norm_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
                                            const at::Tensor& mean, const at::Tensor& rstd) {
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "layer_norm_backward: grad_y must have x's shape ", x.sizes(),
@@ -41,9 +48,11 @@ inline void check_layer_norm_backward_args(const at::Tensor& grad_y, const at::T
   TORCH_CHECK(grad_y.device() == x.device(), "layer_norm_backward: grad_y must be on x's device ", x.device(),
               ", got ", grad_y.device());
   const int64_t rows = x.numel() / x.size(-1);
+  const at::ScalarType stats = layer_norm_stats_dtype(x.scalar_type());
   for (const auto* t : {&mean, &rstd}) {
     const char* name = (t == &mean) ? "mean" : "rstd";
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "layer_norm_backward: ", name, " must be float32, got ",
+    TORCH_CHECK(t->scalar_type() == stats, "layer_norm_backward: ", name, " must be ",
+                stats == at::kDouble ? "float64" : "float32", " for x of dtype ", x.scalar_type(), ", got ",
                 t->scalar_type());
     TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, "layer_norm_backward: ", name, " must have shape (",
                 rows, ",), got ", t->sizes());

@@ -1,7 +1,7 @@
 // CPU kernels of m6::layer_norm and m6::layer_norm_backward (schema: csrc/registration.cpp).
 //
 // Shapes: x, y, grad_y, grad_x (rows, N) viewed from (..., N), contiguous inside the kernel;
-// weight, bias, grad_weight, grad_bias (N,); mean, rstd (rows,) fp32. N up to 65536.
+// weight, bias, grad_weight, grad_bias (N,); mean, rstd (rows,) fp32 (fp64 for fp64 x). N up to 65536.
 // Forward, per row:  mean = sum(x) / N;  var = sum((x - mean)^2) / N;  rstd = 1 / sqrt(var + eps);
 //                    y = (x - mean) * rstd * weight + bias.
 // Backward, per row: xhat = (x - mean) * rstd;  g = dy * weight;
@@ -17,6 +17,8 @@
 // The (N,) weight/bias gradients: rows are cut into a fixed number of chunks that depends only on
 // the shape (not on the thread count), each chunk sums its rows into its own fp32 partial row, and
 // the partials are then added in chunk order: parallel, and bitwise reproducible run to run.
+// fp64 x takes plain double loops (two-pass statistics, fp64 weight, statistics and partials) with
+// the same row and chunk plan: the exact path for gradcheck and reference checks, not a speed path.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -44,6 +47,10 @@ constexpr double kMaxShiftRatio = 2.0;      // largest s2 / n / var accepted fro
 constexpr int64_t kElementsPerTask = 32768;  // forward work per parallel task
 constexpr int64_t kMaxChunks = 64;          // row chunks of the weight/bias gradient reduction
 constexpr int64_t kMaxPartialFloats = int64_t{1} << 21;  // cap of chunks * N (8 MiB per partial)
+
+// Type of the weight, bias, statistics and partial sums for storage type T: fp32, fp64 for fp64.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, v);
@@ -115,6 +122,39 @@ void forward_row(const float* x, float* y, const float* w, const float* b, int64
   *rstd_out = rstd;
 }
 
+// The fp64 rows: y[0:n) = layer norm of x[0:n), statistics by two passes in double.
+void forward_row_fp64(const double* x, double* y, const double* w, const double* b, int64_t n, double eps,
+                      double* mean_out, double* rstd_out) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) sum += x[j];
+  const double mean = sum / n;
+  double sq = 0.0;
+  for (int64_t j = 0; j < n; ++j) sq += (x[j] - mean) * (x[j] - mean);
+  const double rstd = 1.0 / std::sqrt(sq / n + eps);
+  for (int64_t j = 0; j < n; ++j) y[j] = (x[j] - mean) * rstd * w[j] + b[j];
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// The fp64 rows: dx[0:n) of one row, and dw_acc += dy * xhat, db_acc += dy (set instead of added
+// for the first row of a chunk).
+void backward_row_fp64(const double* dy, const double* x, const double* w, double mean, double rstd,
+                       double* dx, double* dw_acc, double* db_acc, int64_t n, bool first) {
+  double sum_g = 0.0, sum_gx = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double g = dy[j] * w[j];
+    sum_g += g;
+    sum_gx += g * (x[j] - mean) * rstd;
+  }
+  const double mean_g = sum_g / n, mean_gx = sum_gx / n;
+  for (int64_t j = 0; j < n; ++j) {
+    const double xhat = (x[j] - mean) * rstd;
+    dx[j] = rstd * (dy[j] * w[j] - mean_g - xhat * mean_gx);
+    dw_acc[j] = (first ? 0.0 : dw_acc[j]) + dy[j] * xhat;
+    db_acc[j] = (first ? 0.0 : db_acc[j]) + dy[j];
+  }
+}
+
 // One row of the backward: its gradient rows and statistics (dx may alias dy).
 struct BackwardRow {
   const float* dy;
@@ -169,13 +209,16 @@ void backward_rows_of_chunk(const BackwardRow* rows, int count, bool first, cons
 }
 
 template <typename T>
-void forward_rows(const T* x, T* y, const float* w, const float* b, float* mean, float* rstd,
-                  int64_t rows, int64_t n, float eps) {
+void forward_rows(const T* x, T* y, const acc_t<T>* w, const acc_t<T>* b, acc_t<T>* mean, acc_t<T>* rstd,
+                  int64_t rows, int64_t n, acc_t<T> eps) {
+  constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / n);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(std::is_same_v<T, float> ? 0 : n);  // fp32 copy of a 16-bit row
+    std::vector<float> buf(kWide ? 0 : n);  // fp32 copy of a 16-bit row
     for (int64_t r = begin; r < end; ++r) {
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<T, double>) {
+        forward_row_fp64(x + r * n, y + r * n, w, b, n, eps, mean + r, rstd + r);
+      } else if constexpr (std::is_same_v<T, float>) {
         forward_row(x + r * n, y + r * n, w, b, n, eps, mean + r, rstd + r);
       } else {
         cpu::load_row_as_float(x + r * n, buf.data(), n);
@@ -202,8 +245,8 @@ ChunkPlan plan_chunks(int64_t rows, int64_t n) {
 // grad_x rows, and per-chunk partial sums dw_part, db_part (chunks, n) in fp32. Rows go two by
 // two through backward_block, in order, so the partial sums do not depend on the pairing.
 template <typename T>
-void backward_rows(const T* dy, const T* x, const float* w, const float* mean, const float* rstd,
-                   T* dx, float* dw_part, float* db_part, int64_t rows, int64_t n, ChunkPlan plan) {
+void backward_rows(const T* dy, const T* x, const acc_t<T>* w, const acc_t<T>* mean, const acc_t<T>* rstd,
+                   T* dx, acc_t<T>* dw_part, acc_t<T>* db_part, int64_t rows, int64_t n, ChunkPlan plan) {
   constexpr bool kFloat = std::is_same_v<T, float>;
   at::parallel_for(0, plan.chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> buf(kFloat ? 0 : 4 * n);  // fp32 (dy, x) of two 16-bit rows
@@ -233,7 +276,34 @@ void backward_rows(const T* dy, const T* x, const float* w, const float* mean, c
   });
 }
 
+// The fp64 rows: the same chunks, with fp64 partial sums; rows one by one through backward_row_fp64.
+template <>
+void backward_rows<double>(const double* dy, const double* x, const double* w, const double* mean,
+                           const double* rstd, double* dx, double* dw_part, double* db_part, int64_t rows,
+                           int64_t n, ChunkPlan plan) {
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      const int64_t row_begin = c * plan.rows_per_chunk;
+      const int64_t row_end = std::min(rows, row_begin + plan.rows_per_chunk);
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        backward_row_fp64(dy + r * n, x + r * n, w, mean[r], rstd[r], dx + r * n, dw_part + c * n,
+                          db_part + c * n, n, r == row_begin);
+      }
+    }
+  });
+}
+
 // out[j] = sum_c part[c, j] in chunk order, for j < n (parallel over columns).
+void sum_partials(const double* part, double* out, int64_t chunks, int64_t n) {
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) acc += part[k * n + j];
+      out[j] = acc;
+    }
+  });
+}
+
 void sum_partials(const float* part, float* out, int64_t chunks, int64_t n) {
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j += kVecWidth) {
@@ -251,16 +321,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
   const at::Tensor x = x_in.contiguous();                  // (..., N)
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
-  const at::Tensor w = weight.to(at::kFloat).contiguous();  // (N,) fp32
-  const at::Tensor b = bias.to(at::kFloat).contiguous();    // (N,) fp32
+  const auto acc = x.options().dtype(layer_norm_stats_dtype(x.scalar_type()));  // fp32, fp64 for fp64
+  const at::Tensor w = weight.to(acc.dtype()).contiguous();  // (N,)
+  const at::Tensor b = bias.to(acc.dtype()).contiguous();    // (N,)
   at::Tensor y = cpu::empty_output(x.sizes(), x.options());       // (..., N)
-  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor mean = at::empty({rows}, acc);
+  at::Tensor rstd = at::empty({rows}, acc);
   cpu::dispatch_storage_type(x.scalar_type(), "layer_norm", [&](auto tag) {
     using scalar_t = decltype(tag);
+    using acc_type = acc_t<scalar_t>;
     forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                           w.const_data_ptr<float>(), b.const_data_ptr<float>(), mean.mutable_data_ptr<float>(),
-                           rstd.mutable_data_ptr<float>(), rows, n, static_cast<float>(eps));
+                           w.const_data_ptr<acc_type>(), b.const_data_ptr<acc_type>(),
+                           mean.mutable_data_ptr<acc_type>(), rstd.mutable_data_ptr<acc_type>(), rows, n,
+                           static_cast<acc_type>(eps));
   });
   return {y, mean, rstd};
 }
@@ -276,23 +349,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
   const at::Tensor rstd = rstd_in.contiguous();            // (rows,)
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
-  const at::Tensor w = weight.to(at::kFloat).contiguous();  // (N,) fp32
+  const auto acc = x.options().dtype(layer_norm_stats_dtype(x.scalar_type()));  // fp32, fp64 for fp64
+  const at::Tensor w = weight.to(acc.dtype()).contiguous();  // (N,)
   const ChunkPlan plan = plan_chunks(rows, n);
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor dw_part = at::empty({plan.chunks, n}, f32);   // (chunks, N)
-  at::Tensor db_part = at::empty({plan.chunks, n}, f32);   // (chunks, N)
+  at::Tensor dw_part = at::empty({plan.chunks, n}, acc);   // (chunks, N)
+  at::Tensor db_part = at::empty({plan.chunks, n}, acc);   // (chunks, N)
   at::Tensor dx = cpu::empty_output(x.sizes(), x.options());      // (..., N)
+  at::Tensor dw = at::empty({n}, acc);
+  at::Tensor db = at::empty({n}, acc);
   cpu::dispatch_storage_type(x.scalar_type(), "layer_norm_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
-    backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-                            mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
-                            dx.mutable_data_ptr<scalar_t>(), dw_part.mutable_data_ptr<float>(),
-                            db_part.mutable_data_ptr<float>(), rows, n, plan);
+    using acc_type = acc_t<scalar_t>;
+    backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                            w.const_data_ptr<acc_type>(), mean.const_data_ptr<acc_type>(),
+                            rstd.const_data_ptr<acc_type>(), dx.mutable_data_ptr<scalar_t>(),
+                            dw_part.mutable_data_ptr<acc_type>(), db_part.mutable_data_ptr<acc_type>(), rows, n,
+                            plan);
+    sum_partials(dw_part.const_data_ptr<acc_type>(), dw.mutable_data_ptr<acc_type>(), plan.chunks, n);
+    sum_partials(db_part.const_data_ptr<acc_type>(), db.mutable_data_ptr<acc_type>(), plan.chunks, n);
   });
-  at::Tensor dw = at::empty({n}, f32);
-  at::Tensor db = at::empty({n}, f32);
-  sum_partials(dw_part.const_data_ptr<float>(), dw.mutable_data_ptr<float>(), plan.chunks, n);
-  sum_partials(db_part.const_data_ptr<float>(), db.mutable_data_ptr<float>(), plan.chunks, n);
   return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
 }
 

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../common/dtypes.h"
+
 namespace m6 {
 
 // Number of keys query row `q_abs` (absolute position) may attend: keys [0, count) are visible,
@@ -27,9 +29,8 @@ inline void check_masked_softmax_args(const at::Tensor& scores, const at::Tensor
                                       const char* what) {
   TORCH_CHECK(scores.dim() == 4, "masked_softmax: ", what, " must be 4-D (B, H, Sq, Sk), got ",
               scores.dim(), "-D");
-  const auto dtype = scores.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "masked_softmax: ", what, " must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(kernel_dtype_ok(scores.scalar_type(), scores.device()), "masked_softmax: ", what, " must be ",
+              kernel_dtypes_text(scores.device()), ", got ", scores.scalar_type());
   TORCH_CHECK(q_offset >= 0, "masked_softmax: q_offset must be >= 0, got ", q_offset);
   const int64_t batch = scores.size(0);
   for (const auto* t : {&prefix_len, &valid_len}) {

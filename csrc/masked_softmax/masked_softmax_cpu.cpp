@@ -1,6 +1,6 @@
 // CPU kernels of m6::masked_softmax and m6::masked_softmax_backward (schema: csrc/registration.cpp).
 //
-// Shapes: scores, out, grad (B, H, Sq, Sk) fp32 | fp16 | bf16, contiguous inside the kernel;
+// Shapes: scores, out, grad (B, H, Sq, Sk) fp32 | fp16 | bf16 | fp64, contiguous inside the kernel;
 // prefix_len, valid_len (B,) int32 | int64, copied to int64 on the host.
 // Row r = ((b * H) + h) * Sq + i sees keys [0, n) with n = visible_keys(q_offset + i, prefix, valid)
 // (the allowed set is always a prefix of the row). Per row, forward:
@@ -10,11 +10,14 @@
 // Rows are spread over threads with at::parallel_for; each row is read from memory once (the max
 // pass brings it into cache, the exp pass re-reads it from there) and written once, and no S x S
 // temporary exists. fp16/bf16 rows are widened into a per-task fp32 buffer of Sk floats.
+// fp64 rows take a plain scalar loop in double (exp to 1 ulp): the exact path for gradcheck and
+// reference checks, not a speed path.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -124,6 +127,28 @@ void softmax_backward_row(const float* dy, const float* y, float* dx, int64_t n,
   });
 }
 
+// The fp64 rows: y[0:len) = softmax(scale * x[0:n)) followed by zeros, in double throughout.
+void softmax_row_fp64(const double* x, double* y, int64_t n, int64_t len, double scale) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, scale * x[j]);
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    y[j] = std::exp(scale * x[j] - m);
+    sum += y[j];
+  }
+  for (int64_t j = 0; j < n; ++j) y[j] /= sum;
+  cpu::zero_row(y + n, len - n);
+}
+
+// The fp64 rows: dx[0:len) = scale * y * (dy - sum(dy * y)) over [0, n), zeros past n.
+void softmax_backward_row_fp64(const double* dy, const double* y, double* dx, int64_t n, int64_t len,
+                               double scale) {
+  double dot = 0.0;
+  for (int64_t j = 0; j < n; ++j) dot += dy[j] * y[j];
+  for (int64_t j = 0; j < n; ++j) dx[j] = scale * y[j] * (dy[j] - dot);
+  cpu::zero_row(dx + n, len - n);
+}
+
 // Number of visible keys of row r (see the file comment).
 inline int64_t row_keys(int64_t r, const Dims& d, const int64_t* prefix, const int64_t* valid,
                         int64_t q_offset) {
@@ -136,14 +161,19 @@ inline int64_t rows_per_task(int64_t sk) { return std::max<int64_t>(1, kElements
 
 template <typename T>
 void forward_rows(const T* x, T* y, int64_t rows, const Dims& d, const int64_t* prefix,
-                  const int64_t* valid, float scale, int64_t q_offset) {
+                  const int64_t* valid, double scale_fp64, int64_t q_offset) {
+  constexpr bool kFp64 = std::is_same_v<T, double>;
+  const float scale = static_cast<float>(scale_fp64);
   at::parallel_for(0, rows, rows_per_task(d.sk), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(d.sk);  // the exponentials (fp32), or the fp32 copy of a 16-bit row
+    // The exponentials (fp32), or the fp32 copy of a 16-bit row; fp64 rows need none.
+    std::vector<float> buf(kFp64 ? 0 : d.sk);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * d.sk;
       T* yr = y + r * d.sk;
       const int64_t n = row_keys(r, d, prefix, valid, q_offset);
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (kFp64) {
+        softmax_row_fp64(xr, yr, n, d.sk, scale_fp64);
+      } else if constexpr (std::is_same_v<T, float>) {
         softmax_row(xr, yr, buf.data(), n, d.sk, scale);
       } else {
         cpu::load_row_as_float(xr, buf.data(), n);
@@ -157,13 +187,17 @@ void forward_rows(const T* x, T* y, int64_t rows, const Dims& d, const int64_t* 
 
 template <typename T>
 void backward_rows(const T* dy, const T* y, T* dx, int64_t rows, const Dims& d, const int64_t* prefix,
-                   const int64_t* valid, float scale, int64_t q_offset) {
+                   const int64_t* valid, double scale_fp64, int64_t q_offset) {
+  constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;  // no fp32 copies
+  const float scale = static_cast<float>(scale_fp64);
   at::parallel_for(0, rows, rows_per_task(d.sk), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(std::is_same_v<T, float> ? 0 : 2 * d.sk);  // fp32 dy and y rows
+    std::vector<float> buf(kWide ? 0 : 2 * d.sk);  // fp32 dy and y rows
     for (int64_t r = begin; r < end; ++r) {
       const int64_t offset = r * d.sk;
       const int64_t n = row_keys(r, d, prefix, valid, q_offset);
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<T, double>) {
+        softmax_backward_row_fp64(dy + offset, y + offset, dx + offset, n, d.sk, scale_fp64);
+      } else if constexpr (std::is_same_v<T, float>) {
         softmax_backward_row(dy + offset, y + offset, dx + offset, n, d.sk, scale);
       } else {
         float* dyf = buf.data();
@@ -205,8 +239,8 @@ at::Tensor masked_softmax_cpu(const at::Tensor& scores, const at::Tensor& prefix
   cpu::dispatch_storage_type(x.scalar_type(), "masked_softmax", [&](auto tag) {
     using scalar_t = decltype(tag);
     forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, d,
-                           prefix.const_data_ptr<int64_t>(), valid.const_data_ptr<int64_t>(),
-                           static_cast<float>(scale), q_offset);
+                           prefix.const_data_ptr<int64_t>(), valid.const_data_ptr<int64_t>(), scale,
+                           q_offset);
   });
   return out;
 }
@@ -225,7 +259,7 @@ at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad_out, const at::Ten
     using scalar_t = decltype(tag);
     backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
                             dx.mutable_data_ptr<scalar_t>(), rows, d, prefix.const_data_ptr<int64_t>(),
-                            valid.const_data_ptr<int64_t>(), static_cast<float>(scale), q_offset);
+                            valid.const_data_ptr<int64_t>(), scale, q_offset);
   });
   return dx;
 }

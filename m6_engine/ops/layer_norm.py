@@ -1,19 +1,19 @@
 """Fused LayerNorm over the last dim: ``torch.ops.m6.layer_norm``.
 
-Forward:  mean, var over the last dim (fp32, Welford); rstd = 1/sqrt(var + eps);
+Forward:  mean, var over the last dim (fp32 math; fp64 for fp64 x); rstd = 1/sqrt(var + eps);
           y = (x - mean) * rstd * weight + bias.
 Backward: xhat = (x - mean) * rstd, g = dy * weight;
           dx = rstd * (g - mean(g) - xhat * mean(g * xhat));
           dweight = sum_rows(dy * xhat); dbias = sum_rows(dy).
-Shapes:   x (..., N) fp32 | fp16 | bf16, N up to 65536; weight, bias (N,) of x's dtype;
-          mean, rstd (rows,) fp32 with rows = x.numel() / N.
+Shapes:   x (..., N) fp32 | fp16 | bf16, or fp64 on the CPU (the exact path, e.g. for gradcheck),
+          N up to 65536; weight, bias (N,) of x's dtype; mean, rstd (rows,) fp32 (fp64 for fp64 x)
+          with rows = x.numel() / N.
 """
 
 import torch
 
+from m6_engine.ops._dtypes import kernel_dtype_ok, kernel_dtypes_text, stats_dtype
 from m6_engine.ops._extension import extension_available, require_extension
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HIDDEN = 65536  # kLayerNormMaxHidden of csrc/layer_norm/layer_norm.h
 
 
@@ -27,8 +27,8 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
 def _check_meta(x, *params):
     """Shape, dtype and device checks of x and its (N,) parameters, worded as the C++ checks."""
     torch._check(x.dim() >= 1, lambda: "layer_norm: x must have at least one dim")
-    torch._check(x.dtype in _FLOAT_DTYPES,
-                 lambda: f"layer_norm: x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(kernel_dtype_ok(x.dtype, x.device),
+                 lambda: f"layer_norm: x must be {kernel_dtypes_text(x.device)}, got {x.dtype}")
     torch._check(1 <= x.shape[-1] <= _MAX_HIDDEN,
                  lambda: f"layer_norm: hidden size (x's last dim) must be in [1, {_MAX_HIDDEN}], got {x.shape[-1]}")
     for name, t in zip(("weight", "bias"), params):
@@ -44,7 +44,7 @@ def _fake_forward(x, weight, bias, eps):
     _check_meta(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    stats = x.new_empty((rows,), dtype=torch.float32)
+    stats = x.new_empty((rows,), dtype=stats_dtype(x.dtype))
     return y, stats, torch.empty_like(stats)
 
 
@@ -68,11 +68,18 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     return grad_x, grad_weight, grad_bias, None
 
 
+def _no_double_backward(ctx, *grads):
+    # Without an autograd kernel, torch would let a second derivative through this op with a
+    # warning and a wrong (incomplete) result; refuse it instead.
+    raise RuntimeError("layer_norm: double backward is not supported (the op is differentiable once)")
+
+
 def register():
     """Attach the fake kernels and autograd to the C++-defined ops (once, at import)."""
     torch.library.register_fake("m6::layer_norm")(_fake_forward)
     torch.library.register_fake("m6::layer_norm_backward")(_fake_backward)
     torch.library.register_autograd("m6::layer_norm", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("m6::layer_norm_backward", _no_double_backward)
 
 
 if extension_available():

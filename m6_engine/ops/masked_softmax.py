@@ -7,14 +7,14 @@ query i (absolute position ``q_offset + i``) may attend key j iff
 
 Forward:   y = softmax(scale * x) over the allowed keys, 0 elsewhere; padded query rows are 0.
 Backward:  dx = scale * y * (dy - sum(dy * y, -1)), from the saved output y only (masked y = 0).
-Shapes:    scores (B, H, Sq, Sk) fp32 | fp16 | bf16; prefix_len, valid_len (B,) int32 | int64.
+Shapes:    scores (B, H, Sq, Sk) fp32 | fp16 | bf16, or fp64 on the CPU; prefix_len, valid_len (B,)
+           int32 | int64. Math in fp32 (fp64 for fp64: the exact path, e.g. for gradcheck).
 """
 
 import torch
 
+from m6_engine.ops._dtypes import kernel_dtype_ok, kernel_dtypes_text
 from m6_engine.ops._extension import extension_available, require_extension
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def masked_softmax(scores, prefix_len, valid_len, scale: float = 1.0, q_offset: int = 0):
@@ -26,8 +26,8 @@ def masked_softmax(scores, prefix_len, valid_len, scale: float = 1.0, q_offset: 
 def _check_meta(scores, prefix_len, valid_len):
     # The values of the lengths are checked by the real kernels; the fake kernel sees only shapes.
     torch._check(scores.dim() == 4, lambda: f"masked_softmax: scores must be 4-D (B, H, Sq, Sk), got {scores.dim()}-D")
-    torch._check(scores.dtype in _FLOAT_DTYPES,
-                 lambda: f"masked_softmax: scores must be float32, float16 or bfloat16, got {scores.dtype}")
+    torch._check(kernel_dtype_ok(scores.dtype, scores.device),
+                 lambda: f"masked_softmax: scores must be {kernel_dtypes_text(scores.device)}, got {scores.dtype}")
     for name, t in (("prefix_len", prefix_len), ("valid_len", valid_len)):
         torch._check(t.dtype in (torch.int32, torch.int64),
                      lambda: f"masked_softmax: {name} must be int32 or int64, got {t.dtype}")
@@ -63,11 +63,18 @@ def _backward(ctx, grad_out):
     return grad, None, None, None, None
 
 
+def _no_double_backward(ctx, grad):
+    # Without an autograd kernel, torch would let a second derivative through this op with a
+    # warning and a wrong (incomplete) result; refuse it instead.
+    raise RuntimeError("masked_softmax: double backward is not supported (the op is differentiable once)")
+
+
 def register():
     """Attach the fake kernels and autograd to the C++-defined ops (once, at import)."""
     torch.library.register_fake("m6::masked_softmax")(_fake_forward)
     torch.library.register_fake("m6::masked_softmax_backward")(_fake_backward)
     torch.library.register_autograd("m6::masked_softmax", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("m6::masked_softmax_backward", _no_double_backward)
 
 
 if extension_available():
