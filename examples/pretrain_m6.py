@@ -4,6 +4,10 @@ The YAML file has the sections of ``m6_engine.config.JobConfig`` (model, paralle
 train, data); the flags below override the common fields, ``--set section.field=value`` any field.
 dp = world size / (tp * pp).
 
+Finetuning is the same script with a ``examples/configs/finetune_*.yaml`` config and
+``--init-from CKPT`` (model weights only, any layout; docs/finetuning.md). With ``--load auto``
+as well, a restart resumes the finetuning run's own checkpoints instead (resume wins).
+
 With ``torchrun --max-restarts=N`` use the c10d rendezvous (``--standalone`` or
 ``--rdzv-backend=c10d``) and set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: otherwise torchrun lends
 its rendezvous TCPStore to the workers and keeps it across restarts, and a restarted job's process
@@ -27,7 +31,8 @@ FLAGS = {
     "train_steps": "train.train_steps", "micro_batch": "train.micro_batch",
     "global_batch": "train.global_batch", "recompute": "train.recompute", "seed": "train.seed",
     "log_interval": "train.log_interval", "eval_interval": "train.eval_interval",
-    "save": "train.save_dir", "load": "train.load", "save_interval": "train.save_interval",
+    "save": "train.save_dir", "load": "train.load", "init_from": "train.init_from",
+    "save_interval": "train.save_interval",
     "keep_last": "train.keep_last", "tensorboard_dir": "train.tensorboard_dir",
     "profile_steps": "train.profile_steps", "precision": "optimizer.precision",
     "lr": "optimizer.lr", "optimizer_sharding": "optimizer.optimizer_sharding",

@@ -55,6 +55,9 @@ class ModelConfig:
     """The padded vocabulary is a multiple of vocab_multiple * tp (Megatron's rule)."""
     fused_kernels: bool = True
     """Run the m6:: fused ops; False takes the plain-PyTorch reference path on purpose."""
+    itm_head: bool = False
+    """Build the image-text matching head (a replicated Linear(hidden_size, 2) on the last stage,
+    ``m6_engine.model.heads``) that the ``image_text_matching`` finetuning task trains."""
 
     @property
     def ffn_size(self) -> int:
@@ -234,6 +237,10 @@ class TrainConfig:
     """Complete checkpoints to keep (older ones are deleted); 0 keeps all."""
     load: str = ""
     """"auto" (the latest complete checkpoint in save_dir, if any), a checkpoint folder, or empty."""
+    init_from: str = ""
+    """Finetuning: a checkpoint folder (or directory: its latest) whose model weights, resharded to
+    this layout, start the run, with a fresh optimizer, LR schedule, step 0 and data position; a
+    matching head it lacks starts fresh. A checkpoint that ``load`` resumes from wins over it."""
     tensorboard_dir: str = ""
     """Folder of TensorBoard event files; empty disables TensorBoard."""
     profile_steps: str = ""
@@ -365,11 +372,18 @@ class DataConfig:
     """BERT vocab.txt; empty means the default bert-base-chinese vocab of ``make install``."""
     task_weights: dict = dataclasses.field(default_factory=lambda: {
         "text_denoising": 1.0, "language_modelling": 1.0, "image_to_text": 1.0, "multimodal_to_text": 1.0})
-    """Relative frequency of each pretraining task; 0 or absent disables a task."""
+    """Relative frequency of each task (``m6_engine.data.tasks.ALL_TASKS``: the four pretraining
+    tasks and ``image_text_matching``); 0 or absent disables a task, so a single task finetunes."""
     exhausted: str = "wrap"
     """When a source runs out: "wrap" (new reshuffled epoch) or "stop" (end the run cleanly)."""
 
     def __post_init__(self):
+        from m6_engine.data.tasks import check_task_weights
+
+        try:
+            check_task_weights(dict(self.task_weights))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"DataConfig.task_weights: {error}") from None
         if self.exhausted not in EXHAUSTED_MODES:
             raise ConfigError(f"DataConfig.exhausted must be one of {EXHAUSTED_MODES}, got {self.exhausted!r}")
 
@@ -383,6 +397,11 @@ class JobConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        if self.data.task_weights.get("image_text_matching", 0) > 0 and not self.model.itm_head:
+            raise ConfigError("data.task_weights gives image_text_matching a weight but the model "
+                              "has no matching head: set model.itm_head: true")
 
     def to_dict(self) -> dict:
         """Plain nested dict (what checkpoints record and ``job_config_from_dict`` reads back)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m6_engine.data.tasks import TASKS
+from m6_engine.data.tasks import IMAGE_TEXT_MATCHING, TASKS
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device-name fragment, checked in order.
 GPU_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("V100", 125.0),
@@ -54,27 +54,48 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB -> GiB
 
 
+N_TASKS = len(TASKS)
+ITM_PARTS = slice(2 + 2 * N_TASKS, 5 + 2 * N_TASKS)
+PARTS_SIZE = 5 + 2 * N_TASKS
+"""Length of a parts vector: [loss sum, loss tokens, per-task loss sums, per-task tokens,
+matching loss sum, matching correct, matching samples]."""
+
+
+def empty_parts(device) -> torch.Tensor:
+    """A zero parts vector (PARTS_SIZE,) fp64: what :func:`loss_parts` returns for no output."""
+    return torch.zeros(PARTS_SIZE, dtype=torch.float64, device=device)
+
+
 def loss_parts(outputs, device) -> torch.Tensor:
-    """The micro-batches' M6Loss summed into one vector: [loss sum, loss tokens, per-task loss sums,
-    per-task tokens] (2 + 2 * len(TASKS),) fp64; zeros on stages without a loss."""
-    parts = torch.zeros(2 + 2 * len(TASKS), dtype=torch.float64, device=device)
+    """The micro-batches' M6Loss summed into one parts vector (:data:`PARTS_SIZE`,) fp64: decoding
+    loss sum and tokens, the same per task, image-text matching loss sum, correct predictions and
+    samples; zeros on stages without a loss. Sums, so they add over steps and data-parallel ranks."""
+    parts = empty_parts(device)
     for out in outputs:
         parts[0] += out.loss_sum.double()
         parts[1] += out.num_tokens.double()
         if out.task_loss_sum is not None:
-            parts[2:2 + len(TASKS)] += out.task_loss_sum.double()
-            parts[2 + len(TASKS):] += out.task_num_tokens.double()
+            parts[2:2 + N_TASKS] += out.task_loss_sum.double()
+            parts[2 + N_TASKS:2 + 2 * N_TASKS] += out.task_num_tokens.double()
+        if out.itm_count is not None:
+            parts[ITM_PARTS] += torch.stack([out.itm_loss_sum, out.itm_correct, out.itm_count]).double()
     return parts
 
 
 def losses_of(parts: torch.Tensor) -> dict:
-    """Token-weighted mean loss and loss per task (tasks without tokens left out) of a parts vector."""
+    """Scalars of a parts vector: ``loss`` (the token-weighted mean decoding loss plus the mean
+    matching loss, the objective the model backpropagates), ``loss/<task>`` per task seen, and
+    with image-text matching samples ``accuracy/image_text_matching``."""
     values = parts.tolist()
     result = {"loss": values[0] / max(values[1], 1.0)}
-    n_tasks = len(TASKS)
     for i, task in enumerate(TASKS):
-        if values[2 + n_tasks + i] > 0:
-            result[f"loss/{task}"] = values[2 + i] / values[2 + n_tasks + i]
+        if values[2 + N_TASKS + i] > 0:
+            result[f"loss/{task}"] = values[2 + i] / values[2 + N_TASKS + i]
+    itm_sum, itm_correct, itm_count = values[ITM_PARTS]
+    if itm_count > 0:
+        result["loss"] += itm_sum / itm_count
+        result[f"loss/{IMAGE_TEXT_MATCHING}"] = itm_sum / itm_count
+        result[f"accuracy/{IMAGE_TEXT_MATCHING}"] = itm_correct / itm_count
     return result
 
 
@@ -107,6 +128,9 @@ def interval_scalars(totals: IntervalTotals, *, world_size: int, peak: float) ->
 def format_line(step: int, train_steps: int, scalars: dict) -> str:
     """One console line of a log interval."""
     tasks = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in scalars.items() if k.startswith("loss/"))
+    accuracy = scalars.get(f"accuracy/{IMAGE_TEXT_MATCHING}")
+    if accuracy is not None:
+        tasks += f" itm_accuracy={accuracy:.3f}"
     return (f"step {step:>6}/{train_steps} | loss {scalars['loss']:.4f} [{tasks}] | "
             f"lr {scalars['lr']:.3e} | scale {scalars['loss_scale']:.1f} | "
             f"grad-norm {scalars['grad_norm']:.3f} | skipped {scalars['skipped_steps']} | "

@@ -16,6 +16,13 @@ scale, grad norm, skipped steps, tokens/s, TFLOP/s per device, MFU, peak memory.
 ``save_interval`` steps and at the end; ``load="auto"`` resumes from the latest complete one,
 with the data position, RNG streams, optimizer and loss scaler, so a resumed run continues bit
 for bit (same layout, CPU fp32).
+
+Finetuning (docs/finetuning.md) is the same loop: ``init_from`` names a (pretraining) checkpoint
+whose model weights alone, resharded to this layout, replace the initial weights; optimizer, LR
+schedule, step and data position start fresh, and a matching head the checkpoint lacks keeps its
+fresh initialisation. Resume wins: when ``load`` finds a checkpoint (a finetuning run restarted
+with ``load="auto"`` finds its own), ``init_from`` is not read, so a restart never goes back to
+the pretrained weights.
 """
 
 import contextlib
@@ -25,15 +32,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from m6_engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from m6_engine.checkpoint import (
+    CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint,
+)
 from m6_engine.config import ConfigError, JobConfig
-from m6_engine.data.tasks import TASKS
 from m6_engine.metrics import (
-    IntervalTotals, ScalarLog, format_line, interval_scalars, loss_parts, losses_of, peak_memory_gib,
-    peak_tflops,
+    IntervalTotals, ScalarLog, empty_parts, format_line, interval_scalars, loss_parts, losses_of,
+    peak_memory_gib, peak_tflops,
 )
 from m6_engine.model import M6Model
 from m6_engine.model.flops import batch_forward_flops
+from m6_engine.model.heads import MATCHING_HEAD_PREFIX
 from m6_engine.model.m6 import ForwardStep
 from m6_engine.optim import MixedPrecisionOptimizer
 from m6_engine.parallel import DataParallel, ParallelState, forward_backward, seed_parallel_rng
@@ -90,7 +99,7 @@ class Trainer:
         self.stage = stage
         self.model = DataParallel(stage, state, grad_reduce=(
             "reduce_scatter" if opt.optimizer_sharding else "all_reduce"))
-        self.optimizer = MixedPrecisionOptimizer(self.model, opt, state, total_steps=train.train_steps)
+        self.optimizer = self._new_optimizer()
         self.seq_length = job.model.num_patches + job.model.max_text_positions
         self.tensor_spec = stage.activation_spec(train.micro_batch, self.seq_length)
         self.train_data = train_data
@@ -103,6 +112,12 @@ class Trainer:
         self.history: list[dict] = []
         self.step_callbacks: list = []
         """Called as ``callback(trainer)`` after every step (after its log line, evaluation and save)."""
+
+    def _new_optimizer(self) -> MixedPrecisionOptimizer:
+        """A fresh optimizer (step 0 of the LR schedule); its fp32 masters of half-precision
+        weights are copies of the weights as they are now."""
+        return MixedPrecisionOptimizer(self.model, self.job.optimizer, self.state,
+                                       total_steps=self.job.train.train_steps)
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -130,10 +145,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Forward-only over ``eval_iters`` global batches of a fresh held-out iterator: mean loss
-        and loss per task (token-weighted over the job); {} on ranks that do not log."""
+        and loss per task (token-weighted over the job), image-text matching accuracy when it is
+        evaluated (``metrics.losses_of``); meaningful on the logging rank."""
         data = self.eval_data_factory()
         self.model.eval()
-        parts = torch.zeros(2 + 2 * len(TASKS), dtype=torch.float64, device=self.state.device)
+        parts = empty_parts(self.state.device)
         for _ in range(self.job.train.eval_iters):
             forward_step, _ = self._run_schedule(data, forward_only=True)
             parts += loss_parts(forward_step.outputs, self.state.device)
@@ -172,6 +188,23 @@ class Trainer:
         self.log.print(f"resumed from {loaded.path} at step {self.step}")
         return True
 
+    def initialize_from(self) -> bool:
+        """Load ``train.init_from``'s model weights only (module docstring); False when unset."""
+        source = self.job.train.init_from
+        if not source:
+            return False
+        try:
+            loaded = load_model_weights(source, model=self.model, state=self.state,
+                                        fresh_prefixes=(MATCHING_HEAD_PREFIX,))
+        except CheckpointError as error:
+            raise CheckpointError(f"train.init_from = {source!r}: {error}") from error
+        self.optimizer = self._new_optimizer()   # masters of half weights: copies of the loaded ones
+        self.log.print(f"initialised the model from {loaded.path} (weights of step {loaded.step}); "
+                       f"optimizer, LR schedule and data start fresh")
+        if loaded.fresh:
+            self.log.print(f"not in that checkpoint, freshly initialised: {', '.join(loaded.fresh)}")
+        return True
+
     # ---- the loop -------------------------------------------------------------------------------
 
     def _profiler(self):
@@ -205,14 +238,15 @@ class Trainer:
         self.history.append({"step": self.step, **scalars})
 
     def _new_totals(self) -> IntervalTotals:
-        return IntervalTotals(parts=torch.zeros(2 + 2 * len(TASKS), dtype=torch.float64,
-                                                device=self.state.device))
+        return IntervalTotals(parts=empty_parts(self.state.device))
 
     def run(self) -> list[dict]:
-        """Train to ``train_steps`` (resuming first if asked); returns ``history``, the scalars of
-        every log line (on every rank: the loss values are only meaningful on the logging rank)."""
+        """Train to ``train_steps`` (resuming first if asked, else starting from ``init_from`` when
+        given); returns ``history``, the scalars of every log line (on every rank: the loss values
+        are only meaningful on the logging rank)."""
         train = self.job.train
-        self.resume()
+        if not self.resume():
+            self.initialize_from()
         totals = self._new_totals()
         with self._profiler() as prof:
             while self.step < train.train_steps:

@@ -1,11 +1,13 @@
-"""Tokenizer-free M6 micro-batches for model tests: the four tasks of ``m6_engine.data.tasks`` on
-random but learnable ids (arithmetic progressions) and random patch features."""
+"""Tokenizer-free M6 micro-batches for model tests: the four tasks of ``m6_engine.data.tasks`` and
+image-text matching on random but learnable ids (arithmetic progressions) and random patch
+features (a matching sample's label is drawn at random: its text is as unrelated to its image as
+any other, so the label is only learnable through the data, not asked of these batches)."""
 
 import numpy as np
 
 from m6_engine.data.tasks import (
-    SampleLayout, TaskMixer, collate, image_to_text, language_modelling, multimodal_to_text,
-    text_denoising,
+    IMAGE_TEXT_MATCHING, SampleLayout, TaskMixer, collate, image_text_matching, image_to_text,
+    language_modelling, multimodal_to_text, text_denoising,
 )
 
 # bert-base-chinese special ids; real words start after them.
@@ -44,6 +46,8 @@ def sample(config, task: str, rng: np.random.Generator):
         return language_modelling(layout, words())
     if task == "image_to_text":
         return image_to_text(layout, patches(), words())
+    if task == IMAGE_TEXT_MATCHING:
+        return image_text_matching(layout, patches(), words(), int(rng.integers(0, 2)))
     return multimodal_to_text(layout, patches(), words(), words())
 
 

@@ -5,6 +5,8 @@
     load_checkpoint(ckpt_dir_or_folder, model=..., state=..., optimizer=..., rng_tracker=...,
                     seed=...) -> LoadedCheckpoint(step, extra, config, saved_layout, rng, path)
     latest_checkpoint(ckpt_dir) -> Path | None          # what ``--load auto`` resumes from
+    load_model_weights(ckpt_dir_or_folder, model=..., state=..., fresh_prefixes=(...))
+        -> LoadedWeights(path, step, config, fresh)     # weights only: what finetuning starts from
 
 Both calls are collective over the job. Every rank writes its own shards in parallel; tensors are
 keyed by global names and stored as global tensors (``sharding``: DTensor shards over the "tp"
@@ -29,12 +31,15 @@ from m6_engine.checkpoint.folders import (
     CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, complete_checkpoints,
     latest_checkpoint, read_manifest, step_dirname,
 )
-from m6_engine.checkpoint.load import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
+from m6_engine.checkpoint.load import (
+    LoadedCheckpoint, LoadedWeights, load_checkpoint, load_model_weights, resolve_checkpoint,
+)
 from m6_engine.checkpoint.rng import resume_seed
 from m6_engine.checkpoint.save import save_checkpoint
 
 __all__ = [
     "CheckpointCorruptError", "CheckpointError", "CheckpointNotFoundError", "LoadedCheckpoint",
-    "complete_checkpoints", "latest_checkpoint", "load_checkpoint", "read_manifest",
+    "LoadedWeights", "complete_checkpoints", "latest_checkpoint", "load_checkpoint",
+    "load_model_weights", "read_manifest",
     "resolve_checkpoint", "resume_seed", "save_checkpoint", "step_dirname",
 ]

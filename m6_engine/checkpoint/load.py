@@ -1,4 +1,5 @@
-"""load_checkpoint: check a checkpoint whole, then read every rank's shards in place, any layout."""
+"""load_checkpoint: check a checkpoint whole, then read every rank's shards in place, any layout;
+load_model_weights: the model weights alone (finetuning's start)."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from m6_engine.checkpoint.save import (
     EXTRA_KEY, SCALAR_KEY, layout_of, model_entries, optimizer_entries,
 )
 from m6_engine.checkpoint.sharding import (
-    MODEL_PREFIX, model_tensors, parameters_by_name, zero_padding,
+    MODEL_PREFIX, model_key, model_tensors, parameters_by_name, zero_padding,
 )
 from m6_engine.parallel.random import RNGTracker
 from m6_engine.parallel.state import ParallelState
@@ -99,6 +100,59 @@ def _check_keys(folder: Path, state_dict: dict) -> None:
                               + "\n  ".join(problems[:_MAX_LISTED]) + more)
 
 
+def _read(folder: Path, state_dict: dict, tensors: dict) -> None:
+    """DCP-read ``state_dict`` from ``folder`` in place, then zero the vocab padding rows of
+    ``tensors`` (:func:`model_tensors`' entries, which the checkpoint never stores)."""
+    try:
+        dcp.load(state_dict, storage_reader=FileSystemReader(folder),
+                 planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(f"reading checkpoint {folder} failed: {describe_failure(error)}") \
+            from error
+    for tensor, layout in tensors.values():
+        zero_padding(tensor, layout)
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What :func:`load_model_weights` read and what it left as it was."""
+
+    path: Path
+    """The checkpoint folder read."""
+    step: int
+    """The step it was saved at."""
+    config: dict | None
+    """The config recorded at save time, as JSON data."""
+    fresh: tuple[str, ...]
+    """Global names of the parameters the checkpoint lacks and that kept their initial values
+    (all ranks' together)."""
+
+
+def load_model_weights(path_or_dir, *, model: nn.Module, state: ParallelState,
+                       fresh_prefixes: tuple[str, ...] = (), verify: bool = True) -> LoadedWeights:
+    """Load only the model weights of a checkpoint folder (or the latest in a checkpoint
+    directory) into ``model``, resharded to this layout (collective): what finetuning starts
+    from. Optimizer state, RNG streams and the trainer's ``extra`` are not read.
+
+    Parameters the checkpoint lacks whose global name starts with one of ``fresh_prefixes`` (a
+    finetuning head) keep their values; any other missing tensor, a global shape that differs, or
+    a model tensor of the checkpoint this model lacks is a :class:`CheckpointError` naming it.
+    """
+    folder = Path(on_rank0(lambda: str(resolve_checkpoint(path_or_dir))))
+    manifest = on_rank0(lambda: read_manifest(folder))
+    _verify_files(folder, manifest, verify)
+    stored = FileSystemReader(folder).read_metadata().state_dict_metadata
+    tensors = model_tensors(model)
+    fresh = sorted(n for n in tensors if fresh_prefixes and n.startswith(tuple(fresh_prefixes))
+                   and model_key(n) not in stored)
+    tensors = {n: v for n, v in tensors.items() if n not in fresh}
+    state_dict = model_entries(tensors, state.mesh["tp"])
+    _check_keys(folder, state_dict)
+    _read(folder, state_dict, tensors)
+    return LoadedWeights(path=folder, step=manifest["step"], config=manifest.get("config"),
+                         fresh=tuple(sorted(set(gather_lists(fresh)))))
+
+
 def load_checkpoint(path_or_dir, *, model: nn.Module, state: ParallelState, optimizer=None,
                     rng_tracker: RNGTracker | None = None, seed: int | None = None,
                     verify: bool = True) -> LoadedCheckpoint:
@@ -129,15 +183,7 @@ def load_checkpoint(path_or_dir, *, model: nn.Module, state: ParallelState, opti
     if same_layout:
         state_dict[rng.rng_key(state.rank)] = None
     _check_keys(folder, state_dict)
-    try:
-        dcp.load(state_dict, storage_reader=FileSystemReader(folder),
-                 planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
-    except (Exception, CheckpointException) as error:
-        raise CheckpointError(f"reading checkpoint {folder} failed: {describe_failure(error)}") \
-            from error
-
-    for tensor, layout in tensors.values():
-        zero_padding(tensor, layout)
+    _read(folder, state_dict, tensors)
     if optimizer is not None:
         for name, per_param in states.items():
             for value in per_param.values():

@@ -1,4 +1,5 @@
-"""The pretraining dataset: micro-batches of packed M6 samples read from a preprocessed corpus.
+"""The training dataset: micro-batches of packed M6 samples read from a preprocessed corpus, for
+pretraining (the four tasks mixed) and finetuning (one task alone, ``task_weights``).
 
 A corpus is what ``python -m m6_engine.data.preprocess`` writes: ``<corpus>_text`` (one token
 sequence per document, each with the row of its image or -1) and ``<corpus>_image`` (16 × 2048
@@ -6,10 +7,15 @@ fp16 patch features per image). Its documents form three *sources*:
 
 * ``text``: documents without an image, for text denoising and language modelling;
 * ``captions``: documents with an image and without ``answer_marker`` (captions), for
-  image-to-text: with nothing but the image as prefix, the target must be one kind of text, or a
-  captioning model could not know whether to describe the image or to ask about it;
+  image-to-text and image-text matching: with nothing but the image as prefix, the target must
+  be one kind of text, or a captioning model could not know whether to describe the image or to
+  ask about it;
 * ``pairs``: every document with an image (captions and question-answer texts), for
   multimodality-to-text, where the prefix text says what is wanted.
+
+A finetuning corpus is preprocessed the same way (docs/finetuning.md): captioning and image-text
+matching read ``{"image": ..., "content": caption}`` lines, visual question answering
+``{"image": ..., "content": "问：question答：answer"}`` lines.
 
 Sorting image documents into captions and question-answer texts reads each one once when the
 dataset opens (a search for the marker's first token, vectorised).
@@ -29,7 +35,11 @@ The sample stream is one global sequence, the same on every rank. Sample ``g`` (
    * ``image_to_text``: the 16 patches, the caption decoded;
    * ``multimodal_to_text``: a question-answer text (one holding ``answer_marker``, "答：")
      gives patches + the question up to and including the marker as the prefix and decodes
-     the answer; any other text is masked as in text denoising and decoded whole.
+     the answer; any other text is masked as in text denoising and decoded whole;
+   * ``image_text_matching`` (finetuning, appendix A.2): a caption document's patches with, at
+     probability 1/2, its own text (label 1), else the text of another caption document drawn
+     uniformly from the source (label 0: random substitution), redrawn while that document has
+     the same image or the same text, so a negative is never a true pair.
 
 Parallel layout: global micro-batch ``m`` is samples ``[m·dp·B, (m+1)·dp·B)`` (B the micro-batch
 size) and data-parallel rank ``r`` takes ``[m·dp·B + r·B, m·dp·B + (r+1)·B)``. The stream depends on
@@ -60,9 +70,11 @@ from m6_engine.data.tasks import SampleLayout, TaskMixer
 SOURCES = ("text", "captions", "pairs")
 """Document sources: text-only documents, image captions, all image-text documents."""
 SOURCE_OF_TASK = {"text_denoising": "text", "language_modelling": "text",
-                  "image_to_text": "captions", "multimodal_to_text": "pairs"}
+                  "image_to_text": "captions", "multimodal_to_text": "pairs",
+                  tasks.IMAGE_TEXT_MATCHING: "captions"}
 EXHAUSTED_MODES = ("wrap", "stop")
 _PERMUTATION_TAG = 0x7065726D  # "perm"
+_SUBSTITUTE_DRAWS = 16  # uniform draws for an image-text matching negative before a scan
 
 
 class DatasetError(ValueError):
@@ -76,7 +88,8 @@ class DatasetConfig:
     corpus: str
     """Corpus prefix: ``<corpus>_text`` and ``<corpus>_image`` written by preprocess."""
     task_weights: Mapping[str, float] = field(default_factory=lambda: {t: 1.0 for t in tasks.TASKS})
-    """Relative frequency of each task; a task left out or at 0 never occurs."""
+    """Relative frequency of each task (``tasks.ALL_TASKS``); a task left out or at 0 never occurs,
+    so one task alone is a finetuning mix."""
     seed: int = 0
     """Seed of the task sequence, the document permutations and every sample's random choices."""
     micro_batch_size: int = 1
@@ -238,6 +251,28 @@ class PretrainDataset:
         batch["sample_index"] = torch.tensor(indices, dtype=torch.int64)
         return batch
 
+    def _substitute(self, doc: int, ids: np.ndarray, rng: np.random.Generator) -> int:
+        """A caption document whose image and text both differ from ``doc``'s: uniform draws
+        (a few), then the first such document after a random start (deterministic either way)."""
+        docs = self.sources["captions"].docs
+        image = self.texts.image_ids[doc]
+
+        def differs(other: int) -> bool:
+            return (self.texts.image_ids[other] != image
+                    and not np.array_equal(self.texts[other], ids))
+
+        for _ in range(_SUBSTITUTE_DRAWS):
+            other = int(docs[int(rng.integers(len(docs)))])
+            if differs(other):
+                return other
+        start = int(rng.integers(len(docs)))
+        for k in range(len(docs)):
+            other = int(docs[(start + k) % len(docs)])
+            if differs(other):
+                return other
+        raise DatasetError(f"image_text_matching needs a caption of another image with another text "
+                           f"to substitute for document {doc}, and corpus {self.config.corpus!r} has none")
+
     def _step_overruns(self, num_samples: int) -> bool:
         """Whether the next ``num_samples`` samples would draw some source past its first epoch."""
         need = dict(self.draws)
@@ -257,6 +292,11 @@ class PretrainDataset:
         patches = self.images[int(self.texts.image_ids[doc])]  # (16, 2048) fp16, a view of the file
         if task == "image_to_text":
             return tasks.image_to_text(layout, patches, ids)
+        if task == tasks.IMAGE_TEXT_MATCHING:
+            if rng.random() < 0.5:
+                return tasks.image_text_matching(layout, patches, ids, 1)
+            other = self._substitute(doc, ids, rng)
+            return tasks.image_text_matching(layout, patches, self.texts[other].astype(np.int64), 0)
         at = _find(ids, self.answer_marker)
         if at >= 0 and at + len(self.answer_marker) < len(ids):
             split = at + len(self.answer_marker)

@@ -1,4 +1,5 @@
-"""M6's four pretraining tasks as packed samples, the collator and the task-mixing sampler.
+"""M6's four pretraining tasks and the image-text matching finetune task as packed samples, the
+collator and the task-mixing sampler.
 
 One sample is packed tightly: ``[patches][masked text][complete text][pad]`` (DESIGN.md).
 ``prefix_len`` = patches + masked text (seen bidirectionally), ``valid_len`` = everything but the
@@ -9,6 +10,12 @@ padded-part layout while no compute is spent on pad in the middle.
 
 Lengths (appendix A.1): with both text parts present each is truncated to half the text positions
 (256 + 256 for M6); a single text part gets all of them (512).
+
+Image-text matching (paper 4.1.1, appendix A.2) is a classification task, not a decoding one:
+``[patches][text][SEP][pad]``, the whole sample is prefix (``prefix_len = valid_len``, so the last
+valid position, the [SEP], sees the image and every text token), no token carries a loss, and
+``itm_label`` is 1 for the image's own text, 0 for a substituted one. The model's matching head
+reads the final hidden state at ``valid_len - 1`` (``m6_engine.model.heads``).
 """
 
 from dataclasses import dataclass
@@ -21,7 +28,18 @@ import torch
 SEGMENT_IMAGE, SEGMENT_MASKED, SEGMENT_COMPLETE = 0, 1, 2
 
 TASKS = ("text_denoising", "language_modelling", "image_to_text", "multimodal_to_text")
+"""The decoding (pretraining) tasks: their loss is on complete-text tokens; per-task token losses
+are vectors indexed by these ids."""
+IMAGE_TEXT_MATCHING = "image_text_matching"
+"""The matching task: a binary head on the last valid position, no decoded tokens."""
+ALL_TASKS = TASKS + (IMAGE_TEXT_MATCHING,)
+"""Every task a TaskMixer can draw; a sample's ``task_id`` is its task's position in this tuple."""
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}
+"""Ids of the decoding tasks (indices of the per-task token-loss vectors)."""
+ALL_TASK_IDS = {name: i for i, name in enumerate(ALL_TASKS)}
+"""Ids of every task: TASK_IDS and image_text_matching after them."""
+NO_MATCH_LABEL = -1
+"""``itm_label`` of a sample that is not an image-text matching sample."""
 
 # Fraction of the text covered by the single masked span of text denoising (paper 3.3, after BERT).
 DENOISING_SPAN_FRACTION = 0.15
@@ -69,6 +87,8 @@ class PackedSample:
     prefix_len: int
     valid_len: int
     task_id: int
+    itm_label: int = NO_MATCH_LABEL
+    """Image-text matching: 1 for a true pair, 0 for a substituted text; -1 for other tasks."""
 
 
 def pack(layout: SampleLayout, task: str, masked_ids, target_ids, patches=None) -> PackedSample:
@@ -77,8 +97,8 @@ def pack(layout: SampleLayout, task: str, masked_ids, target_ids, patches=None) 
     Each text part is truncated to its budget: half of ``max_text_positions`` when both parts are
     present, all of it when only one is; the target keeps room for its [CLS] and [SEP].
     """
-    if task not in TASK_IDS:
-        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} for pack; the decoding tasks are {TASKS}")
     if patches is not None and tuple(patches.shape) != (layout.num_patches, layout.patch_feature_dim):
         raise ValueError(f"patches must have shape ({layout.num_patches}, {layout.patch_feature_dim}), "
                          f"got {tuple(patches.shape)}")
@@ -149,12 +169,39 @@ def multimodal_to_text(layout: SampleLayout, patches, masked_ids, target_ids) ->
     return pack(layout, "multimodal_to_text", masked_ids, target_ids, patches)
 
 
+def image_text_matching(layout: SampleLayout, patches, text_ids, label: int) -> PackedSample:
+    """Image-text matching: patches + ``text [SEP]`` all in the prefix, no loss tokens, ``label``
+    1 (the image's own text) or 0 (another's). The text keeps ``max_text_positions - 1`` tokens."""
+    if label not in (0, 1):
+        raise ValueError(f"an image-text matching label is 0 or 1, got {label!r}")
+    if patches is None or tuple(patches.shape) != (layout.num_patches, layout.patch_feature_dim):
+        raise ValueError(f"image-text matching needs patches of shape ({layout.num_patches}, "
+                         f"{layout.patch_feature_dim}), got "
+                         f"{None if patches is None else tuple(patches.shape)}")
+    text = list(text_ids)[:layout.max_text_positions - 1] + [layout.sep_id]
+    n_img, s = layout.num_patches, layout.seq_length
+    valid_len = n_img + len(text)
+    tokens = np.full(s, layout.pad_id, dtype=np.int64)
+    tokens[n_img:valid_len] = text
+    position_ids = np.zeros(s, dtype=np.int64)
+    position_ids[:n_img] = np.arange(n_img)
+    position_ids[n_img:valid_len] = np.arange(len(text))
+    segment_ids = np.full(s, SEGMENT_COMPLETE, dtype=np.int64)
+    segment_ids[:n_img] = SEGMENT_IMAGE
+    segment_ids[n_img:valid_len] = SEGMENT_MASKED      # the prefix-text segment, as the question of VQA
+    return PackedSample(tokens, position_ids, segment_ids, np.full(s, layout.pad_id, dtype=np.int64),
+                        np.zeros(s, dtype=np.float32), np.asarray(patches, dtype=np.float32),
+                        prefix_len=valid_len, valid_len=valid_len,
+                        task_id=ALL_TASK_IDS[IMAGE_TEXT_MATCHING], itm_label=int(label))
+
+
 def collate(samples: list, layout: SampleLayout) -> dict:
     """Stack packed samples into a micro-batch of tensors.
 
     tokens, position_ids, segment_ids, labels (B, S) int64; loss_mask (B, S) fp32;
     patches (B, num_patches, feature_dim) fp32 (zeros where a sample has no image);
-    num_image_patches, prefix_len, valid_len, task_ids (B,) int64.
+    num_image_patches, prefix_len, valid_len, task_ids, itm_labels (B,) int64 (itm_labels -1 where
+    a sample is not an image-text matching one).
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -178,7 +225,18 @@ def collate(samples: list, layout: SampleLayout) -> dict:
         "prefix_len": ints([s.prefix_len for s in samples]),
         "valid_len": ints([s.valid_len for s in samples]),
         "task_ids": ints([s.task_id for s in samples]),
+        "itm_labels": ints([s.itm_label for s in samples]),
     }
+
+
+def check_task_weights(weights: dict) -> None:
+    """ValueError naming the problem: an unknown task, a negative weight, or no positive weight.
+    A single task with a positive weight (finetuning) is valid."""
+    unknown = sorted(set(weights) - set(ALL_TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} in task weights; tasks are {ALL_TASKS}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"task weights must be >= 0 with a positive sum, got {weights}")
 
 
 class TaskMixer:
@@ -190,12 +248,8 @@ class TaskMixer:
     """
 
     def __init__(self, weights: dict, seed: int):
-        unknown = sorted(set(weights) - set(TASKS))
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown} in task weights; tasks are {TASKS}")
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"task weights must be >= 0 with a positive sum, got {weights}")
-        self.tasks = [t for t in TASKS if weights.get(t, 0) > 0]
+        check_task_weights(weights)
+        self.tasks = [t for t in ALL_TASKS if weights.get(t, 0) > 0]
         total = float(sum(weights[t] for t in self.tasks))
         self.probabilities = np.array([weights[t] / total for t in self.tasks])
         self.seed = seed

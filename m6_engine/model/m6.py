@@ -16,8 +16,18 @@ Last stage, per micro-batch (``loss_mask`` selects the N complete-text tokens th
     loss     = sum_n w_n loss_n / max(sum_n w_n, 1)              w = loss_mask (0 / 1)
 
 Logits are computed for the loss tokens only (prefix and pad rows never reach the head).
+
+With ``config.itm_head`` the last stage also holds the image-text matching head
+(``m6_engine.model.heads``): on the M samples with ``itm_labels >= 0`` it classifies the final
+hidden state at ``valid_len - 1``, and the micro-batch's loss becomes
+
+    loss = sum_n w_n loss_n / max(sum_n w_n, 1) + sum_m itm_loss_m / max(M, 1)
+
+(either term 0 when the micro-batch has none of its samples: the schedule averages this over
+micro-batches and DataParallel over dp, as for the decoding loss alone).
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +39,7 @@ from m6_engine.data.tasks import TASKS
 from m6_engine.model.block import TransformerBlock, check_recompute, run_blocks
 from m6_engine.model.common import LayerNorm, ParamInit
 from m6_engine.model.embeddings import M6Embeddings
+from m6_engine.model.heads import MatchingHead, last_valid_states, matching_loss
 from m6_engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 from m6_engine.parallel.mappings import gather_from_tp
 from m6_engine.parallel.p2p import TensorSpec
@@ -52,10 +63,13 @@ class M6Loss:
 
     ``task_*`` are indexed by task id (``m6_engine.data.tasks.TASKS``); None when the batch has no
     ``task_ids``. Token-weighted means: ``loss_sum / num_tokens``, ``task_loss_sum / task_num_tokens``.
+    ``itm_*`` describe the image-text matching samples (None when the model has no matching head):
+    mean loss ``itm_loss_sum / itm_count``, accuracy ``itm_correct / itm_count``.
     """
 
     loss: torch.Tensor
-    """Scalar fp32: mean loss over the micro-batch's loss tokens (what the schedule backpropagates)."""
+    """Scalar fp32 (what the schedule backpropagates): mean loss over the micro-batch's loss tokens,
+    plus the mean matching loss over its matching samples when the model has the head."""
     loss_sum: torch.Tensor
     """Scalar fp32: sum of the loss-mask-weighted token losses."""
     num_tokens: torch.Tensor
@@ -64,10 +78,15 @@ class M6Loss:
     """(len(TASKS),) fp32 per-task sum of token losses."""
     task_num_tokens: torch.Tensor | None
     """(len(TASKS),) fp32 per-task loss tokens."""
+    itm_loss_sum: torch.Tensor | None = None
+    """Scalar fp32: sum of the matching samples' cross entropies."""
+    itm_correct: torch.Tensor | None = None
+    """Scalar fp32: matching samples classified right (argmax)."""
+    itm_count: torch.Tensor | None = None
+    """Scalar fp32: matching samples."""
 
     def detach(self) -> "M6Loss":
-        return M6Loss(self.loss.detach(), self.loss_sum, self.num_tokens, self.task_loss_sum,
-                      self.task_num_tokens)
+        return dataclasses.replace(self, loss=self.loss.detach())
 
 
 class M6Model(nn.Module):
@@ -111,6 +130,8 @@ class M6Model(nn.Module):
             for i in self.layer_ids})
         self.final_ln = (LayerNorm(config.hidden_size, config.layernorm_eps, self.ops, init)
                          if self.post_process else None)
+        self.itm_head = (MatchingHead(config.hidden_size, init)
+                         if self.post_process and config.itm_head else None)
 
     def activation_spec(self, micro_batch: int, seq_length: int) -> TensorSpec:
         """Shape and dtype of the activation between stages (the schedules' ``tensor_spec``)."""
@@ -165,8 +186,26 @@ class M6Model(nn.Module):
             zeros = torch.zeros(len(TASKS), dtype=torch.float32, device=device)
             task_loss_sum = zeros.index_add(0, task_of_token, weighted.detach())
             task_num_tokens = zeros.index_add(0, task_of_token, w)
-        return M6Loss(loss_sum / num_tokens.clamp(min=1.0), loss_sum.detach(), num_tokens,
-                      task_loss_sum, task_num_tokens)
+        loss = loss_sum / num_tokens.clamp(min=1.0)
+        if self.itm_head is None:
+            if "itm_labels" in batch and bool((batch["itm_labels"] >= 0).any()):
+                raise ValueError("the batch holds image-text matching samples but the model has no "
+                                 "matching head: set model.itm_head: true")
+            return M6Loss(loss, loss_sum.detach(), num_tokens, task_loss_sum, task_num_tokens)
+        itm_sum, itm_correct, itm_count = self._matching_terms(hidden, batch)
+        return M6Loss(loss + itm_sum / itm_count.clamp(min=1.0), loss_sum.detach(), num_tokens,
+                      task_loss_sum, task_num_tokens, itm_sum.detach(), itm_correct, itm_count)
+
+    def _matching_terms(self, hidden: torch.Tensor, batch: dict):
+        """(summed matching loss with its graph, correct predictions, matching samples) over the
+        samples with ``itm_labels >= 0``; zeros, still connected to the head, when there are none."""
+        device = hidden.device
+        labels = batch["itm_labels"].to(device) if "itm_labels" in batch else \
+            torch.full((hidden.shape[0],), -1, dtype=torch.int64, device=device)
+        rows = (labels >= 0).nonzero(as_tuple=True)[0]                              # (M,)
+        z = self.final_ln(last_valid_states(hidden, batch["valid_len"].to(device), rows))  # (M, d)
+        per_sample, correct = matching_loss(self.itm_head(z), labels[rows])
+        return per_sample.sum(), correct, torch.tensor(float(rows.numel()), device=device)
 
     def logits(self, batch: dict, input_tensor: torch.Tensor | None = None, *,
                gather: bool = True) -> torch.Tensor:
@@ -178,6 +217,16 @@ class M6Model(nn.Module):
         if not gather:
             return logits
         return gather_from_tp(logits, self.state.group("tp"))[..., :self.config.vocab_size]
+
+    def match_logits(self, batch: dict, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """Image-text matching logits (B, 2) of every sample of ``batch`` (last stage, with the
+        head): class 1 scores "this text belongs to this image"."""
+        self._require_head("match_logits")
+        if self.itm_head is None:
+            raise RuntimeError("match_logits needs the matching head (model.itm_head: true)")
+        h = self.hidden_states(batch, input_tensor)
+        rows = torch.arange(h.shape[0], device=h.device)
+        return self.itm_head(self.final_ln(last_valid_states(h, batch["valid_len"].to(h.device), rows)))
 
 
 class ForwardStep:
