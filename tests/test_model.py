@@ -38,8 +38,9 @@ def _check_param_counts(state):
         assert count == parameter_count(config), (count, parameter_count(config))
         assert abs(count - paper) <= 0.03 * paper, f"{name}: {count} vs the paper's {paper:.3g}"
         assert all(p.device.type == "meta" for p in model.parameters())
-    model = M6Model(TINY, state)
-    assert sum(p.numel() for p in model.parameters()) == parameter_count(TINY)
+    for config in (TINY, dataclasses.replace(TINY, itm_head=True)):
+        model = M6Model(config, state)
+        assert sum(p.numel() for p in model.parameters()) == parameter_count(config)
 
 
 def _check_init_by_global_name(state):

@@ -38,7 +38,8 @@ def parameter_count(config: ModelConfig, *, tp: int = 1) -> int:
     embedding += config.num_segments * d
     if config.num_patches:
         embedding += config.patch_feature_dim * d + d
-    return config.num_layers * per_layer + embedding + 2 * d
+    matching_head = 2 * d + 2 if config.itm_head else 0  # m6_engine.model.heads: Linear(d, 2)
+    return config.num_layers * per_layer + embedding + 2 * d + matching_head
 
 
 def allowed_pairs(prefix_len: int, valid_len: int) -> int:
