@@ -11,10 +11,11 @@ from torch import nn
 from torch.testing import assert_close
 
 from m6_engine.parallel import (
-    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, checkpoint, copy_to_tp,
-    gather_from_tp, init_generator, reduce_from_tp, scatter_to_tp, seed_parallel_rng,
+    ColumnParallelLinear, DataParallel, RowParallelLinear, VocabParallelEmbedding, checkpoint,
+    copy_to_tp, gather_from_tp, init_generator, reduce_from_tp, scatter_to_tp, seed_parallel_rng,
     vocab_parallel_cross_entropy,
 )
+from m6_engine.parallel.buffers import MIN_ADVISED_BYTES, ScratchPool
 from m6_engine.parallel.init import master_weight, normal_init
 from tests.distributed import Checks, assert_checks, init_state, run_ranks
 
@@ -44,6 +45,14 @@ def _check_mappings(state):
     y = reduce_from_tp(x, group)
     y.backward(grads[0])
     assert_close(y, sum(parts))
+    assert torch.equal(x.grad, grads[0])
+
+    x = parts[r].clone().requires_grad_()
+    fresh = x * 1.0                                # a layer's own partial output
+    y = reduce_from_tp(fresh, group, in_place=True)
+    y.backward(grads[0])
+    assert_close(y, sum(parts))
+    assert t == 1 or y.data_ptr() == fresh.data_ptr()
     assert torch.equal(x.grad, grads[0])
 
     x = _randn(3, 8 * t, seed=2).requires_grad_()
@@ -165,6 +174,85 @@ def _check_cross_entropy_skips_padding(state):
     assert torch.isfinite(layer.weight.grad).all()
 
 
+def _check_cross_entropy_all_padding_shard(state):
+    """vocab 60 padded to 128: at tp = 4 ranks 2 and 3 hold padding only (m_r = -inf, s_r = 0)."""
+    vocab, dim = 60, 8
+    layer = VocabParallelEmbedding(vocab, dim, state, generator=init_generator(7, "emb"),
+                                   vocab_multiple=32)
+    full = master_weight((vocab, dim), init_generator(7, "emb"), normal_init())
+    hidden = _randn(3, 4, dim, seed=19) * 5
+    target = torch.randint(0, vocab, (3, 4), generator=torch.Generator().manual_seed(20))
+    h_ref, h_par = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    ref = F.cross_entropy((h_ref @ full.T).view(-1, vocab), target.view(-1), reduction="none")
+    ref.view(3, 4).backward(_randn(3, 4, seed=21))
+    loss = vocab_parallel_cross_entropy(layer.logits(h_par), target, state)
+    loss.backward(_randn(3, 4, seed=21))
+    assert_close(loss, ref.view(3, 4))
+    assert_close(h_par.grad, h_ref.grad)
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+def _check_head_buffers_across_microbatches(state, overwrite):
+    """The head's pooled logits buffers and the cross entropy's in-place path, run as a pipeline
+    does: two micro-batches in flight (forward, forward, backward, backward), then a third one
+    that must reuse a freed buffer. Losses and gradients match an unsharded reference."""
+    vocab, dim, tokens = 7000, 16, 1200           # logits >= MIN_ADVISED_BYTES on every rank
+    layer = VocabParallelEmbedding(vocab, dim, state, generator=init_generator(7, "emb"))
+    assert tokens * layer.rows_per_rank * 4 >= MIN_ADVISED_BYTES
+    full = master_weight((vocab, dim), init_generator(7, "emb"), normal_init())
+    ref_weight = full.clone().requires_grad_()
+    hiddens = [_randn(tokens, dim, seed=30 + i) for i in range(3)]
+    targets = [torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(40 + i))
+               for i in range(3)]
+    grads = [_randn(tokens, seed=50 + i) for i in range(3)]
+    inputs = [h.clone().requires_grad_() for h in hiddens]
+
+    def forward(i):
+        logits = layer.logits(inputs[i])
+        return logits.untyped_storage().data_ptr(), vocab_parallel_cross_entropy(
+            logits, targets[i], state, overwrite_logits=overwrite)
+
+    (ptr0, loss0), (ptr1, loss1) = forward(0), forward(1)
+    # Overwritten logits stay in use until their backward; otherwise they are free again as soon
+    # as the cross entropy has read them, and the second micro-batch may take the same buffer.
+    assert ptr0 != ptr1 if overwrite else ptr0 == ptr1
+    loss0.backward(grads[0])
+    loss1.backward(grads[1])
+    ptr2, loss2 = forward(2)
+    assert ptr2 in (ptr0, ptr1), "a freed logits buffer was not reused"
+    loss2.backward(grads[2])
+    for i, loss in enumerate((loss0, loss1, loss2)):
+        h_ref = hiddens[i].clone().requires_grad_()
+        ref = F.cross_entropy(h_ref @ ref_weight.T, targets[i], reduction="none")
+        ref.backward(grads[i])
+        assert_close(loss, ref)
+        assert_close(inputs[i].grad, h_ref.grad)
+    expected = torch.zeros(layer.padded_vocab_size, dim)
+    expected[:vocab] = ref_weight.grad
+    assert_close(layer.weight.grad, _chunk(expected, 0, state))
+
+
+def _check_sparse_embedding_grad_under_data_parallel(state):
+    """Wrapped in DataParallel the lookup's sparse gradient lands in main_grad, equal to the dense
+    one; unwrapped, .grad stays dense."""
+    vocab, dim = 100, 8
+    ids = torch.randint(0, vocab, (3, 7), generator=torch.Generator().manual_seed(9))
+    g = _randn(3, 7, dim, seed=10)
+    plain = VocabParallelEmbedding(vocab, dim, state, generator=init_generator(7, "emb"))
+    plain(ids).backward(g)
+    assert plain.weight.grad.layout == torch.strided
+    wrapped = DataParallel(VocabParallelEmbedding(vocab, dim, state, generator=init_generator(7, "emb")),
+                           state)
+    wrapped.zero_grad_buffer()
+    with wrapped.no_sync():                         # two micro-batches accumulate
+        wrapped(ids).backward(g)
+    wrapped(ids).backward(g)
+    wrapped.finish_grad_sync()
+    weight = wrapped.module.weight
+    assert weight.grad is None
+    assert_close(weight.main_grad, 2 * plain.weight.grad)
+
+
 def _dropout_block(state, tracker):
     """x -> column -> dropout on the shard (model-parallel stream) -> gelu -> row -> dropout."""
     fc1 = ColumnParallelLinear(8, 16, state, generator=init_generator(7, "fc1"))
@@ -227,6 +315,13 @@ def _ranks_4():
         checks.run(f"embedding tp={tp}", _check_embedding, state)
         checks.run(f"cross entropy tp={tp}", _check_cross_entropy, state)
         checks.run(f"cross entropy with padding tp={tp}", _check_cross_entropy_skips_padding, state)
+        checks.run(f"cross entropy all-padding shard tp={tp}", _check_cross_entropy_all_padding_shard,
+                   state)
+        for overwrite in (False, True):
+            checks.run(f"head buffers overwrite={overwrite} tp={tp}",
+                       _check_head_buffers_across_microbatches, state, overwrite)
+        checks.run(f"sparse embedding grad tp={tp}", _check_sparse_embedding_grad_under_data_parallel,
+                   state)
         checks.run(f"checkpointed dropout tp={tp}", _check_checkpointed_dropout, state)
         checks.run(f"rng streams tp={tp}", _check_rng_streams, state)
     return checks.results
@@ -266,6 +361,17 @@ def test_vocab_parallel_cross_entropy(results, tp):
 
 
 @pytest.mark.parametrize("tp", TPS)
+@pytest.mark.parametrize("check", [
+    "cross entropy all-padding shard",          # a shard of padding only: m_r = -inf, s_r = 0
+    "head buffers overwrite=False",             # pooled logits, reused only once free
+    "head buffers overwrite=True",
+    "sparse embedding grad",                    # DataParallel's sparse main_grad accumulation
+])
+def test_head_and_embedding_fast_paths(results, tp, check):
+    assert_checks(results, f"{check} tp={tp}")
+
+
+@pytest.mark.parametrize("tp", TPS)
 def test_checkpoint_reproduces_dropout(results, tp):
     assert_checks(results, f"checkpointed dropout tp={tp}")
 
@@ -284,3 +390,30 @@ def test_bad_shapes_are_clear_errors():
         RowParallelLinear(8, 4, state, generator=init_generator(0, "x"))
     with pytest.raises(ValueError, match="must share leading dims"):
         vocab_parallel_cross_entropy(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long), state)
+
+
+def test_scratch_pool_reuses_a_buffer_only_once_free():
+    pool = ScratchPool(capacity=2)
+    shape = (MIN_ADVISED_BYTES // 4,)                        # the smallest size the pool keeps
+    a = pool.empty(shape, dtype=torch.float32, device="cpu")
+    a_ptr = a.data_ptr()
+    b = pool.empty(shape, dtype=torch.float32, device="cpu")
+    assert b.data_ptr() != a_ptr
+    view = a[:10]
+    del a
+    c = pool.empty(shape, dtype=torch.float32, device="cpu")
+    assert c.data_ptr() not in (a_ptr, b.data_ptr()), "reused while a view of it was alive"
+    del view, c
+    # Held by autograd only (saved for backward): still in use.
+    x = torch.ones(3, requires_grad=True)
+    d = pool.empty(shape, dtype=torch.float32, device="cpu").fill_(2.0)
+    assert d.data_ptr() == a_ptr and d._base is None
+    y = (x.sum() * d).sum()
+    del d
+    assert pool.empty(shape, dtype=torch.float32, device="cpu").data_ptr() != a_ptr
+    y.backward()
+    del y
+    assert pool.empty((shape[0] // 2, 2), dtype=torch.float32, device="cpu").data_ptr() == a_ptr
+    assert pool.kept_bytes == 2 * MIN_ADVISED_BYTES
+    small = pool.empty((4,), dtype=torch.float32, device="cpu")    # below the threshold: not kept
+    assert small.shape == (4,) and pool.kept_bytes == 2 * MIN_ADVISED_BYTES

@@ -8,14 +8,24 @@ order); parameters without it are replicated across tp and get identical gradien
 rank by construction, so they need no tp reduction. Each layer draws its master weight from the
 generator it is given (see ``m6_engine.parallel.init``), so its full weight is the same for every
 tp; biases start at zero.
+
+The two linear layers run as one autograd function each (:class:`_ColumnParallelLinear`,
+:class:`_RowParallelLinear`, Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``
+design) rather than ``F.linear`` between the region operators of ``mappings``: the all-reduce of
+the column-parallel input gradient is launched asynchronously and overlaps the weight-gradient
+matmul, the row-parallel partial output is reduced in place (it is a fresh tensor), and large
+outputs are allocated with huge-page advice; the head's logits, the largest, come from a pool
+that reuses their buffers across micro-batches on the CPU (``parallel.buffers``).
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from m6_engine.parallel.buffers import ScratchPool, empty_large
 from m6_engine.parallel.init import InitMethod, master_weight, normal_init
-from m6_engine.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from m6_engine.parallel.mappings import gather_from_tp, reduce_from_tp, scatter_to_tp
 from m6_engine.parallel.state import ParallelState
 
 
@@ -41,13 +51,88 @@ def _bias(size: int, dtype, device, sharded: bool) -> nn.Parameter:
     return param
 
 
+def _matmul_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                pool: ScratchPool | None = None) -> torch.Tensor:
+    """x (..., in) W^T (+ b) -> (..., out) in a buffer of ``pool``, else a fresh one (huge-page
+    advised when large).
+
+    The buffer itself is returned, not a view of it: outputs of an autograd function that are
+    views cannot be modified in place afterwards (the head's padding fill does)."""
+    shape, dtype = (*x.shape[:-1], weight.shape[0]), torch.result_type(x, weight)
+    out = (pool.empty(shape, dtype=dtype, device=x.device) if pool is not None
+           else empty_large(shape, dtype=dtype, device=x.device))
+    x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])        # (M, in), (M, out)
+    if bias is None:
+        torch.mm(x2, weight.t(), out=out2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=out2)
+    return out
+
+
+def _weight_grads(ctx, grad2: torch.Tensor, x: torch.Tensor):
+    """dW = dy^T x (out, in) and db = sum_rows(dy), each None when not needed; dy (M, out)."""
+    grad_w = grad2.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+    grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_w, grad_b
+
+
+class _ColumnParallelLinear(torch.autograd.Function):
+    """y_r = x W_r^T + b_r (copy_to_tp then linear); backward all-reduces dx = dy_r W_r over tp
+    asynchronously while dW_r = dy_r^T x is computed. x (..., in), W_r (out/t, in), b_r (out/t,)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, tp_size, pool=None):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.tp_size, ctx.has_bias = group, tp_size, bias is not None
+        return _matmul_out(x, weight, bias, pool)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])                                   # (M, out/t)
+        grad_x, work = None, None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad2.mm(weight).view(x.shape)            # fresh, so reduced in place
+            if ctx.tp_size > 1:
+                work = dist.all_reduce(grad_x, group=ctx.group, async_op=True)
+        grad_w, grad_b = _weight_grads(ctx, grad2, x)
+        if work is not None:
+            work.wait()
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class _RowParallelLinear(torch.autograd.Function):
+    """y = all-reduce_tp(x_r W_r^T) + b, reduced in place in its fresh buffer; backward is local.
+    x_r (..., in/t), W_r (out, in/t), b (out,) replicated."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, tp_size):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        # With one rank the bias goes into the matmul; otherwise it is added once, after the sum.
+        y = _matmul_out(x, weight, bias if tp_size == 1 else None)
+        if tp_size > 1:
+            dist.all_reduce(y, group=group)
+            if bias is not None:
+                y.add_(bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])                                   # (M, out)
+        grad_x = grad2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w, grad_b = _weight_grads(ctx, grad2, x)
+        return grad_x, grad_w, grad_b, None, None
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split along its output dim: W_r (out/t, in), b_r (out/t,).
 
     Shapes:       x (..., in) replicated on the tp group -> y_r (..., out/t), or with
                   ``gather_output`` the full y (..., out).
     Forward:      y_r = x W_r^T + b_r                          (no communication)
-    Input grad:   dx = all-reduce_tp(dy_r W_r)                 (copy_to_tp's backward)
+    Input grad:   dx = all-reduce_tp(dy_r W_r)                 (async, overlapping dW_r)
     Weight grad:  dW_r = dy_r^T x,  db_r = sum(dy_r)           (local, no communication)
     """
 
@@ -59,14 +144,14 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.out_per_rank = _divide(out_features, state.tp_size, "ColumnParallelLinear out_features")
         self.gather_output = gather_output
-        self.group = state.group("tp")
+        self.group, self.tp_size = state.group("tp"), state.tp_size
         master = master_weight((out_features, in_features), generator, init_method)
         self.weight = _shard(master, 0, state, dtype, device)   # (out/t, in)
         self.bias = _bias(self.out_per_rank, dtype, device, sharded=True) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)   # (..., out/t)
-        return gather_from_tp(y, self.group) if self.gather_output else y
+        y = _ColumnParallelLinear.apply(x, self.weight, self.bias, self.group, self.tp_size)
+        return gather_from_tp(y, self.group) if self.gather_output else y   # (..., out/t)
 
 
 class RowParallelLinear(nn.Module):
@@ -87,7 +172,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = _divide(in_features, state.tp_size, "RowParallelLinear in_features")
         self.input_is_parallel = input_is_parallel
-        self.group = state.group("tp")
+        self.group, self.tp_size = state.group("tp"), state.tp_size
         master = master_weight((out_features, in_features), generator, init_method)
         self.weight = _shard(master, 1, state, dtype, device)   # (out, in/t)
         self.bias = _bias(out_features, dtype, device, sharded=False) if bias else None
@@ -95,8 +180,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)                          # (..., in/t)
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)      # (..., out)
-        return y if self.bias is None else y + self.bias
+        return _RowParallelLinear.apply(x, self.weight, self.bias, self.group, self.tp_size)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -109,7 +193,9 @@ class VocabParallelEmbedding(nn.Module):
     Shapes:       ids (...) int, replicated on the tp group -> (..., dim), replicated.
     Forward:      e = all-reduce_tp(E_r[ids - r V/t] masked to zero where ids are not in shard r)
     Input grad:   none (integer input).
-    Weight grad:  dE_r[i] = sum of de over the positions whose id is i (local, no communication).
+    Weight grad:  dE_r[i] = sum of de over the positions whose id is i (local, no communication);
+                  sparse (those rows only) when DataParallel accumulates it into ``main_grad``
+                  on the CPU.
     """
 
     def __init__(self, vocab_size: int, dim: int, state: ParallelState, *,
@@ -125,36 +211,46 @@ class VocabParallelEmbedding(nn.Module):
         self.padded_vocab_size = -(-vocab_size // multiple) * multiple
         self.rows_per_rank = self.padded_vocab_size // state.tp_size
         self.vocab_start = state.tp_rank * self.rows_per_rank
-        self.group = state.group("tp")
+        self.group, self.tp_size = state.group("tp"), state.tp_size
         master = torch.zeros(self.padded_vocab_size, dim)
         master[:vocab_size] = master_weight((vocab_size, dim), generator, init_method)
         self.weight = _shard(master, 0, state, dtype, device)   # (V/t, dim)
         # Local vocabulary columns that are padding: a suffix of the shard, possibly empty.
-        real_here = min(max(vocab_size - self.vocab_start, 0), self.rows_per_rank)
-        pad = torch.arange(self.rows_per_rank, device=device) >= real_here
-        self.register_buffer("padding_mask", pad, persistent=False)   # (V/t,) bool
-        self.shard_has_padding = real_here < self.rows_per_rank
+        self.real_rows = min(max(vocab_size - self.vocab_start, 0), self.rows_per_rank)
+        self.shard_has_padding = self.real_rows < self.rows_per_rank
+        # The logits (tokens, V/t) are the step's largest tensors: on the CPU their buffers are
+        # reused across micro-batches once free (parallel.buffers).
+        self.logits_pool = ScratchPool()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
-        e = F.embedding(local.masked_fill(outside, 0), self.weight)      # (..., dim)
-        e = e.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(e, self.group)
+        # On the CPU under DataParallel (the weight has a main_grad) the lookup's gradient is
+        # produced sparse, the rows of the ids only, and added into main_grad by its hook: no dense
+        # (V/t, dim) zero-filled gradient per micro-batch. Elsewhere .grad stays dense, as
+        # optimizers expect (and on CUDA the dense path is cheap and deterministic).
+        sparse = (self.weight.device.type == "cpu"
+                  and getattr(self.weight, "main_grad", None) is not None)
+        e = F.embedding(local.masked_fill(outside, 0), self.weight, sparse=sparse)   # (..., dim)
+        # In place: e is fresh and the lookup's backward keeps the ids, not its output.
+        e = e.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(e, self.group, in_place=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output head: (..., dim) replicated -> vocab-parallel logits (..., V/t).
 
-        logits_r = hidden E_r^T with padding columns at -inf; input grad all-reduced over tp
-        (copy_to_tp), weight grad dE_r = dlogits_r^T hidden. Feed the result to
-        ``vocab_parallel_cross_entropy``.
+        logits_r = hidden E_r^T with padding columns at -inf; input grad all-reduced over tp (as
+        in a column-parallel linear, overlapped with the weight grad dE_r = dlogits_r^T hidden).
+        Feed the result to ``vocab_parallel_cross_entropy``.
         """
-        logits = F.linear(copy_to_tp(hidden, self.group), self.weight)   # (..., V/t)
+        logits = _ColumnParallelLinear.apply(hidden, self.weight, None, self.group, self.tp_size,
+                                             self.logits_pool)            # (..., V/t)
         if not self.shard_has_padding:
             return logits
         # In place and outside autograd: the matmul's backward keeps its inputs, not its output, and
         # the gradient reaching a padding column is already 0 (softmax of -inf, never a target),
-        # so recording the fill would only add a masking pass to backward.
+        # so recording the fill would only add a masking pass to backward. Only the padding
+        # columns (a suffix of the shard) are written.
         with torch.no_grad():
-            logits.masked_fill_(self.padding_mask, float("-inf"))
+            logits[..., self.real_rows:].fill_(float("-inf"))
         return logits

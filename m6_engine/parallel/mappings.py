@@ -61,6 +61,18 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+class _ReduceFromTPInPlace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.mark_dirty(x)
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 class _ScatterToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -88,9 +100,14 @@ def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     return x if dist.get_world_size(group) == 1 else _CopyToTP.apply(x, group)
 
 
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """Leave a TP region by summing partial results: all-reduce forward, identity backward."""
-    return x if dist.get_world_size(group) == 1 else _ReduceFromTP.apply(x, group)
+def reduce_from_tp(x: torch.Tensor, group, *, in_place: bool = False) -> torch.Tensor:
+    """Leave a TP region by summing partial results: all-reduce forward, identity backward.
+
+    ``in_place`` sums into ``x`` itself instead of a copy: for a fresh tensor nothing else reads
+    (a layer's own partial output), saving one copy of it."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return (_ReduceFromTPInPlace if in_place else _ReduceFromTP).apply(x, group)
 
 
 def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:

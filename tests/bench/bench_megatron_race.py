@@ -11,12 +11,19 @@ AdamW (constant lr 1e-4, weight decay 0.01 on matrices, no clipping), 10 steps:
   its DDP, optimizer (``torch.optim.AdamW``) and ``get_forward_backward_func`` 1F1B schedule,
   with the CPU test shim of ``megatron_ext.testing`` for its CUDA-only calls.
 
-megatron-core starts from our initial weights, converted (``megatron_ext.convert``; its vocabulary
-is left unpadded, 21128 = 2 x 10564, so no padding column changes its softmax). The two engines run
+megatron-core starts from our initial weights, converted (``megatron_ext.convert``). Both
+vocabularies are unpadded, 21128 = 2 x 10564 (ours with ``vocab_multiple=4``, so tp * 4 divides it;
+megatron-core's GPTModel has no padding mask, so a padding column would change its softmax): both
+heads compute the same 10564 columns per rank. The two engines run
 in the same 4 processes, one step of ours then one step of megatron-core's, so both meet the same
 machine load. A step is timed from a barrier to the end of the optimizer step on each rank; its time
 is the slowest rank's; the figure is the median over steps 3..10 (steady state). Losses are each
 step's mean micro-batch loss (equal token counts, so also the token mean); they must agree to 1e-4.
+
+The wall-clock figure is the race's. On a machine shared with other work (4 ranks on 2 cores and
+neighbours) it swings from step to step, so the CPU time of the step is reported too: per step the
+CPU seconds of the 4 processes (all their threads) summed, median over the same steps, and its
+ratio. It measures the work each engine does, not when the scheduler let it run.
 
 Usage: ``python -m tests.bench.bench_megatron_race --out DIR`` (writes
 ``DIR/bench_megatron_race.json``), or ``run(out_dir)`` from another script.
@@ -41,8 +48,8 @@ def _model_config():
     from m6_engine.config import ModelConfig
 
     return ModelConfig(num_layers=4, hidden_size=256, num_heads=8, vocab_size=VOCAB,
-                       max_text_positions=SEQ, num_patches=0, num_segments=0, hidden_dropout=0.0,
-                       attention_dropout=0.0)
+                       vocab_multiple=4, max_text_positions=SEQ, num_patches=0, num_segments=0,
+                       hidden_dropout=0.0, attention_dropout=0.0)
 
 
 def _optimizer_config():
@@ -120,10 +127,11 @@ def _gpt_forward_step(data_iterator, model):
 
 
 def _timed(fn):
+    """fn()'s value, wall seconds and this process's CPU seconds (all threads), from a barrier."""
     torch.distributed.barrier()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     value = fn()
-    return value, time.perf_counter() - start
+    return value, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def _race_rank() -> dict:
@@ -134,17 +142,20 @@ def _race_rank() -> dict:
     trainer, full = _ours(state)
     with cpu_shim():
         ddp, optimizer = _megatron(full)
-    ours, theirs = {"seconds": [], "losses": []}, {"seconds": [], "losses": []}
+    ours = {"seconds": [], "cpu_seconds": [], "losses": []}
+    theirs = {"seconds": [], "cpu_seconds": [], "losses": []}
     for step in range(STEPS):
-        report, seconds = _timed(trainer.train_step)
+        report, seconds, cpu = _timed(trainer.train_step)
         ours["seconds"].append(seconds)
+        ours["cpu_seconds"].append(cpu)
         ours["losses"].append(float(report.loss_parts[0] / report.loss_parts[1])
                               if state.is_last_stage else None)
         with cpu_shim():
-            losses, seconds = _timed(lambda: train_step(
+            losses, seconds, cpu = _timed(lambda: train_step(
                 _gpt_forward_step, ddp, optimizer, iter(microbatches(step)),
                 num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH))
         theirs["seconds"].append(seconds)
+        theirs["cpu_seconds"].append(cpu)
         theirs["losses"].append(float(torch.stack([d["lm loss"] for d in losses]).mean())
                                 if losses else None)
     return {"rank": state.rank, "ours": ours, "megatron": theirs}
@@ -153,6 +164,11 @@ def _race_rank() -> dict:
 def _step_times(results: list[dict], engine: str) -> list[float]:
     """Per step, the slowest rank's time."""
     return [max(times) for times in zip(*(r[engine]["seconds"] for r in results))]
+
+
+def _step_cpu(results: list[dict], engine: str) -> list[float]:
+    """Per step, the CPU seconds of all ranks together."""
+    return [sum(times) for times in zip(*(r[engine]["cpu_seconds"] for r in results))]
 
 
 def run(out_dir: str) -> dict:
@@ -165,6 +181,9 @@ def run(out_dir: str) -> dict:
     ours_t, theirs_t = _step_times(results, "ours"), _step_times(results, "megatron")
     ours_s = statistics.median(ours_t[WARMUP_STEPS:])
     theirs_s = statistics.median(theirs_t[WARMUP_STEPS:])
+    ours_c, theirs_c = _step_cpu(results, "ours"), _step_cpu(results, "megatron")
+    ours_cpu = statistics.median(ours_c[WARMUP_STEPS:])
+    theirs_cpu = statistics.median(theirs_c[WARMUP_STEPS:])
     diffs = [abs(a - b) for a, b in zip(last["ours"]["losses"], last["megatron"]["losses"])]
     result = {
         "model": {"layers": 4, "hidden": 256, "heads": 8, "vocab": VOCAB, "seq": SEQ,
@@ -173,18 +192,26 @@ def run(out_dir: str) -> dict:
         "ours_step_s": ours_s, "megatron_step_s": theirs_s, "ratio": ours_s / theirs_s,
         "target_ratio": 0.8,
         "ours_step_s_all": ours_t, "megatron_step_s_all": theirs_t,
+        "ours_step_cpu_s": ours_cpu, "megatron_step_cpu_s": theirs_cpu,
+        "cpu_ratio": ours_cpu / theirs_cpu,
+        "ours_step_cpu_s_all": ours_c, "megatron_step_cpu_s_all": theirs_c,
         "ours_losses": last["ours"]["losses"], "megatron_losses": last["megatron"]["losses"],
         "max_loss_difference": max(diffs), "losses_agree": max(diffs) <= LOSS_TOLERANCE,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "cpu_count": os.cpu_count(),
     }
     print_table("the race: tiny GPT, tp=2 pp=2 on 4 CPU ranks, 1F1B, AdamW",
-                ["step", "ours loss", "megatron loss", "|diff|", "ours s", "megatron s"],
-                [[i + 1, f"{a:.6f}", f"{b:.6f}", f"{d:.1e}", t1, t2] for i, (a, b, d, t1, t2) in
-                 enumerate(zip(result["ours_losses"], result["megatron_losses"], diffs, ours_t, theirs_t))])
+                ["step", "ours loss", "megatron loss", "|diff|", "ours s", "megatron s", "ours cpu s",
+                 "megatron cpu s"],
+                [[i + 1, f"{a:.6f}", f"{b:.6f}", f"{d:.1e}", t1, t2, c1, c2]
+                 for i, (a, b, d, t1, t2, c1, c2) in enumerate(zip(
+                     result["ours_losses"], result["megatron_losses"], diffs, ours_t, theirs_t,
+                     ours_c, theirs_c))])
     print(f"median step (steps {WARMUP_STEPS + 1}..{STEPS}): ours {ours_s:.3f} s, megatron-core "
           f"{theirs_s:.3f} s, ratio {result['ratio']:.3f} (goal <= 0.8); losses agree to "
           f"{max(diffs):.1e} (must be <= {LOSS_TOLERANCE})")
+    print(f"CPU time per step (4 ranks summed, median): ours {ours_cpu:.3f} s, megatron-core "
+          f"{theirs_cpu:.3f} s, ratio {result['cpu_ratio']:.3f}")
     print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on "
           f"{os.cpu_count()} cores")
     write_json(out_dir, "bench_megatron_race", result)
