@@ -176,7 +176,10 @@ class M6Model(nn.Module):
         weights = batch["loss_mask"].to(device=device, dtype=torch.float32)        # (B, S)
         rows = weights.nonzero(as_tuple=True)                                       # (N,), (N,)
         logits = self.embedding.word.logits(self.final_ln(hidden[rows]))            # (N, V/t)
-        token_loss = vocab_parallel_cross_entropy(logits, batch["labels"].to(device)[rows], self.state)
+        # The logits are this call's own fresh head output, read by nothing after the loss: the CE
+        # may turn them into its saved softmax numerator in place instead of a 4 B/logit copy.
+        token_loss = vocab_parallel_cross_entropy(logits, batch["labels"].to(device)[rows], self.state,
+                                                  overwrite_logits=True)
         w = weights[rows]
         weighted = token_loss * w                                                   # (N,) fp32
         loss_sum, num_tokens = weighted.sum(), w.sum()
