@@ -52,4 +52,4 @@ gpu-check:
 	bash tests/gpu_check.sh
 
 clean:
-	rm -rf build $(STAMPS) m6_engine/_C*.so *.egg-info
+	rm -rf build $(STAMPS) m6_engine/_C*.so m6_engine/_C.cpu_flags *.egg-info

@@ -1,5 +1,5 @@
-"""Build-time decisions of setup.py that tests can check: where the CUDA toolkit is, and whether
-to build the CUDA kernels at all.
+"""Build-time decisions of setup.py that tests can check: where the CUDA toolkit is, whether
+to build the CUDA kernels at all, and which SIMD level the CPU kernels are compiled for.
 
 Imported by setup.py (before ``torch.utils.cpp_extension``) and by tests/test_build.py; it never
 imports ``torch.utils.cpp_extension`` itself and changes no environment variable: the caller sets
@@ -12,7 +12,7 @@ reads ``CUDA_HOME`` once, at import, so the right folder must be in the environm
 
 import os
 import shutil
-from typing import Mapping, Optional
+from typing import FrozenSet, List, Mapping, Optional
 
 # Where NVIDIA's installers put the toolkit; preferred over a guess from nvcc's place on PATH.
 DEFAULT_TOOLKIT = "/usr/local/cuda"
@@ -87,3 +87,59 @@ def cuda_build_home(environ: Mapping[str, str] = os.environ,
                f"CUDA_PATH, {DEFAULT_TOOLKIT} and nvcc on PATH)")
         raise BuildError(f"M6_BUILD_CUDA=1 but {why}")
     return None
+
+
+# SIMD levels of the CPU kernels, best first: the /proc/cpuinfo flags each needs (ATen's AVX-512
+# vectors use F, BW, VL and DQ) and the compiler flags that turn them on. at::vec::Vectorized is
+# only SIMD with the matching CPU_CAPABILITY_<LEVEL> macro (cpu_compile_flags adds it).
+CPU_CAPABILITIES = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+    "default": ((), []),
+}
+# Name of the file written next to the built extension: its capability and the CPU flags it needs,
+# which m6_engine.ops checks before loading it (a kernel built for AVX-512 would die with SIGILL
+# on a CPU without it; the check turns that into an error saying what to rebuild).
+CPU_FLAGS_FILE = "_C.cpu_flags"
+
+
+def host_cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> FrozenSet[str]:
+    """The flags of the first CPU in ``cpuinfo_path``; empty where it cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo_path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_capability(environ: Mapping[str, str] = os.environ,
+                   flags: Optional[FrozenSet[str]] = None) -> str:
+    """The SIMD level to compile the CPU kernels for: M6_CPU_CAPABILITY when set (avx512, avx2 or
+    default; auto or unset: detect), else the best level whose flags ``flags`` (default: this
+    machine's) all has. Like -march=native, a build for the machine that builds it: set
+    M6_CPU_CAPABILITY to build on one machine for another."""
+    wanted = environ.get("M6_CPU_CAPABILITY", "").strip().lower() or "auto"
+    if wanted != "auto":
+        if wanted not in CPU_CAPABILITIES:
+            raise BuildError(f"M6_CPU_CAPABILITY must be one of {', '.join(CPU_CAPABILITIES)} or auto, "
+                             f"got {environ['M6_CPU_CAPABILITY']!r}")
+        return wanted
+    flags = host_cpu_flags() if flags is None else flags
+    return next(level for level, (needed, _) in CPU_CAPABILITIES.items() if set(needed) <= flags)
+
+
+def cpu_compile_flags(capability: str) -> List[str]:
+    """Compiler flags and the ATen capability macros for ``capability``."""
+    if capability == "default":
+        return []
+    macro = capability.upper()
+    return CPU_CAPABILITIES[capability][1] + [f"-DCPU_CAPABILITY_{macro}", f"-DCPU_CAPABILITY={macro}"]
+
+
+def cpu_flags_record(capability: str) -> str:
+    """Text of :data:`CPU_FLAGS_FILE`: the capability, then the CPU flags it needs, on one line."""
+    return " ".join((capability,) + CPU_CAPABILITIES[capability][0]) + "\n"

@@ -7,6 +7,9 @@ and a CUDA toolkit is found. Knobs (environment variables, read here and nowhere
                          torch is a CUDA build and a toolkit is found)
   CUDA_HOME              the toolkit; else CUDA_PATH, /usr/local/cuda, the parent of `nvcc` on PATH
   TORCH_CUDA_ARCH_LIST   CUDA architectures, default "8.0;9.0"
+  M6_CPU_CAPABILITY      SIMD level of the CPU kernels: avx512, avx2, default, or auto (unset: the
+                         best this machine has; the build records it, and m6_engine refuses to
+                         load a build this CPU cannot run)
   M6_CPU_NATIVE=1        compile the CPU kernels with -march=native (a source build for this machine)
   MAX_JOBS               parallel compile jobs (ninja)
   DEBUG=1                -O0 -g, no NDEBUG
@@ -46,29 +49,27 @@ def _cuda_build_home():
     return home
 
 
-def _cpu_flags():
-    """Compile flags for the C++ kernels: AVX2 where the compiler and the machine have it.
+def _cpu_capability():
+    """The SIMD level of the CPU kernels (build_support.cpu_capability: M6_CPU_CAPABILITY, else
+    the best this machine has)."""
+    try:
+        return build_support.cpu_capability(os.environ)
+    except build_support.BuildError as error:
+        _fail(str(error))
 
-    at::vec::Vectorized<float> is only SIMD when CPU_CAPABILITY_AVX2 is defined together with the
+
+def _cpu_flags(capability):
+    """Compile flags for the C++ kernels at SIMD level ``capability``.
+
+    at::vec::Vectorized<float> is only SIMD when CPU_CAPABILITY_<LEVEL> is defined together with the
     matching -m flags; without them it compiles to scalar loops that still give the same results.
     """
     # -Wno-unknown-pragmas: torch's vectorised headers carry `#pragma unroll`, which g++ does not
     # know; its warnings would bury ours.
     flags = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
     if os.environ.get("M6_CPU_NATIVE") == "1":
-        return flags + ["-march=native", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    if _cpu_has_avx2():
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return flags
-
-
-def _cpu_has_avx2():
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return False
-    return " avx2" in info and " fma" in info and " f16c" in info
+        flags.append("-march=native")
+    return flags + build_support.cpu_compile_flags(capability)
 
 
 def _extensions():
@@ -80,7 +81,7 @@ def _extensions():
     if not sources:
         _fail("no C++ sources under csrc/: is this a complete checkout?")
     debug = os.environ.get("DEBUG") == "1"
-    cxx = _cpu_flags()
+    cxx = _cpu_flags(_cpu_capability())
     if debug:
         cxx = [f for f in cxx if not f.startswith("-O")] + ["-O0", "-g", "-UNDEBUG"]
     extra = {"cxx": cxx}
@@ -108,7 +109,20 @@ def _build_ext_class():
         def build_extensions(self):
             if shutil.which(os.environ.get("CXX", "c++")) is None:
                 _fail("no C++ compiler found (install g++, or set CXX)")
+            print(f"m6-engine: CPU kernels for {_cpu_capability()}")
             super().build_extensions()
+            self._write_cpu_flags(os.path.dirname(self.get_ext_fullpath("m6_engine._C")))
+
+        def run(self):
+            super().run()
+            if self.inplace:  # the extension was copied into the source tree: so is its record
+                self._write_cpu_flags(self.get_finalized_command("build_py").get_package_dir("m6_engine"))
+
+        @staticmethod
+        def _write_cpu_flags(folder):
+            # Next to the extension, where m6_engine.ops looks before loading it.
+            with open(os.path.join(folder, build_support.CPU_FLAGS_FILE), "w") as f:
+                f.write(build_support.cpu_flags_record(_cpu_capability()))
 
     return BuildExtension.with_options(use_ninja=True)
 

@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "common/cpu_output_cache.h"
+
 TORCH_LIBRARY(m6, m) {
   // scores (B, H, Sq, Sk) fp32|fp16|bf16, or fp64 on the CPU (csrc/common/dtypes.h);
   // prefix_len, valid_len (B,) int32|int64 on scores' device.
@@ -52,9 +54,37 @@ PyObject* with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+// The CPU output cache (csrc/common/cpu_output_cache.h), as torch.cuda's memory_stats/empty_cache.
+PyObject* cpu_output_cache_stats(PyObject*, PyObject*) {
+  const m6::cpu::OutputCacheStats s = m6::cpu::output_cache_stats();
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L}", "limit_bytes", static_cast<long long>(s.limit_bytes),
+                       "cached_bytes", static_cast<long long>(s.cached_bytes), "cached_blocks",
+                       static_cast<long long>(s.cached_blocks), "live_bytes", static_cast<long long>(s.live_bytes),
+                       "hits", static_cast<long long>(s.hits), "misses", static_cast<long long>(s.misses));
+}
+
+PyObject* empty_cpu_output_cache(PyObject*, PyObject*) {
+  m6::cpu::empty_output_cache();
+  Py_RETURN_NONE;
+}
+
+PyObject* set_cpu_output_cache_limit(PyObject*, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  if (bytes < 0) {
+    PyErr_Format(PyExc_ValueError, "the CPU output cache limit must be >= 0 bytes, got %lld", bytes);
+    return nullptr;
+  }
+  return PyLong_FromLongLong(m6::cpu::set_output_cache_limit(bytes));
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "SIMD capability of the CPU kernels."},
     {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were built."},
+    {"cpu_output_cache_stats", cpu_output_cache_stats, METH_NOARGS, "Counters of the CPU output cache."},
+    {"empty_cpu_output_cache", empty_cpu_output_cache, METH_NOARGS, "Frees the cached CPU output blocks."},
+    {"set_cpu_output_cache_limit", set_cpu_output_cache_limit, METH_O,
+     "Sets the most free bytes the CPU output cache keeps; returns the old limit."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "m6-engine kernels (m6:: ops).", -1, methods};

@@ -180,3 +180,71 @@ def test_cuda_build_has_device_code_for_each_arch():
     assert not missing, f"{so} has cubins for sm_{sorted(found)}, none for sm_{sorted(missing)}"
     for kernel_file in ("masked_softmax_cuda", "layer_norm_cuda"):
         assert kernel_file in listing, f"no device code from {kernel_file}.cu"
+
+
+# ---- The CPU kernels' SIMD level: chosen from the CPU flags, recorded, checked before loading.
+
+AVX512_FLAGS = frozenset("fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512dq".split())
+AVX2_FLAGS = frozenset("fpu sse2 avx avx2 fma f16c".split())
+
+
+@pytest.mark.parametrize("flags,level", [(AVX512_FLAGS, "avx512"), (AVX512_FLAGS - {"avx512bw"}, "avx2"),
+                                         (AVX2_FLAGS, "avx2"), (AVX2_FLAGS - {"f16c"}, "default"),
+                                         (frozenset(), "default")])
+def test_cpu_capability_is_the_best_the_flags_allow(flags, level):
+    assert build_support.cpu_capability({}, flags) == level
+    assert build_support.cpu_capability({"M6_CPU_CAPABILITY": "auto"}, flags) == level
+
+
+def test_cpu_capability_override_and_bad_values():
+    assert build_support.cpu_capability({"M6_CPU_CAPABILITY": "AVX2"}, AVX512_FLAGS) == "avx2"
+    assert build_support.cpu_capability({"M6_CPU_CAPABILITY": "avx512"}, AVX2_FLAGS) == "avx512"  # cross-build
+    with pytest.raises(build_support.BuildError, match="M6_CPU_CAPABILITY must be one of avx512, avx2, default"):
+        build_support.cpu_capability({"M6_CPU_CAPABILITY": "sse"}, AVX2_FLAGS)
+
+
+def test_cpu_compile_flags_define_the_aten_capability():
+    flags = build_support.cpu_compile_flags("avx512")
+    assert "-mavx512bw" in flags and "-DCPU_CAPABILITY_AVX512" in flags and "-DCPU_CAPABILITY=AVX512" in flags
+    assert "-DCPU_CAPABILITY_AVX2" in build_support.cpu_compile_flags("avx2")
+    assert build_support.cpu_compile_flags("default") == []
+
+
+def test_host_cpu_flags_reads_the_first_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert build_support.host_cpu_flags(str(info)) == {"fpu", "avx2", "fma"}
+    assert build_support.host_cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_a_build_this_cpu_cannot_run_is_refused_with_the_missing_flags(tmp_path):
+    from m6_engine.ops._extension import cpu_flags_problem
+
+    record = tmp_path / build_support.CPU_FLAGS_FILE
+    record.write_text(build_support.cpu_flags_record("avx512"))
+    problem = cpu_flags_problem(str(record), set(AVX2_FLAGS))
+    assert "built for avx512 CPUs, but this CPU lacks avx512f avx512bw avx512vl avx512dq" in problem
+    assert "M6_CPU_CAPABILITY=avx2" in problem
+    assert cpu_flags_problem(str(record), set(AVX512_FLAGS)) is None
+    assert cpu_flags_problem(str(tmp_path / "no-record"), set(AVX2_FLAGS)) is None  # nothing to check
+
+
+def test_setup_py_reports_a_bad_capability_clearly(tmp_path):
+    env = {**os.environ, "M6_CPU_CAPABILITY": "sse", "M6_BUILD_CUDA": "0"}
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path),
+                             "--build-lib", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "m6-engine build error: M6_CPU_CAPABILITY must be one of avx512, avx2, default or auto, got 'sse'" \
+        in result.stderr
+    assert not list(tmp_path.iterdir()), "nothing may be built"
+
+
+def test_extension_capability_matches_the_build_rule():
+    # The build recorded what it compiled for, and the kernels say the same.
+    expected = build_support.cpu_capability(os.environ)
+    assert ops.cpu_capability() == expected, (
+        f"m6_engine._C has {ops.cpu_capability()} kernels, the build rule says {expected}: run `make install`")
+    record = os.path.join(os.path.dirname(ops.require_extension().__file__), build_support.CPU_FLAGS_FILE)
+    with open(record) as f:
+        assert f.read() == build_support.cpu_flags_record(expected)

@@ -116,14 +116,25 @@ def test_scale_and_extreme_scores():
 
 @pytest.mark.parametrize("sk", [32768, 32771])
 def test_long_rows(sk):
-    # 2 x 128 rows of >= 32768 keys (odd Sk misaligns the rows): outputs of >= 32 MiB, fresh
-    # zero pages from the OS, so poison them, or unwritten zeros would go unnoticed.
+    # 2 x 128 rows of >= 32768 keys (odd Sk misaligns the rows): outputs of >= 32 MiB, written
+    # with non-temporal stores into blocks of the output cache, which may hold an earlier output
+    # (or fresh zeros): poison them, or an unwritten element would go unnoticed.
     sq, q_offset = 128, 29950
     prefix, valid = _lengths([(0, sk), (20000, 30000)])
     scores = _scores(2, 1, sq, sk)
     out = _check_forward(scores, prefix, valid, q_offset, poison=True)
     assert torch.all(out[1, :, 30000 - q_offset:] == 0)  # sample 1's rows from 30000 on are padding
     _check_backward(scores, prefix, valid, q_offset, poison=True)
+
+
+def test_streaming_stores_on_short_rows():
+    # Outputs of >= 16 MiB take the non-temporal store path: with 17 keys a row is shorter than two
+    # vectors, so its unaligned head, aligned middle and tail overlap in every way across rows.
+    prefix, valid = _lengths([(0, 17), (17, 17), (5, 17), (4, 11)])
+    scores = _scores(4, 4, 16384, 17)
+    assert scores.nbytes >= 16 * 2**20
+    _check_forward(scores, prefix, valid, 0, poison=True)
+    _check_backward(scores, prefix, valid, 0, poison=True)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided"])

@@ -30,7 +30,7 @@
 #include <utility>
 #include <vector>
 
-#include "../common/cpu_alloc.h"
+#include "../common/cpu_output_cache.h"
 #include "../common/cpu_vec.h"
 #include "layer_norm.h"
 

@@ -19,6 +19,7 @@ from m6_engine.ops._extension import (
 )
 from m6_engine.ops.layer_norm import layer_norm
 from m6_engine.ops.masked_softmax import masked_softmax
+from m6_engine.ops.output_cache import cpu_output_cache_stats, empty_cpu_output_cache, set_cpu_output_cache_limit
 from m6_engine.ops.reference import layer_norm_reference, masked_softmax_reference, prefix_lm_mask
 
 
@@ -40,7 +41,8 @@ def select_ops(fused: bool) -> OpSet:
 
 
 __all__ = [
-    "ExtensionNotBuiltError", "OpSet", "cpu_capability", "cuda_kernels_built", "extension_available",
+    "ExtensionNotBuiltError", "OpSet", "cpu_capability", "cpu_output_cache_stats", "cuda_kernels_built",
+    "empty_cpu_output_cache", "extension_available", "set_cpu_output_cache_limit",
     "layer_norm", "layer_norm_reference", "masked_softmax", "masked_softmax_reference",
     "prefix_lm_mask", "require_extension", "select_ops",
 ]

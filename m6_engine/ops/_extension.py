@@ -7,6 +7,7 @@ called without it raises :class:`ExtensionNotBuiltError` saying how to build it.
 """
 
 import importlib
+import os
 
 import torch  # noqa: F401  (loads libtorch, which m6_engine._C links against)
 
@@ -20,7 +21,46 @@ class ExtensionNotBuiltError(RuntimeError):
     """A fused m6 op was called but m6_engine._C is not built or does not load."""
 
 
+# Written next to the extension by setup.py (build_support.CPU_FLAGS_FILE): "<capability> <flag>...".
+_CPU_FLAGS_RECORD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_C.cpu_flags")
+
+
+def _host_cpu_flags(cpuinfo_path="/proc/cpuinfo"):
+    """This CPU's flags from /proc/cpuinfo; empty where it cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo_path) as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def cpu_flags_problem(record_path=_CPU_FLAGS_RECORD, host_flags=None):
+    """Why this CPU cannot run the built CPU kernels, or None when it can (or nobody can tell).
+
+    The build compiles for the building machine's SIMD level (like -march=native); loading an
+    AVX-512 build on a CPU without AVX-512 would kill the process with SIGILL, so the recorded
+    flags are checked before the import.
+    """
+    try:
+        with open(record_path) as f:
+            words = f.read().split()
+    except OSError:
+        return None
+    host_flags = _host_cpu_flags() if host_flags is None else host_flags
+    if not words or not host_flags:
+        return None
+    missing = [flag for flag in words[1:] if flag not in host_flags]
+    if not missing:
+        return None
+    return (f"m6_engine._C was built for {words[0]} CPUs, but this CPU lacks {' '.join(missing)}: rebuild it "
+            f"on this machine (`make clean install`), or with M6_CPU_CAPABILITY=avx2 (or default) for "
+            f"every machine of a mixed cluster")
+
+
 def _load():
+    problem = cpu_flags_problem()
+    if problem is not None:
+        return None, problem
     try:
         module = importlib.import_module("m6_engine._C")
     except ImportError as error:  # not built, or built against another torch (undefined symbol)

@@ -6,9 +6,10 @@ logits of the output head (44 MB at 1056 tokens x 10624 columns) the faults cost
 writing the values. Two remedies, both CPU-only (CUDA's caching allocator already reuses memory):
 
 - :func:`empty_large`: ``torch.empty`` with the buffer's interior 2 MiB-aligned range advised to
-  transparent huge pages (Linux ``madvise(MADV_HUGEPAGE)``), which fault 512x less often; the C++
-  kernels do the same for their outputs (``csrc/common/cpu_alloc.h``). Only a hint on memory we
-  own: where THP is disabled or the call is unavailable the buffer is a plain ``torch.empty``.
+  transparent huge pages (Linux ``madvise(MADV_HUGEPAGE)``), which fault 512x less often (the C++
+  kernels go further and reuse their outputs' blocks: ``csrc/common/cpu_output_cache.h``). Only a
+  hint on memory we own: where THP is disabled or the call is unavailable the buffer is a plain
+  ``torch.empty``.
 - :class:`ScratchPool`: a module keeps the storage of its last few large outputs and hands one
   out again once no tensor uses it any more (its storage's use count is back to the pool's own
   reference), so a buffer made for one micro-batch serves the next ones without a single fault.
