@@ -127,6 +127,22 @@ def test_long_rows(sk):
     _check_backward(scores, prefix, valid, q_offset, poison=True)
 
 
+def test_infinite_and_nan_scores():
+    # A -inf score the mask allows gets probability exactly 0; a NaN score makes its whole row NaN,
+    # as in the composite (so an overflow upstream is not turned into plausible numbers).
+    prefix, valid = _lengths([(0, 40), (40, 40)])
+    scores = _scores(2, 1, 40, 40)
+    scores[0, 0, 30, 5] = float("-inf")
+    scores[1, 0, 7, 33] = float("nan")
+    out = ops.masked_softmax(scores, prefix, valid, SCALE, 0)
+    exact = masked_softmax_reference(scores.double(), prefix, valid, SCALE, 0)
+    assert out[0, 0, 30, 5] == 0
+    assert out[1, 0, 7].isnan().all() and exact[1, 0, 7].isnan().all()
+    finite = ~exact.isnan()
+    torch.testing.assert_close(out.double()[finite], exact[finite], atol=FLOOR[torch.float32], rtol=0)
+    assert finite.sum() == out.numel() - 40
+
+
 def test_streaming_stores_on_short_rows():
     # Outputs of >= 16 MiB take the non-temporal store path: with 17 keys a row is shorter than two
     # vectors, so its unaligned head, aligned middle and tail overlap in every way across rows.
