@@ -91,6 +91,7 @@ def score(model, prefix: Prompt | None, candidates: Sequence[Sequence[int]]) -> 
     rows = predicting.nonzero(as_tuple=True)                                        # (M,), (M,)
     shard_logits = model.embedding.word.logits(hidden[rows])                        # (M, V/t)
     targets = tokens.to(device)[rows[0], rows[1] + 1]                               # (M,)
-    token_loss = vocab_parallel_cross_entropy(shard_logits, targets, model.state)   # (M,) fp32
+    token_loss = vocab_parallel_cross_entropy(shard_logits, targets, model.state,   # (M,) fp32
+                                              overwrite_logits=True)  # never read again
     log_likelihood = -torch.zeros(n, device=device).index_add(0, rows[0], token_loss)
     return [CandidateScore(float(ll), length - 1) for ll, length in zip(log_likelihood.tolist(), lengths)]
