@@ -110,6 +110,18 @@ inline Vec head_lanes(const Vec& v, int64_t count, float fill) {
   return Vec::set(Vec(fill), v, count);
 }
 
+// Sum of the lanes of v, halving the vector width each round (a tree, like at::vec::vec_reduce_all
+// but from stored lanes: GCC 12 warns that ATen's AVX-512 shuffle "uses an uninitialised value").
+// Called once per row, so the stores cost nothing measurable.
+inline float reduce_add(const Vec& v) {
+  float lanes[kVecWidth];
+  v.store(lanes);
+  for (int64_t width = kVecWidth / 2; width > 0; width /= 2) {
+    for (int64_t k = 0; k < width; ++k) lanes[k] += lanes[k + width];
+  }
+  return lanes[0];
+}
+
 // max(a, b) lane by lane, one instruction: a NaN lane gives b's lane (at::vec::maximum spends three
 // more instructions propagating NaN; the callers' later arithmetic propagates it anyway).
 inline Vec max_fast(const Vec& a, const Vec& b) {

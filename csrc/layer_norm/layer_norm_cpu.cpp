@@ -52,10 +52,6 @@ constexpr int64_t kMaxPartialFloats = int64_t{1} << 21;  // cap of chunks * N (8
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-inline float hsum(const Vec& v) {
-  return at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, v);
-}
-
 // Two sums over a row: f(j, count, acc0, acc1) adds the terms of vector [j, j + count) into the
 // fp32 accumulators (count < width only at the row's end, where f must add 0 for lanes >= count).
 // Four accumulator pairs in flight hide the add latency; blocks of kBlock elements are folded
@@ -73,8 +69,8 @@ std::pair<double, double> reduce_row(int64_t n, const F& f) {
       for (int k = 0; k < 4; ++k) f(j + k * kVecWidth, kVecWidth, a[k], b[k]);
     }
     for (; j < end; j += kVecWidth) f(j, std::min<int64_t>(kVecWidth, end - j), a[0], b[0]);
-    total0 += hsum((a[0] + a[1]) + (a[2] + a[3]));
-    total1 += hsum((b[0] + b[1]) + (b[2] + b[3]));
+    total0 += cpu::reduce_add((a[0] + a[1]) + (a[2] + a[3]));
+    total1 += cpu::reduce_add((b[0] + b[1]) + (b[2] + b[3]));
   }
   return {total0, total1};
 }

@@ -124,7 +124,7 @@ float exp_row_and_sum(const float* x, float* y, int64_t n, float scale, float m)
     e.store(y + j, rest);
     s1 += cpu::head_lanes(e, rest, 0.f);  // lanes past n hold exp of a zero-filled load
   }
-  return at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, s0 + s1);
+  return cpu::reduce_add(s0 + s1);
 }
 
 // y[0:len) = softmax(scale * x[0:n)) followed by zeros, 0 <= n <= len. `scratch` (>= n floats,
@@ -153,7 +153,7 @@ float row_dot(const float* dy, const float* y, int64_t n) {
     const int64_t c = std::min<int64_t>(kVecWidth, n - j);
     d0 = at::vec::fmadd(load_n(dy + j, c), load_n(y + j, c), d0);  // zero-filled past n
   }
-  return at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, d0 + d1);
+  return cpu::reduce_add(d0 + d1);
 }
 
 // dx[0:len) = scale * y * (dy - sum(dy * y)) over [0, n), zeros past n. dx may alias dy or y.
