@@ -20,6 +20,7 @@ torch.utils.cpp_extension guesses the toolkit from the place of `nvcc` on PATH (
 import, so it is set here before that import.
 """
 
+import functools
 import glob
 import os
 import shutil
@@ -49,6 +50,7 @@ def _cuda_build_home():
     return home
 
 
+@functools.lru_cache(maxsize=None)  # asked by the flags, the build message and the record
 def _cpu_capability():
     """The SIMD level of the CPU kernels (build_support.cpu_capability: M6_CPU_CAPABILITY, else
     the best this machine has)."""
