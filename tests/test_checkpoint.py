@@ -8,6 +8,7 @@ Saving and loading models are built from different seeds, so a tensor that is no
 """
 
 import dataclasses
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -210,6 +211,114 @@ def test_reshard_gives_identical_global_tensors(saved_221, resharded, layout):
         assert (r["step"], r["extra"], r["loaded"]["scalars"]) == (7, EXTRA, saved_scalars)
         # A new layout cannot take the saved RNG states: reseeded from (seed, step).
         assert r["rng"] == "reseeded" and torch.equal(r["draws"], r["expected_draws"])
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO-1: each dp rank saves and loads its own pieces; the optimizer state is never gathered.
+
+@pytest.mark.parametrize("shape", [(37,), (1, 9), (7, 9), (9, 1)])
+def test_flat_ranges_become_rectangles_that_partition_them(shape):
+    from m6_engine.checkpoint.sharding import flat_range_rectangles, piece_of, pieces_buffer_layout
+
+    n = math.prod(shape)
+    tensor = torch.arange(n).view(shape)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        first, end = sorted(torch.randint(0, n + 1, (2,), generator=gen).tolist())
+        if first == end:
+            continue
+        buffer_shape, start, rectangles = flat_range_rectangles(first, end, shape)
+        assert len(rectangles) <= 3 and buffer_shape[1:] == shape[1:]
+        buffer = torch.full(buffer_shape, -1, dtype=torch.long)
+        buffer.view(-1)[start:start + end - first] = tensor.view(-1)[first:end]
+        covered = torch.zeros(shape, dtype=torch.int)
+        for in_buffer, size, in_tensor in rectangles:
+            b = tuple(slice(o, o + k) for o, k in zip(in_buffer, size))
+            t = tuple(slice(o, o + k) for o, k in zip(in_tensor, size))
+            assert torch.equal(buffer[b], tensor[t])
+            covered[t] += 1
+        expected = torch.zeros(n, dtype=torch.int)
+        expected[first:end] = 1
+        assert torch.equal(covered.view(-1), expected), (first, end, rectangles)
+    # Two ranges stacked in one buffer, each found again where the layout put it.
+    ranges = [(0, 3), (n // 2, n)] if n > 6 else [(0, 1), (2, n)]
+    stacked_shape, placements = pieces_buffer_layout(ranges, shape)
+    stacked = torch.zeros(stacked_shape, dtype=torch.long)
+    for (first, end), placement in zip(ranges, placements):
+        piece_of(stacked, placement, first, end).copy_(tensor.view(-1)[first:end])
+    for (first, end), placement in zip(ranges, placements):
+        assert torch.equal(piece_of(stacked, placement, first, end), tensor.view(-1)[first:end])
+    with pytest.raises(ValueError, match="not a non-empty part"):
+        flat_range_rectangles(3, 3, shape)
+
+
+def _no_gather(*args, **kwargs):
+    raise AssertionError("a ZeRO-1 checkpoint gathered the optimizer state (param_states)")
+
+
+def _save_sharded(ckpt_dir, precision="fp32"):
+    """(tp, pp, dp) = (1, 2, 2) with ZeRO-1 (the tied word embedding on both stages): save, and
+    load into a fresh model of the same layout, with param_states made to fail."""
+    from m6_engine.checkpoint.optimizer_state import optimizer_entries
+    from m6_engine.checkpoint.sharding import model_tensors
+
+    state = init_state(tp=1, pp=2)
+    tracker = seed_parallel_rng(SEED, state)
+    model, opt = build(state, seed=1, perturb=True, sharding=True, precision=precision)
+    take_steps(model, opt, 3)
+    opt.param_states = _no_gather                       # shadows the method on this instance
+    save_checkpoint(ckpt_dir, 5, model=model, optimizer=opt, state=state, extra=EXTRA, rng_tracker=tracker)
+    # What the save held: the owned elements, plus at most two partial rows per piece, per key.
+    buffers = optimizer_entries(opt, model_tensors(model), state, for_save=True).pieces
+    held = sum(b.numel() for _, bufs, _ in buffers.values() for b in bufs.values())
+    owned = sum(end - first for ranges, _, _ in buffers.values() for first, end in ranges)
+    rows = sum(2 * p.shape[-1] for p in model.params)
+    del opt.param_states
+    model2, opt2 = build(state, seed=2, sharding=True, precision=precision)
+    opt2.param_states = _no_gather
+    load_checkpoint(ckpt_dir, model=model2, optimizer=opt2, state=state, rng_tracker=tracker)
+    del opt2.param_states
+    return {"saved": local_state(model, opt, state), "loaded": local_state(model2, opt2, state),
+            "held": held, "owned": owned, "slack": 3 * rows,
+            "stage_numel": sum(p.numel() for p in model.params)}
+
+
+@pytest.fixture(scope="module")
+def saved_zero(tmp_path_factory):
+    ckpt_dir = tmp_path_factory.mktemp("zero") / "run"
+    results = run_ranks(_save_sharded, 4, str(ckpt_dir))
+    return ckpt_dir, results, {part: assemble([r["saved"] for r in results], part, loaded=False)
+                               for part in ("params", "optim")}
+
+
+def test_zero_round_trip_saves_only_owned_pieces(saved_zero):
+    _, results, saved = saved_zero
+    for part in ("params", "optim"):
+        assert_same_tensors(assemble([r["loaded"] for r in results], part), saved[part])
+    for r in results:   # 3 keys x (owned + partial rows), against 3 x the whole stage before
+        assert 3 * r["owned"] <= r["held"] <= 3 * r["owned"] + r["slack"] < 3 * r["stage_numel"]
+        assert r["owned"] < r["stage_numel"]
+
+
+def test_zero_round_trip_with_bf16_params(tmp_path):
+    # Separate fp32 masters: loading sets them, rounds them into the bf16 parameters and
+    # all-gathers those over dp.
+    results = run_ranks(_save_sharded, 4, str(tmp_path / "run"), "bf16")
+    for part in ("params", "optim"):
+        saved = assemble([r["saved"] for r in results], part, loaded=False)
+        assert_same_tensors(assemble([r["loaded"] for r in results], part), saved)
+    assert all(t.dtype == torch.bfloat16 for t in results[0]["loaded"]["params"].values())
+
+
+def test_zero_checkpoint_reshards(saved_zero):
+    # The pieces of (1, 2, 2) read back at (1, 1, 1) without ZeRO and at (2, 1, 2) with it.
+    ckpt_dir, _, saved = saved_zero
+    ((single,),) = run_ranks(_load_elsewhere, 1, [(str(ckpt_dir), 1, 1, None)], torchrun_env=False)
+    four = [r[0] for r in run_ranks(_load_elsewhere, 4, [(str(ckpt_dir), 2, 1, None)])]
+    for results in ([single], four):
+        for part in ("params", "optim"):
+            assert_same_tensors(assemble([r["loaded"] for r in results], part), saved[part])
+        assert all((r["step"], r["extra"]) == (5, EXTRA) for r in results)
 
 
 def _cuda_round_trip(ckpt_dir):

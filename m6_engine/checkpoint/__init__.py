@@ -23,8 +23,16 @@ stage,
     optimizer.load_param_states(named, states)                             (collective over dp)
     optimizer.scalar_state() -> dict;  optimizer.load_scalar_state(dict)
 
+and, for an optimizer with ZeRO-1 (``optimizer.sharded``), instead of the first two:
+
+    optimizer.state_pieces(named) -> {name: [(first, end, {key: fp32 tensor of end - first
+                                      elements}), ...]}   the flat ranges this rank owns, no copies
+    optimizer.load_state_pieces(named, pieces)                             (collective over dp)
+
 Per-parameter states are stored sharded like their parameter; on load the optimizer is first
-asked for its ``param_states`` (their keys and shapes), which are filled in place and handed back.
+asked for its ``param_states`` (their keys and shapes) or its pieces, which are filled in place and
+handed back (``optimizer_state``). With ZeRO-1 nothing is gathered: each dp rank writes and reads
+only its own elements.
 """
 
 from m6_engine.checkpoint.folders import (

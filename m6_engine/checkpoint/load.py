@@ -17,11 +17,12 @@ from m6_engine.checkpoint.folders import (
     MANIFEST, CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, check_checksums,
     check_sizes, latest_checkpoint, read_manifest, step_of,
 )
+from m6_engine.checkpoint.optimizer_state import hand_back, optimizer_entries
 from m6_engine.checkpoint.save import (
-    EXTRA_KEY, SCALAR_KEY, layout_of, model_entries, optimizer_entries,
+    EXTRA_KEY, SCALAR_KEY, layout_of, model_entries,
 )
 from m6_engine.checkpoint.sharding import (
-    MODEL_PREFIX, model_key, model_tensors, parameters_by_name, zero_padding,
+    MODEL_PREFIX, model_key, model_tensors, zero_padding,
 )
 from m6_engine.parallel.random import RNGTracker
 from m6_engine.parallel.state import ParallelState
@@ -172,10 +173,10 @@ def load_checkpoint(path_or_dir, *, model: nn.Module, state: ParallelState, opti
 
     tensors, tp_mesh = model_tensors(model), state.mesh["tp"]
     state_dict = model_entries(tensors, tp_mesh)
-    states = None
+    optimizer_read = None
     if optimizer is not None:
-        entries, states = optimizer_entries(optimizer, tensors, tp_mesh)
-        state_dict.update(entries)
+        optimizer_read = optimizer_entries(optimizer, tensors, state, for_save=False)
+        state_dict.update(optimizer_read.entries)
         state_dict[SCALAR_KEY] = None
     state_dict[EXTRA_KEY] = None
     same_layout = (manifest["layout"] == layout_of(state)
@@ -185,10 +186,7 @@ def load_checkpoint(path_or_dir, *, model: nn.Module, state: ParallelState, opti
     _check_keys(folder, state_dict)
     _read(folder, state_dict, tensors)
     if optimizer is not None:
-        for name, per_param in states.items():
-            for value in per_param.values():
-                zero_padding(value, tensors[name][1])
-        optimizer.load_param_states(parameters_by_name(tensors), states)
+        hand_back(optimizer, tensors, optimizer_read)
         optimizer.load_scalar_state(state_dict[SCALAR_KEY])
 
     step = manifest["step"]

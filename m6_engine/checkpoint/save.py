@@ -4,6 +4,7 @@ What one checkpoint holds (keys of the DCP state dict):
 
     model.<name>                    every parameter / persistent buffer, as its global tensor
     optimizer.<name>.<key>          the optimizer's per-parameter fp32 tensors, sharded like <name>
+                                    (with ZeRO-1, each dp rank writes its own pieces: optimizer_state)
     optimizer_scalar                optimizer.scalar_state(): loss scaler, LR schedule, step counts
     extra                           the trainer's dict (data-sampler position, ...), from rank 0
     rng.rank<r>                     rank r's RNG streams (see ``m6_engine.checkpoint.rng``)
@@ -32,9 +33,8 @@ from m6_engine.checkpoint.folders import (
     FORMAT, FORMAT_VERSION, MANIFEST, CheckpointError, file_digest, prune, publish, step_dirname,
     tmp_dirname, write_manifest,
 )
-from m6_engine.checkpoint.sharding import (
-    global_view, model_key, model_tensors, optimizer_key, parameters_by_name,
-)
+from m6_engine.checkpoint.optimizer_state import optimizer_entries
+from m6_engine.checkpoint.sharding import global_view, model_key, model_tensors
 from m6_engine.parallel.random import RNGTracker
 from m6_engine.parallel.state import ParallelState
 
@@ -58,27 +58,6 @@ def _jsonable(config):
 def model_entries(tensors: dict, tp_mesh) -> dict:
     """DCP entries of :func:`model_tensors`' tensors."""
     return {model_key(n): global_view(t, layout, tp_mesh) for n, (t, layout) in tensors.items()}
-
-
-def optimizer_entries(optimizer, tensors: dict, tp_mesh) -> tuple[dict, dict]:
-    """(DCP entries, the states themselves) of ``optimizer.param_states``: collective over dp.
-
-    Each state tensor must have its parameter's local shape; it is stored sharded like it.
-    """
-    named = parameters_by_name(tensors)
-    states = optimizer.param_states(named)
-    entries = {}
-    for name, per_param in states.items():
-        if name not in named:
-            raise CheckpointError(f"the optimizer holds state for {name!r}, which is not a "
-                                  "parameter of this model stage")
-        param, layout = tensors[name]
-        for key, value in per_param.items():
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"optimizer state {name}.{key} has shape {tuple(value.shape)}"
-                                      f", its parameter {tuple(param.shape)}")
-            entries[optimizer_key(name, key)] = global_view(value, layout, tp_mesh)
-    return entries, states
 
 
 def _file_digests(folder: Path) -> dict:
@@ -117,7 +96,7 @@ def save_checkpoint(ckpt_dir, step: int, *, model: nn.Module, state: ParallelSta
     tensors, tp_mesh = model_tensors(model), state.mesh["tp"]
     state_dict = model_entries(tensors, tp_mesh)
     if optimizer is not None:
-        state_dict.update(optimizer_entries(optimizer, tensors, tp_mesh)[0])
+        state_dict.update(optimizer_entries(optimizer, tensors, state, for_save=True).entries)
     if state.rank == 0:
         state_dict[EXTRA_KEY] = dict(extra or {})
         if optimizer is not None:

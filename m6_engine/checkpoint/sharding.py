@@ -22,6 +22,7 @@ dp replicas, the tied embedding on the first and last stage) are written once: D
 keeps one copy of every (key, offset) and spreads the copies it keeps over the ranks.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,86 @@ def global_view(local: torch.Tensor, layout: TensorLayout, tp_mesh: DeviceMesh):
         placements = [Shard(layout.tp_dim)]
     return DTensor.from_local(local, tp_mesh, placements, run_check=False,
                               shape=torch.Size(shape), stride=_contiguous_stride(tuple(shape)))
+
+
+def flat_range_rectangles(first: int, end: int, shape: tuple[int, ...]):
+    """Cover the flat elements [first, end) of a row-major tensor of ``shape`` (1 or 2 dims) with
+    rectangles. Returns (buffer_shape, buffer_first, rectangles): a buffer of ``buffer_shape`` (the
+    rows the range touches) holds the range at its flat elements [buffer_first, buffer_first +
+    end - first), and each rectangle is (offset in the buffer, size, offset in the tensor): at
+    most three (a partial first row, whole rows, a partial last row). Pure."""
+    if not 0 <= first < end <= math.prod(shape):
+        raise ValueError(f"flat range [{first}, {end}) is not a non-empty part of a tensor of shape {shape}")
+    if len(shape) == 1:
+        return (end - first,), 0, [((0,), (end - first,), (first,))]
+    if len(shape) != 2:
+        raise ValueError(f"optimizer pieces of {len(shape)}-dim tensors are not supported (1 or 2 dims)")
+    cols = shape[1]
+    r0, r1 = first // cols, (end - 1) // cols
+    head, tail = first % cols, end % cols
+    if r0 == r1:
+        return (1, cols), head, [((0, head), (1, end - first), (r0, head))]
+    rectangles = []
+    if head:
+        rectangles.append(((0, head), (1, cols - head), (r0, head)))
+    whole_first, whole_end = (r0 + 1 if head else r0), (r1 if tail else r1 + 1)
+    if whole_end > whole_first:
+        rectangles.append(((whole_first - r0, 0), (whole_end - whole_first, cols), (whole_first, 0)))
+    if tail:
+        rectangles.append(((r1 - r0, 0), (1, tail), (r1, 0)))
+    return (r1 - r0 + 1, cols), head, rectangles
+
+
+def pieces_view(buffer: torch.Tensor, ranges: list[tuple[int, int]], local_shape: tuple[int, ...],
+                layout: TensorLayout, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """``buffer`` (shaped by :func:`pieces_buffer_layout`) carrying the CheckpointableTensor fields
+    that place the flat ranges ``ranges`` of a local tensor of ``local_shape`` in its global
+    tensor: the tp shard's offset along ``layout.tp_dim``, or a vocab-parallel weight's row start
+    with its padding rows left out. What a ZeRO-1 rank saves from and loads into: only its own
+    elements, never the whole tensor."""
+    global_shape = list(local_shape)
+    shift = [0] * len(local_shape)
+    real_rows = None
+    if layout.vocab is not None:
+        global_shape[0] = layout.vocab.vocab_size
+        shift[0], real_rows = layout.vocab.start, layout.vocab.real
+    elif layout.tp_dim is not None:
+        global_shape[layout.tp_dim] *= tp_size
+        shift[layout.tp_dim] = tp_rank * local_shape[layout.tp_dim]
+    global_offsets, local_offsets, local_sizes = [], [], []
+    _, placements = pieces_buffer_layout(ranges, local_shape)
+    for (row, _), (first, end) in zip(placements, ranges):
+        for buffer_offset, size, offset in flat_range_rectangles(first, end, local_shape)[2]:
+            if real_rows is not None:   # padding rows are never stored
+                size = (min(size[0], real_rows - offset[0]),) + tuple(size[1:])
+                if size[0] <= 0:
+                    continue
+            global_offsets.append(tuple(o + d for o, d in zip(offset, shift)))
+            local_offsets.append((buffer_offset[0] + row,) + tuple(buffer_offset[1:]))
+            local_sizes.append(tuple(size))
+    view = buffer.detach()   # a new tensor object on the same storage
+    view.global_shape = tuple(global_shape)
+    view.global_offsets, view.local_offsets = tuple(global_offsets), tuple(local_offsets)
+    view.local_sizes = tuple(local_sizes)
+    return view
+
+
+def pieces_buffer_layout(ranges: list[tuple[int, int]], local_shape: tuple[int, ...]):
+    """(buffer shape, [(first buffer row, flat start within that row block)] per range): the
+    buffers of :func:`flat_range_rectangles` for each range, stacked along dim 0. Pure."""
+    rows, placements, shape = 0, [], None
+    for first, end in ranges:
+        shape, start, _ = flat_range_rectangles(first, end, local_shape)
+        placements.append((rows, start))
+        rows += shape[0]
+    return (rows, *shape[1:]), placements
+
+
+def piece_of(buffer: torch.Tensor, placement: tuple[int, int], first: int, end: int) -> torch.Tensor:
+    """The flat range [first, end) inside a buffer of :func:`pieces_buffer_layout` (a view)."""
+    row, start = placement
+    cols = math.prod(buffer.shape[1:])
+    return buffer.view(-1)[row * cols + start:row * cols + start + end - first]
 
 
 def zero_padding(local: torch.Tensor, layout: TensorLayout) -> None:

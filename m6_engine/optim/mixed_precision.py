@@ -213,6 +213,44 @@ class MixedPrecisionOptimizer:
             self._adam.load(self.steps, [(full[i]["exp_avg"][lo:hi], full[i]["exp_avg_sq"][lo:hi])
                                          for i, lo, hi in ranges])
 
+    def state_pieces(self, named_params) -> dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]]:
+        """{name: [(first, end, {"master" | "exp_avg" | "exp_avg_sq": fp32 tensor of end - first
+        elements}), ...]}: the flat element ranges of the (local tp shard of the) parameter that
+        this rank updates, in order, with their live state tensors (no copies, no communication).
+        With ZeRO-1 these are this dp rank's pieces only: what a sharded checkpoint saves and
+        loads, instead of :meth:`param_states`' gathered whole tensors."""
+        pairs = self._indices(named_params)
+        name_of = {i: name for name, i in pairs}
+        values = self._piece_values()
+        pieces = {}
+        for k, (i, lo, hi) in enumerate(self._pieces):
+            pieces.setdefault(name_of[i], []).append((lo, hi, {key: values[key][k] for key in STATE_KEYS}))
+        return pieces
+
+    def load_state_pieces(self, named_params, pieces: dict) -> None:
+        """Inverse of :meth:`state_pieces` (the same names and ranges, tensors copied): sets the
+        masters and moments of this rank's pieces, then the parameters from the masters
+        (all-gathered over dp with ZeRO-1: collective)."""
+        mine = self.state_pieces(named_params)
+        masters, moments = {}, {}
+        for name, ranges in mine.items():
+            given = pieces.get(name, [])
+            if [(lo, hi) for lo, hi, _ in given] != [(lo, hi) for lo, hi, _ in ranges]:
+                raise ValueError(f"pieces[{name!r}] cover {[(lo, hi) for lo, hi, _ in given]}, this "
+                                 f"rank owns {[(lo, hi) for lo, hi, _ in ranges]}")
+            for (_, _, live), (_, _, new) in zip(ranges, given):
+                masters[id(live["master"])] = new["master"]
+                moments[id(live["master"])] = (new["exp_avg"], new["exp_avg_sq"])
+        with torch.no_grad():
+            for master in self._masters:
+                master.copy_(masters[id(master)])
+            if self._copy_back and self._masters:
+                torch._foreach_copy_(self._param_views, self._masters)
+        if self._adam is not None:
+            self._adam.load(self.steps, [moments[id(t)] for t in self._adam.tensors])
+        if self._param_buffer is not None:
+            self._param_buffer.all_gather()
+
     def scalar_state(self) -> dict:
         """Counters, loss-scaler state and the schedule position as plain Python numbers.
 
