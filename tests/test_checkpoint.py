@@ -119,6 +119,11 @@ def assert_same_tensors(a: dict, b: dict):
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
+def assert_loaded_as_saved(results, saved):
+    for part in ("params", "optim"):
+        assert_same_tensors(assemble([r["loaded"] for r in results], part), saved[part])
+
+
 # ---------------------------------------------------------------------------------------------
 # Round trip at (tp, pp, dp) = (2, 2, 1), then resharding to (1, 1, 1), (1, 2, 2) and (2, 1, 1).
 
@@ -161,12 +166,16 @@ def _load_elsewhere(loads):
     return outs
 
 
-@pytest.fixture(scope="module")
-def saved_221(tmp_path_factory):
-    ckpt_dir = tmp_path_factory.mktemp("ckpt") / "run"
-    results = run_ranks(_save_and_reload, 4, str(ckpt_dir))
+def saved_run(save_fn, ckpt_dir, *args):
+    """(ckpt_dir, every rank's result, the saved global tensors by part) of ``save_fn`` on 4 ranks."""
+    results = run_ranks(save_fn, 4, str(ckpt_dir), *args)
     return ckpt_dir, results, {part: assemble([r["saved"] for r in results], part, loaded=False)
                                for part in ("params", "optim")}
+
+
+@pytest.fixture(scope="module")
+def saved_221(tmp_path_factory):
+    return saved_run(_save_and_reload, tmp_path_factory.mktemp("ckpt") / "run")
 
 
 def test_round_trip_same_layout_is_bit_exact(saved_221):
@@ -204,8 +213,7 @@ def resharded(saved_221, tmp_path_factory):
 def test_reshard_gives_identical_global_tensors(saved_221, resharded, layout):
     saved = saved_221[2]
     results = resharded[layout]
-    for part in ("params", "optim"):
-        assert_same_tensors(assemble([r["loaded"] for r in results], part), saved[part])
+    assert_loaded_as_saved(results, saved)
     saved_scalars = saved_221[1][0]["saved"]["scalars"]
     for r in results:
         assert (r["step"], r["extra"], r["loaded"]["scalars"]) == (7, EXTRA, saved_scalars)
@@ -285,16 +293,12 @@ def _save_sharded(ckpt_dir, precision="fp32"):
 
 @pytest.fixture(scope="module")
 def saved_zero(tmp_path_factory):
-    ckpt_dir = tmp_path_factory.mktemp("zero") / "run"
-    results = run_ranks(_save_sharded, 4, str(ckpt_dir))
-    return ckpt_dir, results, {part: assemble([r["saved"] for r in results], part, loaded=False)
-                               for part in ("params", "optim")}
+    return saved_run(_save_sharded, tmp_path_factory.mktemp("zero") / "run")
 
 
 def test_zero_round_trip_saves_only_owned_pieces(saved_zero):
     _, results, saved = saved_zero
-    for part in ("params", "optim"):
-        assert_same_tensors(assemble([r["loaded"] for r in results], part), saved[part])
+    assert_loaded_as_saved(results, saved)
     for r in results:   # 3 keys x (owned + partial rows), against 3 x the whole stage before
         assert 3 * r["owned"] <= r["held"] <= 3 * r["owned"] + r["slack"] < 3 * r["stage_numel"]
         assert r["owned"] < r["stage_numel"]
@@ -303,10 +307,8 @@ def test_zero_round_trip_saves_only_owned_pieces(saved_zero):
 def test_zero_round_trip_with_bf16_params(tmp_path):
     # Separate fp32 masters: loading sets them, rounds them into the bf16 parameters and
     # all-gathers those over dp.
-    results = run_ranks(_save_sharded, 4, str(tmp_path / "run"), "bf16")
-    for part in ("params", "optim"):
-        saved = assemble([r["saved"] for r in results], part, loaded=False)
-        assert_same_tensors(assemble([r["loaded"] for r in results], part), saved)
+    _, results, saved = saved_run(_save_sharded, tmp_path / "run", "bf16")
+    assert_loaded_as_saved(results, saved)
     assert all(t.dtype == torch.bfloat16 for t in results[0]["loaded"]["params"].values())
 
 
@@ -316,8 +318,7 @@ def test_zero_checkpoint_reshards(saved_zero):
     ((single,),) = run_ranks(_load_elsewhere, 1, [(str(ckpt_dir), 1, 1, None)], torchrun_env=False)
     four = [r[0] for r in run_ranks(_load_elsewhere, 4, [(str(ckpt_dir), 2, 1, None)])]
     for results in ([single], four):
-        for part in ("params", "optim"):
-            assert_same_tensors(assemble([r["loaded"] for r in results], part), saved[part])
+        assert_loaded_as_saved(results, saved)
         assert all((r["step"], r["extra"]) == (5, EXTRA) for r in results)
 
 
