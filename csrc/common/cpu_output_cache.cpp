@@ -125,26 +125,11 @@ class OutputCache {
     for (const Block& b : evicted) unmap_block(b);
   }
 
-  void clear() { set_limit(limit(), 0); }
+  // Frees every cached block (the limit stays).
+  void clear() { update(false, 0); }
 
-  int64_t limit() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return limit_;
-  }
-
-  // Sets the limit to `limit` after evicting down to `evict_to` (<= limit); returns the old limit.
-  int64_t set_limit(int64_t limit, int64_t evict_to) {
-    std::vector<Block> evicted;
-    int64_t old;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      old = limit_;
-      limit_ = limit;
-      evict_locked(evict_to, evicted);
-    }
-    for (const Block& b : evicted) unmap_block(b);
-    return old;
-  }
+  // Sets the limit and evicts down to it; returns the old limit.
+  int64_t set_limit(int64_t limit) { return update(true, limit); }
 
   OutputCacheStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -152,6 +137,21 @@ class OutputCache {
   }
 
  private:
+  // Under one lock: set the limit to `bytes` (when `set`) and evict down to `bytes`; the blocks
+  // are unmapped after the lock is released. Returns the limit before.
+  int64_t update(bool set, int64_t bytes) {
+    std::vector<Block> evicted;
+    int64_t old;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      old = limit_;
+      if (set) limit_ = bytes;
+      evict_locked(bytes, evicted);
+    }
+    for (const Block& b : evicted) unmap_block(b);
+    return old;
+  }
+
   void evict_locked(int64_t keep_bytes, std::vector<Block>& evicted) {
     while (cached_ > keep_bytes && !free_.empty()) {
       evicted.push_back(free_.front());
@@ -215,7 +215,7 @@ OutputCacheStats output_cache_stats() { return OutputCache::instance().stats(); 
 void empty_output_cache() { OutputCache::instance().clear(); }
 int64_t set_output_cache_limit(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "the CPU output cache limit must be >= 0 bytes, got ", bytes);
-  return OutputCache::instance().set_limit(bytes, bytes);
+  return OutputCache::instance().set_limit(bytes);
 }
 #else
 OutputCacheStats output_cache_stats() { return {0, 0, 0, 0, 0, 0}; }

@@ -113,7 +113,8 @@ def _piece_entries(pieces: dict, tensors: dict, state, for_save: bool) -> Optimi
                     piece_of(buffer, placement, first, end).copy_(values[key])
             buffers[key] = buffer
             if name not in skip:
-                entries[optimizer_key(name, key)] = pieces_view(buffer, ranges, shape, layout, tp_rank, tp_size)
+                entries[optimizer_key(name, key)] = pieces_view(buffer, ranges, placements, shape, layout,
+                                                                tp_rank, tp_size)
         read[name] = (ranges, buffers, placements)
     return OptimizerEntries(entries, None, read)
 

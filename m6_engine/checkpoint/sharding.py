@@ -120,15 +120,10 @@ def global_view(local: torch.Tensor, layout: TensorLayout, tp_mesh: DeviceMesh):
     mesh is not free), or for a vocab-parallel weight the local tensor carrying the
     CheckpointableTensor fields (global_shape, global_offsets, local_offsets, local_sizes).
     """
+    if layout.vocab is not None:   # the whole local tensor, its padding rows cut off
+        origin = (0,) * local.dim()
+        return _with_chunks(local, [(origin, tuple(local.shape), origin)], tuple(local.shape), layout)
     local = local.detach()   # a new tensor object on the same storage
-    if layout.vocab is not None:
-        rows, rest = layout.vocab, tuple(local.shape[1:])
-        local.global_shape = (rows.vocab_size, *rest)
-        real = rows.real
-        local.global_offsets = ((rows.start,) + (0,) * len(rest),) if real else ()
-        local.local_offsets = ((0,) * local.dim(),) if real else ()
-        local.local_sizes = ((real, *rest),) if real else ()
-        return local
     shape = list(local.shape)
     if layout.tp_dim is None:
         placements = [Replicate()]
@@ -167,16 +162,26 @@ def flat_range_rectangles(first: int, end: int, shape: tuple[int, ...]):
     return (r1 - r0 + 1, cols), head, rectangles
 
 
-def pieces_view(buffer: torch.Tensor, ranges: list[tuple[int, int]], local_shape: tuple[int, ...],
-                layout: TensorLayout, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """``buffer`` (shaped by :func:`pieces_buffer_layout`) carrying the CheckpointableTensor fields
-    that place the flat ranges ``ranges`` of a local tensor of ``local_shape`` in its global
-    tensor: the tp shard's offset along ``layout.tp_dim``, or a vocab-parallel weight's row start
-    with its padding rows left out. What a ZeRO-1 rank saves from and loads into: only its own
-    elements, never the whole tensor."""
-    global_shape = list(local_shape)
-    shift = [0] * len(local_shape)
-    real_rows = None
+def pieces_view(buffer: torch.Tensor, ranges: list[tuple[int, int]], placements: list[tuple[int, int]],
+                local_shape: tuple[int, ...], layout: TensorLayout, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """``buffer`` (shaped by :func:`pieces_buffer_layout`, which gave ``placements``) carrying the
+    CheckpointableTensor fields that place the flat ranges ``ranges`` of a local tensor of
+    ``local_shape`` in its global tensor. What a ZeRO-1 rank saves from and loads into: only its
+    own elements, never the whole tensor."""
+    rectangles = []
+    for (row, _), (first, end) in zip(placements, ranges):
+        for in_buffer, size, in_local in flat_range_rectangles(first, end, local_shape)[2]:
+            rectangles.append(((in_buffer[0] + row, *in_buffer[1:]), size, in_local))
+    return _with_chunks(buffer, rectangles, local_shape, layout, tp_rank, tp_size)
+
+
+def _with_chunks(buffer: torch.Tensor, rectangles, local_shape: tuple[int, ...], layout: TensorLayout,
+                 tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
+    """A new tensor object on ``buffer``'s storage with the CheckpointableTensor fields for
+    ``rectangles`` ((offset in the buffer, size, offset in the local tensor of ``local_shape``)):
+    the local tensor sits at the tp shard's offset along ``layout.tp_dim``, or a vocab-parallel
+    weight's at its first row, with the padding rows past ``vocab_size`` left out."""
+    global_shape, shift, real_rows = list(local_shape), [0] * len(local_shape), None
     if layout.vocab is not None:
         global_shape[0] = layout.vocab.vocab_size
         shift[0], real_rows = layout.vocab.start, layout.vocab.real
@@ -184,16 +189,14 @@ def pieces_view(buffer: torch.Tensor, ranges: list[tuple[int, int]], local_shape
         global_shape[layout.tp_dim] *= tp_size
         shift[layout.tp_dim] = tp_rank * local_shape[layout.tp_dim]
     global_offsets, local_offsets, local_sizes = [], [], []
-    _, placements = pieces_buffer_layout(ranges, local_shape)
-    for (row, _), (first, end) in zip(placements, ranges):
-        for buffer_offset, size, offset in flat_range_rectangles(first, end, local_shape)[2]:
-            if real_rows is not None:   # padding rows are never stored
-                size = (min(size[0], real_rows - offset[0]),) + tuple(size[1:])
-                if size[0] <= 0:
-                    continue
-            global_offsets.append(tuple(o + d for o, d in zip(offset, shift)))
-            local_offsets.append((buffer_offset[0] + row,) + tuple(buffer_offset[1:]))
-            local_sizes.append(tuple(size))
+    for in_buffer, size, in_local in rectangles:
+        if real_rows is not None:   # padding rows are never stored
+            size = (min(size[0], real_rows - in_local[0]), *size[1:])
+            if size[0] <= 0:
+                continue
+        global_offsets.append(tuple(o + d for o, d in zip(in_local, shift)))
+        local_offsets.append(tuple(in_buffer))
+        local_sizes.append(tuple(size))
     view = buffer.detach()   # a new tensor object on the same storage
     view.global_shape = tuple(global_shape)
     view.global_offsets, view.local_offsets = tuple(global_offsets), tuple(local_offsets)
