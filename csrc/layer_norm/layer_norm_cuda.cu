@@ -261,14 +261,12 @@ void layer_norm_grad_x_launch(const at::Tensor& dy, const at::Tensor& x, const a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Row chunks of stage 1: enough blocks to fill the GPU a few times over, at least 32 rows each
-// (so partials stay small next to the input), at most 65535 (gridDim.y's limit).
-int64_t row_chunks(int64_t rows, int64_t n, c10::DeviceIndex device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t target_blocks = 4 * static_cast<int64_t>(sms);
-  const int64_t wanted = ceil_div(target_blocks, ceil_div(n, kColTile));
-  return std::clamp<int64_t>(wanted, 1, std::min<int64_t>(ceil_div(rows, 32), 65535));
+// Rows per chunk of stage 1: a function of (rows, n) alone, never of the device (its SM count), so
+// that grad_weight / grad_bias are summed in one order on every GPU. At least 16 rows per chunk
+// (partials stay small next to the input), at most 512 chunks (and 2^23 partials per quantity).
+int64_t rows_per_chunk(int64_t rows, int64_t n) {
+  const int64_t max_chunks = std::clamp<int64_t>((int64_t{1} << 23) / n, 1, 512);
+  return std::max<int64_t>(16, ceil_div(rows, max_chunks));
 }
 
 template <typename T>
@@ -277,15 +275,15 @@ void layer_norm_grad_wb_launch(const at::Tensor& dy, const at::Tensor& x, const 
                                cudaStream_t stream) {
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
-  const int64_t rows_per_chunk = ceil_div(rows, row_chunks(rows, n, x.get_device()));
-  const int64_t chunks = ceil_div(rows, rows_per_chunk);  // every chunk has at least one row
+  const int64_t per_chunk = rows_per_chunk(rows, n);
+  const int64_t chunks = ceil_div(rows, per_chunk);  // every chunk has at least one row
   at::Tensor part = at::empty({2, chunks, n}, x.options().dtype(at::kFloat));  // (w | b, chunks, N)
   float* part_w = part.mutable_data_ptr<float>();
   float* part_b = part_w + chunks * n;
   const dim3 grid(static_cast<unsigned int>(ceil_div(n, kColTile)), static_cast<unsigned int>(chunks));
   layer_norm_bwd_wb_partial_kernel<T><<<grid, dim3(kColTile, kColRows), 0, stream>>>(
       dy.const_data_ptr<T>(), x.const_data_ptr<T>(), mean.const_data_ptr<float>(),
-      rstd.const_data_ptr<float>(), part_w, part_b, rows, n, rows_per_chunk);
+      rstd.const_data_ptr<float>(), part_w, part_b, rows, n, per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   layer_norm_bwd_wb_final_kernel<T><<<grid_size(ceil_div(n, kFinalThreads)), kFinalThreads, 0, stream>>>(
       part_w, part_b, grad_w.mutable_data_ptr<T>(), grad_b.mutable_data_ptr<T>(), chunks, n);
