@@ -2,19 +2,38 @@
 //
 // Shapes: x, y, grad_y, grad_x (rows, N) contiguous inside the kernels (x's leading dims flattened),
 // fp32 | fp16 | bf16; weight, bias, grad_weight, grad_bias (N,) in x's dtype; mean, rstd (rows,) fp32.
-//   forward:  mean, var over the row (Welford in fp32); rstd = 1 / sqrt(var + eps);
+//   forward:  mean, var over the row in fp32; rstd = 1 / sqrt(var + eps);
 //             y = (x - mean) * rstd * weight + bias
 //   backward: xhat = (x - mean) * rstd, g = grad_y * weight;
 //             grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //             grad_weight = sum_rows(grad_y * xhat), grad_bias = sum_rows(grad_y)
-// Row kernels (forward, grad_x): a block of (tx, ty) threads holds ty rows, tx threads per row
-// (a whole number of warps, about 4 accesses of 16 bytes each, up to 1024), so short rows share a
-// block and long ones get a whole block. Pass 1 reduces the row (per-thread Welford or sums, merged
-// across the warp by shuffles and across warps through shared memory), pass 2 re-reads the row
-// (from L1/L2) and writes it.
-// grad_weight and grad_bias: a two-stage column reduction. Stage 1: blocks of 32 columns x a chunk
-// of rows write fp32 partial sums (chunks, N); stage 2 sums the chunks per column and casts to
-// weight's dtype. Both stages read memory coalesced along the hidden dim; the sums are deterministic.
+// Access: VEC = 16 bytes of T (4 fp32, 8 fp16 / bf16) per load and store when the op's row pointers
+// (x, weight, bias, y; or grad_y, x, weight, grad_x) are 16-byte aligned and N % VEC == 0
+// ("vectorised"), else one element ("scalar"). B = sizeof(T); "DRAM" counts each tensor once.
+//
+// Register path (forward, vectorised, N <= 1024 * 4 * VEC: 32768 16-bit, 16384 fp32). A row group
+// of tpr threads holds one row in registers, kRegVecs = 4 vectors per thread: vector c of the row is
+// thread c % tpr's. tpr is the least power of two >= 32 with tpr * 4 * VEC >= N (a template
+// parameter: the vectors' offsets are immediates); the block is 128 threads (128 / tpr row groups)
+// up to tpr = 128, else one row group of tpr. x is read once into registers; mean = sum / N, then
+// var = sum((x - mean)^2) / N over the registers (the exact two-pass, at least as accurate as
+// Welford); y written once. DRAM 2B per element (x in, y out); weight and bias come from L1 / L2.
+// Loop paths (the forward's other cases, every backward): a row group of up to 512 threads loops
+// over the row, about 4 accesses per thread and pass, several rows per 512-thread block for short rows.
+//   forward:  pass 1 Welford states, merged across the group; pass 2 re-reads x (from L1 / L2) and
+//             writes y. DRAM 2B per element when the re-read hits the cache, 3B else.
+//   backward: grad_x alike (pass 1 sums, pass 2 re-reads dy and x, writes grad_x: 3B to 5B); then
+//             stage 1, blocks of 32 columns x one chunk of rows, re-reads dy and x (2B more) and
+//             writes fp32 partial sums (2, chunks, N).
+// Stage 2: per column, the sum of the chunks' partials in a fixed order, cast to T.
+// Before this layout (one kernel shape for every N): forward 2B DRAM + a second pass over x from
+// cache.
+//
+// Determinism: the chunks depend on (rows, N) alone (rows_per_chunk below), the path and block shape
+// on (N, dtype, alignment), so every sum is formed in one order that no device property (SM count)
+// or launch size changes: grad_weight and grad_bias are bit-identical across runs and GPUs. No
+// atomics. The workspace is the one allocation per backward call besides the outputs (the caching
+// allocator's: no cudaMalloc once warm); the forward allocates only its outputs. No assert kernels.
 #include <ATen/ATen.h>
 // Stream and device from c10 alone: ATen/cuda/CUDAContext.h pulls in cuBLAS and cuSPARSE headers,
 // which a bare CUDA toolkit (nvcc + cudart) does not have.
@@ -35,23 +54,187 @@ namespace {
 
 using namespace m6::cuda;
 
-constexpr int kChunksPerThread = 4;   // row kernels: 16-byte accesses per thread and pass
-constexpr int kMinBlockThreads = 128; // row kernels: rows share a block up to this many threads
-constexpr int kColTile = 32;          // grad_weight stage 1: columns per block (one per lane)
-constexpr int kColRows = 8;           // grad_weight stage 1: rows in flight per block
-constexpr int kFinalThreads = 256;    // grad_weight stage 2
+// Register path.
+constexpr int kRegVecs = 4;              // 16-byte vectors per thread and row
+constexpr int kRegBlock = 128;           // block size while row groups share a block (tpr <= 128)
+constexpr int kFwdRegMaxThreads = 1024;  // forward: widest row group
+// Loop paths.
+constexpr int kLoopThreads = 512;       // block size
+constexpr int kLoopChunksPerThread = 4;  // accesses per thread and pass, about
+// grad_weight / grad_bias.
+constexpr int64_t kChunkMinRows = 16;  // rows per chunk, at least: partials stay <= 1/16 row per row
+constexpr int64_t kMaxChunks = 512;    // chunks, at most (stage 2's work and the workspace stay small)
+constexpr int64_t kMaxPartials = int64_t{1} << 23;  // chunks * N, at most: <= 64 MiB of workspace
+constexpr int kColTile = 32;           // stage 1 and 2: columns per block (one per lane)
+constexpr int kColRows = 8;            // stage 1: rows in flight per block
+constexpr int kFinalLanes = 32;        // stage 2: threads per column, each summing every 32nd chunk
 
-// ---- Row kernels. The loop runs over groups of blockDim.y rows with a block-uniform bound, so
-// every thread reaches group_allreduce's barriers; threads past the last row only contribute
-// identities to it.
+// Launch bounds of the register kernels, per row-group width kTpr: the block has kRegThreads<kTpr>
+// threads, <= 64 registers per thread.
+template <int kTpr>
+constexpr int kRegThreads = kTpr > kRegBlock ? kTpr : kRegBlock;
+template <int kTpr>
+constexpr int kFwdRegMinBlocks = 1024 / kRegThreads<kTpr>;
+
+template <typename T>
+using Vec16 = Vec<T, kVec16<T>>;
+
+// ---- Register-path helpers. The thread owns vectors threadIdx.x + k * kTpr (k < K) of its row
+// group's row; `nvec` is the row's length in vectors. kTpr (== blockDim.x) is a template parameter
+// so that the K vectors' offsets are immediates of one address, not K address registers.
+
+template <int kTpr>
+__device__ __forceinline__ bool owns(int k, int nvec) {
+  return static_cast<int>(threadIdx.x) + k * kTpr < nvec;
+}
+
+// The thread's vectors of the row at p. Vectors it does not own are left as they are.
+template <int kTpr, typename T, int K>
+__device__ __forceinline__ void load_own(Vec16<T> (&v)[K], const T* p, int nvec) {
+  p += threadIdx.x * kVec16<T>;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (owns<kTpr>(k, nvec)) v[k] = load_vec<T, kVec16<T>>(p + k * kTpr * kVec16<T>);
+  }
+}
+
+// Makes the registers of v opaque to the compiler, so that a later use converts them afresh instead
+// of reusing fp32 values computed from them earlier: those would stay live across the row's
+// all-reduce, at twice the registers of 16-bit storage (and spill).
+template <typename T>
+__device__ __forceinline__ void launder(Vec16<T>& v) {
+  uint4 u;
+  memcpy(&u, &v, sizeof(u));
+  asm volatile("" : "+r"(u.x), "+r"(u.y), "+r"(u.z), "+r"(u.w));
+  memcpy(&v, &u, sizeof(u));
+}
+
+template <typename T, int K>
+__device__ __forceinline__ void launder(Vec16<T> (&v)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) launder<T>(v[k]);
+}
+
+// All-reduce over each row group of kTpr threads (threadIdx.y's), as group_allreduce but with the
+// group's warp count known at compile time: a one-warp group has no shared-memory step, a wider
+// one merges its kTpr / 32 warp results in warp order. Every lane gets the same bits. `smem` holds
+// kMaxWarps values; with kTpr > 32 it has barriers, and every thread of the block must call it.
+template <int kTpr, typename V, typename Op>
+__device__ __forceinline__ V row_allreduce(V v, Op op, V* smem) {
+  constexpr int kWarps = kTpr / kWarpSize;
+  v = warp_allreduce(v, op);
+  if constexpr (kWarps > 1) {
+    V* group = smem + threadIdx.y * kWarps;
+    if (threadIdx.x % kWarpSize == 0) group[threadIdx.x / kWarpSize] = v;
+    __syncthreads();
+    v = group[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) v = op(v, group[w]);
+    __syncthreads();  // the next call overwrites smem
+  }
+  return v;
+}
+
+// Sum of the thread's elements: a tree within each vector, then across vectors.
+template <int kTpr, typename T, int K>
+__device__ __forceinline__ float own_sum(const Vec16<T> (&v)[K], int nvec) {
+  constexpr int VEC = kVec16<T>;
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (!owns<kTpr>(k, nvec)) continue;
+    float t[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) t[e] = static_cast<float>(v[k].val[e]);
+#pragma unroll
+    for (int w = VEC / 2; w > 0; w /= 2) {
+#pragma unroll
+      for (int e = 0; e < w; ++e) t[e] += t[e + w];
+    }
+    s += t[0];
+  }
+  return s;
+}
+
+// Sum of (x - mu)^2 over the thread's elements.
+template <int kTpr, typename T, int K>
+__device__ __forceinline__ float own_sq_dev(const Vec16<T> (&v)[K], int nvec, float mu) {
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (!owns<kTpr>(k, nvec)) continue;
+#pragma unroll
+    for (int e = 0; e < kVec16<T>; ++e) {
+      const float d = static_cast<float>(v[k].val[e]) - mu;
+      s = fmaf(d, d, s);
+    }
+  }
+  return s;
+}
+
+template <int kTpr, typename T, int K>
+__device__ __forceinline__ void store_y(const Vec16<T> (&xv)[K], const T* __restrict__ weight,
+                                        const T* __restrict__ bias, T* yr, int nvec, float mu, float rs) {
+  constexpr int VEC = kVec16<T>;
+  const int j = threadIdx.x * VEC;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (!owns<kTpr>(k, nvec)) continue;
+    const int j0 = j + k * kTpr * VEC;
+    const Vec16<T> wv = load_vec<T, VEC>(weight + j0);
+    const Vec16<T> bv = load_vec<T, VEC>(bias + j0);
+    Vec16<T> out;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float xhat = (static_cast<float>(xv[k].val[e]) - mu) * rs;
+      out.val[e] = static_cast<T>(xhat * static_cast<float>(wv.val[e]) + static_cast<float>(bv.val[e]));
+    }
+    store_vec<T, VEC>(yr + j0, out);
+  }
+}
+
+// ---- Forward, register path. Block (kTpr, kRegThreads / kTpr); the row loop has a block-uniform
+// bound, so every thread reaches row_allreduce's barriers; a row group past the last row adds zeros.
+
+template <typename T, int kTpr>
+__global__ void __launch_bounds__(kRegThreads<kTpr>, kFwdRegMinBlocks<kTpr>)
+layer_norm_fwd_regs_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+                           const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ mean,
+                           float* __restrict__ rstd, int64_t rows, int n, float inv_n, float eps) {
+  constexpr int kRowsPerBlock = kRegThreads<kTpr> / kTpr;
+  __shared__ float smem[kMaxWarps];
+  const int nvec = n / kVec16<T>;  // exact on this path
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; base < rows;
+       base += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t row = base + threadIdx.y;
+    const bool active = row < rows;
+    Vec16<T> xv[kRegVecs];
+    if (active) load_own<kTpr>(xv, x + row * n, nvec);
+    const float sum = row_allreduce<kTpr>(active ? own_sum<kTpr>(xv, nvec) : 0.f, SumOp{}, smem);
+    // __fmul_rn: no contraction into the x - mu below, so every use sees the stored mean.
+    const float mu = __fmul_rn(sum, inv_n);
+    const float sq = row_allreduce<kTpr>(active ? own_sq_dev<kTpr>(xv, nvec, mu) : 0.f, SumOp{}, smem);
+    if (!active) continue;  // no barrier follows in this iteration
+    const float rs = rsqrtf(sq * inv_n + eps);
+    if (threadIdx.x == 0) {
+      mean[row] = mu;
+      rstd[row] = rs;
+    }
+    launder(xv);
+    store_y<kTpr>(xv, weight, bias, y + row * n, nvec, mu, rs);
+  }
+}
+
+// ---- Loop paths. Block (tx, kLoopThreads / tx): ty rows per block, tx threads per row; the row
+// loop has a block-uniform bound (group_allreduce's barriers), rows past the end add identities.
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kMaxThreads)
-layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ weight,
-                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ mean,
-                      float* __restrict__ rstd, int64_t rows, int64_t n, float eps) {
+__global__ void __launch_bounds__(kLoopThreads, 2)
+layer_norm_fwd_loop_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+                           const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ mean,
+                           float* __restrict__ rstd, int64_t rows, int n, float eps) {
   __shared__ Welford smem[kMaxWarps];
-  const int64_t chunks = n / VEC;  // exact: VEC > 1 only when n % VEC == 0
+  const int chunks = n / VEC;  // exact: VEC > 1 only when n % VEC == 0
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows;
        base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t row = base + threadIdx.y;
@@ -59,7 +242,7 @@ layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ weight,
     const T* xr = x + (active ? row : 0) * n;
     Welford acc{0.f, 0.f, 0.f};
     if (active) {
-      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         const Vec<T, VEC> xv = load_vec<T, VEC>(xr + c * VEC);
         float v[VEC];
 #pragma unroll
@@ -76,7 +259,7 @@ layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ weight,
       rstd[row] = rs;
     }
     T* yr = y + row * n;
-    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
       const Vec<T, VEC> xv = load_vec<T, VEC>(xr + c * VEC);
       const Vec<T, VEC> wv = load_vec<T, VEC>(weight + c * VEC);
       const Vec<T, VEC> bv = load_vec<T, VEC>(bias + c * VEC);
@@ -92,13 +275,13 @@ layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ weight,
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kMaxThreads)
-layer_norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                         const T* __restrict__ weight, const float* __restrict__ mean,
-                         const float* __restrict__ rstd, T* __restrict__ dx, int64_t rows,
-                         int64_t n) {
+__global__ void __launch_bounds__(kLoopThreads, 2)
+layer_norm_bwd_dx_loop_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                              const T* __restrict__ weight, const float* __restrict__ mean,
+                              const float* __restrict__ rstd, T* __restrict__ dx, int64_t rows, int n,
+                              float inv_n) {
   __shared__ float2 smem[kMaxWarps];
-  const int64_t chunks = n / VEC;
+  const int chunks = n / VEC;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < rows;
        base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t row = base + threadIdx.y;
@@ -108,7 +291,7 @@ layer_norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
     const float rs = active ? rstd[row] : 0.f;
     float2 sums = make_float2(0.f, 0.f);  // (sum g, sum g * xhat)
     if (active) {
-      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         const Vec<T, VEC> gv = load_vec<T, VEC>(dy + offset + c * VEC);
         const Vec<T, VEC> xv = load_vec<T, VEC>(x + offset + c * VEC);
         const Vec<T, VEC> wv = load_vec<T, VEC>(weight + c * VEC);
@@ -123,9 +306,9 @@ layer_norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
     }
     sums = group_allreduce(sums, SumOp{}, smem);
     if (!active) continue;  // no barrier follows in this iteration
-    const float mean_g = sums.x / static_cast<float>(n);
-    const float mean_gx = sums.y / static_cast<float>(n);
-    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+    const float mean_g = sums.x * inv_n;
+    const float mean_gx = sums.y * inv_n;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
       const Vec<T, VEC> gv = load_vec<T, VEC>(dy + offset + c * VEC);
       const Vec<T, VEC> xv = load_vec<T, VEC>(x + offset + c * VEC);
       const Vec<T, VEC> wv = load_vec<T, VEC>(weight + c * VEC);
@@ -143,17 +326,17 @@ layer_norm_bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
 
 // ---- grad_weight / grad_bias.
 
-// Stage 1. Block (kColTile, kColRows), grid (column tiles, row chunks). Writes
+// Stage 1 of the loop path. Block (kColTile, kColRows), grid (column tiles, chunks). Writes
 // part_w[chunk, col] = sum_{rows r of chunk} dy[r, col] * xhat[r, col] and part_b likewise.
 template <typename T>
-__global__ void __launch_bounds__(kColTile * kColRows)
+__global__ void __launch_bounds__(kColTile * kColRows, 4)
 layer_norm_bwd_wb_partial_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                  const float* __restrict__ mean, const float* __restrict__ rstd,
                                  float* __restrict__ part_w, float* __restrict__ part_b,
-                                 int64_t rows, int64_t n, int64_t rows_per_chunk) {
+                                 int64_t rows, int n, int64_t rows_per_chunk) {
   __shared__ float sw[kColRows][kColTile + 1];
   __shared__ float sb[kColRows][kColTile + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
+  const int col = blockIdx.x * kColTile + threadIdx.x;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
   const int64_t last = std::min(rows, first + rows_per_chunk);
   float acc_w = 0.f;
@@ -178,27 +361,43 @@ layer_norm_bwd_wb_partial_kernel(const T* __restrict__ dy, const T* __restrict__
       total_w += sw[i][threadIdx.x];
       total_b += sb[i][threadIdx.x];
     }
-    part_w[blockIdx.y * n + col] = total_w;
-    part_b[blockIdx.y * n + col] = total_b;
+    part_w[blockIdx.y * static_cast<int64_t>(n) + col] = total_w;
+    part_b[blockIdx.y * static_cast<int64_t>(n) + col] = total_b;
   }
 }
 
-// Stage 2. One thread per column: grad_weight[col] = sum_chunks part_w[chunk, col], likewise bias.
+// Stage 2. Block (kColTile, kFinalLanes): lane threadIdx.y of column col sums chunks threadIdx.y,
+// + kFinalLanes, ... in order; lane 0 adds the lanes in order and writes grad_weight[col], grad_bias[col].
 template <typename T>
-__global__ void __launch_bounds__(kFinalThreads)
+__global__ void __launch_bounds__(kColTile * kFinalLanes, 1)
 layer_norm_bwd_wb_final_kernel(const float* __restrict__ part_w, const float* __restrict__ part_b,
-                               T* __restrict__ grad_w, T* __restrict__ grad_b, int64_t chunks,
-                               int64_t n) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kFinalThreads + threadIdx.x;
-  if (col >= n) return;
-  float total_w = 0.f;
-  float total_b = 0.f;
-  for (int64_t c = 0; c < chunks; ++c) {
-    total_w += part_w[c * n + col];
-    total_b += part_b[c * n + col];
+                               T* __restrict__ grad_w, T* __restrict__ grad_b, int64_t chunks, int n) {
+  __shared__ float sw[kFinalLanes][kColTile + 1];
+  __shared__ float sb[kFinalLanes][kColTile + 1];
+  const int col = blockIdx.x * kColTile + threadIdx.x;
+  float acc_w = 0.f;
+  float acc_b = 0.f;
+  if (col < n) {
+#pragma unroll 4
+    for (int64_t c = threadIdx.y; c < chunks; c += kFinalLanes) {
+      acc_w += part_w[c * n + col];
+      acc_b += part_b[c * n + col];
+    }
   }
-  grad_w[col] = static_cast<T>(total_w);
-  grad_b[col] = static_cast<T>(total_b);
+  sw[threadIdx.y][threadIdx.x] = acc_w;
+  sb[threadIdx.y][threadIdx.x] = acc_b;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < n) {
+    float total_w = 0.f;
+    float total_b = 0.f;
+#pragma unroll
+    for (int i = 0; i < kFinalLanes; ++i) {
+      total_w += sw[i][threadIdx.x];
+      total_b += sb[i][threadIdx.x];
+    }
+    grad_w[col] = static_cast<T>(total_w);
+    grad_b[col] = static_cast<T>(total_b);
+  }
 }
 
 // ---- Launch.
@@ -208,18 +407,40 @@ struct RowLaunch {
   dim3 block;
 };
 
-// (tx, ty) for rows of `chunks` accesses: tx threads per row, ty rows per block.
-RowLaunch row_launch(int64_t rows, int64_t chunks) {
-  const int tx = threads_per_row(chunks, kChunksPerThread);
-  const int ty = std::max(1, kMinBlockThreads / tx);
+int pow2_at_least(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// Register path: threads per row group for a row of `nvec` vectors (a power of two >= 32).
+int regs_tpr(int64_t nvec) { return std::max(kWarpSize, pow2_at_least(ceil_div(nvec, kRegVecs))); }
+
+// Loop paths: (tx, kLoopThreads / tx) with tx a power of two, about kLoopChunksPerThread accesses per
+// thread, at most one block per row.
+RowLaunch loop_launch(int64_t rows, int64_t chunks) {
+  const int tx = std::clamp(pow2_at_least(ceil_div(chunks, kLoopChunksPerThread)), kWarpSize, kLoopThreads);
+  const int ty = kLoopThreads / tx;
   return {dim3(grid_size(ceil_div(rows, ty))), dim3(tx, ty)};
+}
+
+// 1 / n rounded once (n a power of two: exact), so that a mean is a product, not a division that
+// --use_fast_math would approximate.
+float inverse(int64_t n) { return static_cast<float>(1.0 / static_cast<double>(n)); }
+
+template <typename T, int kTpr>
+void launch_fwd_regs(const T* xp, const T* wp, const T* bp, T* yp, float* mp, float* rp, int64_t rows,
+                     int n, float eps, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = kRegThreads<kTpr> / kTpr;
+  layer_norm_fwd_regs_kernel<T, kTpr><<<grid_size(ceil_div(rows, kRowsPerBlock)), dim3(kTpr, kRowsPerBlock),
+                                        0, stream>>>(xp, wp, bp, yp, mp, rp, rows, n, inverse(n), eps);
 }
 
 template <typename T>
 void layer_norm_forward_launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, float eps,
                                cudaStream_t stream) {
-  const int64_t n = x.size(-1);
+  const int n = static_cast<int>(x.size(-1));  // <= kLayerNormMaxHidden
   const int64_t rows = x.numel() / n;
   const T* xp = x.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
@@ -227,22 +448,75 @@ void layer_norm_forward_launch(const at::Tensor& x, const at::Tensor& w, const a
   T* yp = y.mutable_data_ptr<T>();
   float* mp = mean.mutable_data_ptr<float>();
   float* rp = rstd.mutable_data_ptr<float>();
-  if (can_vectorize<T>(n, {xp, wp, bp, yp})) {
-    constexpr int kV = kVec16<T>;
-    const RowLaunch l = row_launch(rows, n / kV);
-    layer_norm_fwd_kernel<T, kV><<<l.grid, l.block, 0, stream>>>(xp, wp, bp, yp, mp, rp, rows, n, eps);
+  constexpr int kV = kVec16<T>;
+  const bool vec = can_vectorize<T>(n, {xp, wp, bp, yp});
+  if (vec && n <= kFwdRegMaxThreads * kRegVecs * kV) {
+    switch (regs_tpr(n / kV)) {
+      case 32: launch_fwd_regs<T, 32>(xp, wp, bp, yp, mp, rp, rows, n, eps, stream); break;
+      case 64: launch_fwd_regs<T, 64>(xp, wp, bp, yp, mp, rp, rows, n, eps, stream); break;
+      case 128: launch_fwd_regs<T, 128>(xp, wp, bp, yp, mp, rp, rows, n, eps, stream); break;
+      case 256: launch_fwd_regs<T, 256>(xp, wp, bp, yp, mp, rp, rows, n, eps, stream); break;
+      case 512: launch_fwd_regs<T, 512>(xp, wp, bp, yp, mp, rp, rows, n, eps, stream); break;
+      default: launch_fwd_regs<T, 1024>(xp, wp, bp, yp, mp, rp, rows, n, eps, stream); break;
+    }
+  } else if (vec) {
+    const RowLaunch l = loop_launch(rows, n / kV);
+    layer_norm_fwd_loop_kernel<T, kV><<<l.grid, l.block, 0, stream>>>(xp, wp, bp, yp, mp, rp, rows, n, eps);
   } else {
-    const RowLaunch l = row_launch(rows, n);
-    layer_norm_fwd_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(xp, wp, bp, yp, mp, rp, rows, n, eps);
+    const RowLaunch l = loop_launch(rows, n);
+    layer_norm_fwd_loop_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(xp, wp, bp, yp, mp, rp, rows, n, eps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The row chunks of the grad_weight / grad_bias reduction: a function of (rows, n) alone, so that
+// the sums' order is the same on every device. At least kChunkMinRows rows per chunk; past
+// kMaxChunks chunks (or kMaxPartials partials) the chunks grow instead.
+int64_t rows_per_chunk(int64_t rows, int64_t n) {
+  const int64_t max_chunks = std::clamp<int64_t>(kMaxPartials / n, 1, kMaxChunks);
+  return std::max(kChunkMinRows, ceil_div(rows, max_chunks));
+}
+
+// Both quantities' partial sums, (2, chunks, n) fp32 from the caching allocator.
+struct Partials {
+  at::Tensor storage;
+  int64_t chunks;
+  int64_t rows_per_chunk;
+  float* w() { return storage.mutable_data_ptr<float>(); }
+  float* b() { return w() + chunks * storage.size(2); }
+};
+
+Partials make_partials(const at::Tensor& x, int64_t rows, int64_t n) {
+  const int64_t per = rows_per_chunk(rows, n);
+  const int64_t chunks = ceil_div(rows, per);  // every chunk has at least one row
+  return {at::empty({2, chunks, n}, x.options().dtype(at::kFloat)), chunks, per};
+}
+
+// The loop path of the backward: grad_x, then stage 1 of grad_weight / grad_bias.
 template <typename T>
-void layer_norm_grad_x_launch(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                              const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dx,
-                              cudaStream_t stream) {
-  const int64_t n = x.size(-1);
+void layer_norm_backward_loop(const T* dyp, const T* xp, const T* wp, const float* mp, const float* rp,
+                              T* dxp, Partials& part, int64_t rows, int n, bool vec, cudaStream_t stream) {
+  constexpr int kV = kVec16<T>;
+  if (vec) {
+    const RowLaunch l = loop_launch(rows, n / kV);
+    layer_norm_bwd_dx_loop_kernel<T, kV><<<l.grid, l.block, 0, stream>>>(dyp, xp, wp, mp, rp, dxp, rows, n,
+                                                                          inverse(n));
+  } else {
+    const RowLaunch l = loop_launch(rows, n);
+    layer_norm_bwd_dx_loop_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(dyp, xp, wp, mp, rp, dxp, rows, n,
+                                                                         inverse(n));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid(static_cast<unsigned int>(ceil_div(n, kColTile)), static_cast<unsigned int>(part.chunks));
+  layer_norm_bwd_wb_partial_kernel<T><<<grid, dim3(kColTile, kColRows), 0, stream>>>(
+      dyp, xp, mp, rp, part.w(), part.b(), rows, n, part.rows_per_chunk);
+}
+
+template <typename T>
+void layer_norm_backward_launch(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dx,
+                                at::Tensor& grad_w, at::Tensor& grad_b, cudaStream_t stream) {
+  const int n = static_cast<int>(x.size(-1));  // <= kLayerNormMaxHidden
   const int64_t rows = x.numel() / n;
   const T* dyp = dy.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
@@ -250,43 +524,13 @@ void layer_norm_grad_x_launch(const at::Tensor& dy, const at::Tensor& x, const a
   const float* mp = mean.const_data_ptr<float>();
   const float* rp = rstd.const_data_ptr<float>();
   T* dxp = dx.mutable_data_ptr<T>();
-  if (can_vectorize<T>(n, {dyp, xp, wp, dxp})) {
-    constexpr int kV = kVec16<T>;
-    const RowLaunch l = row_launch(rows, n / kV);
-    layer_norm_bwd_dx_kernel<T, kV><<<l.grid, l.block, 0, stream>>>(dyp, xp, wp, mp, rp, dxp, rows, n);
-  } else {
-    const RowLaunch l = row_launch(rows, n);
-    layer_norm_bwd_dx_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(dyp, xp, wp, mp, rp, dxp, rows, n);
-  }
+  Partials part = make_partials(x, rows, n);
+  const bool vec = can_vectorize<T>(n, {dyp, xp, wp, dxp});
+  layer_norm_backward_loop<T>(dyp, xp, wp, mp, rp, dxp, part, rows, n, vec, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Rows per chunk of stage 1: a function of (rows, n) alone, never of the device (its SM count), so
-// that grad_weight / grad_bias are summed in one order on every GPU. At least 16 rows per chunk
-// (partials stay small next to the input), at most 512 chunks (and 2^23 partials per quantity).
-int64_t rows_per_chunk(int64_t rows, int64_t n) {
-  const int64_t max_chunks = std::clamp<int64_t>((int64_t{1} << 23) / n, 1, 512);
-  return std::max<int64_t>(16, ceil_div(rows, max_chunks));
-}
-
-template <typename T>
-void layer_norm_grad_wb_launch(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                               const at::Tensor& rstd, at::Tensor& grad_w, at::Tensor& grad_b,
-                               cudaStream_t stream) {
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.numel() / n;
-  const int64_t per_chunk = rows_per_chunk(rows, n);
-  const int64_t chunks = ceil_div(rows, per_chunk);  // every chunk has at least one row
-  at::Tensor part = at::empty({2, chunks, n}, x.options().dtype(at::kFloat));  // (w | b, chunks, N)
-  float* part_w = part.mutable_data_ptr<float>();
-  float* part_b = part_w + chunks * n;
-  const dim3 grid(static_cast<unsigned int>(ceil_div(n, kColTile)), static_cast<unsigned int>(chunks));
-  layer_norm_bwd_wb_partial_kernel<T><<<grid, dim3(kColTile, kColRows), 0, stream>>>(
-      dy.const_data_ptr<T>(), x.const_data_ptr<T>(), mean.const_data_ptr<float>(),
-      rstd.const_data_ptr<float>(), part_w, part_b, rows, n, per_chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  layer_norm_bwd_wb_final_kernel<T><<<grid_size(ceil_div(n, kFinalThreads)), kFinalThreads, 0, stream>>>(
-      part_w, part_b, grad_w.mutable_data_ptr<T>(), grad_b.mutable_data_ptr<T>(), chunks, n);
+  const dim3 grid(static_cast<unsigned int>(ceil_div(n, kColTile)));
+  layer_norm_bwd_wb_final_kernel<T><<<grid, dim3(kColTile, kFinalLanes), 0, stream>>>(
+      part.w(), part.b(), grad_w.mutable_data_ptr<T>(), grad_b.mutable_data_ptr<T>(), part.chunks, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -328,8 +572,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
   at::Tensor grad_b = at::empty_like(w);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   M6_DISPATCH_FLOAT_HALF_BF16(xc.scalar_type(), "layer_norm_backward", [&] {
-    layer_norm_grad_x_launch<scalar_t>(dy, xc, w, mc, rc, dx, stream);
-    layer_norm_grad_wb_launch<scalar_t>(dy, xc, mc, rc, grad_w, grad_b, stream);
+    layer_norm_backward_launch<scalar_t>(dy, xc, w, mc, rc, dx, grad_w, grad_b, stream);
   });
   return {dx, grad_w, grad_b};
 }
