@@ -11,23 +11,32 @@
 // (x, weight, bias, y; or grad_y, x, weight, grad_x) are 16-byte aligned and N % VEC == 0
 // ("vectorised"), else one element ("scalar"). B = sizeof(T); "DRAM" counts each tensor once.
 //
-// Register path (forward, vectorised, N <= 1024 * 4 * VEC: 32768 16-bit, 16384 fp32). A row group
-// of tpr threads holds one row in registers, kRegVecs = 4 vectors per thread: vector c of the row is
-// thread c % tpr's. tpr is the least power of two >= 32 with tpr * 4 * VEC >= N (a template
-// parameter: the vectors' offsets are immediates); the block is 128 threads (128 / tpr row groups)
-// up to tpr = 128, else one row group of tpr. x is read once into registers; mean = sum / N, then
-// var = sum((x - mean)^2) / N over the registers (the exact two-pass, at least as accurate as
-// Welford); y written once. DRAM 2B per element (x in, y out); weight and bias come from L1 / L2.
-// Loop paths (the forward's other cases, every backward): a row group of up to 512 threads loops
-// over the row, about 4 accesses per thread and pass, several rows per 512-thread block for short rows.
+// Register paths (vectorised; forward N <= 1024 * 4 * VEC: 32768 16-bit, 16384 fp32; backward
+// N <= 256 * 4 * VEC: 8192 16-bit, 4096 fp32). A row group of tpr threads holds one row in registers,
+// kRegVecs = 4 vectors per thread: vector c of the row is thread c % tpr's. tpr is the least power
+// of two >= 32 with tpr * 4 * VEC >= N (a template parameter: the vectors' offsets are immediates);
+// the block is 128 threads (128 / tpr row groups) up to tpr = 128, else one row group of tpr.
+//   forward:  x read once into registers; mean = sum / N, then var = sum((x - mean)^2) / N over the
+//             registers (the exact two-pass, at least as accurate as Welford); y written once.
+//             DRAM 2B per element (x in, y out); weight and bias come from L1 / L2 for every row.
+//   backward: block b reduces chunk b, a fixed range of rows (below), holding weight in registers for
+//             the chunk. Per row: dy and x read once (the row group's next row is loaded while this
+//             one is reduced), one all-reduce of (sum g, sum g * xhat), grad_x written once. The
+//             chunk's sums of dy * xhat and dy accumulate per column in registers; at the end the
+//             block adds its row groups' sums in shared memory, in group order, and writes them to
+//             the fp32 workspace part (2, chunks, N). DRAM 3B per element, plus 8 bytes per column
+//             and chunk, written here and read by stage 2 (chunks hold >= 16 rows: <= 0.5 byte per
+//             element each way).
+// Loop paths (every other N <= 65536 and alignment): a row group of up to 512 threads loops over the
+// row, about 4 accesses per thread and pass, several rows per 512-thread block for short rows.
 //   forward:  pass 1 Welford states, merged across the group; pass 2 re-reads x (from L1 / L2) and
 //             writes y. DRAM 2B per element when the re-read hits the cache, 3B else.
 //   backward: grad_x alike (pass 1 sums, pass 2 re-reads dy and x, writes grad_x: 3B to 5B); then
-//             stage 1, blocks of 32 columns x one chunk of rows, re-reads dy and x (2B more) and
-//             writes fp32 partial sums (2, chunks, N).
-// Stage 2: per column, the sum of the chunks' partials in a fixed order, cast to T.
+//             stage 1, blocks of 32 columns x one chunk, re-reads dy and x (2B more) and writes the
+//             same workspace as the register path.
+// Stage 2 (both paths): per column, the sum of the chunks' partials in a fixed order, cast to T.
 // Before this layout (one kernel shape for every N): forward 2B DRAM + a second pass over x from
-// cache.
+// cache; backward grad_x two passes (3B to 5B) + stage 1 (2B) = 5B to 7B per element.
 //
 // Determinism: the chunks depend on (rows, N) alone (rows_per_chunk below), the path and block shape
 // on (N, dtype, alignment), so every sum is formed in one order that no device property (SM count)
@@ -54,10 +63,11 @@ namespace {
 
 using namespace m6::cuda;
 
-// Register path.
+// Register paths.
 constexpr int kRegVecs = 4;              // 16-byte vectors per thread and row
 constexpr int kRegBlock = 128;           // block size while row groups share a block (tpr <= 128)
 constexpr int kFwdRegMaxThreads = 1024;  // forward: widest row group
+constexpr int kBwdRegMaxThreads = 256;   // backward: widest row group (its per-column sums fill registers)
 // Loop paths.
 constexpr int kLoopThreads = 512;       // block size
 constexpr int kLoopChunksPerThread = 4;  // accesses per thread and pass, about
@@ -70,11 +80,13 @@ constexpr int kColRows = 8;            // stage 1: rows in flight per block
 constexpr int kFinalLanes = 32;        // stage 2: threads per column, each summing every 32nd chunk
 
 // Launch bounds of the register kernels, per row-group width kTpr: the block has kRegThreads<kTpr>
-// threads, <= 64 registers per thread.
+// threads; forward <= 64 registers per thread, backward <= 65536 / (threads * kBwdRegMinBlocks).
 template <int kTpr>
 constexpr int kRegThreads = kTpr > kRegBlock ? kTpr : kRegBlock;
 template <int kTpr>
 constexpr int kFwdRegMinBlocks = 1024 / kRegThreads<kTpr>;
+template <int kTpr>
+constexpr int kBwdRegMinBlocks = kRegThreads<kTpr> == kRegBlock ? 3 : 1;
 
 template <typename T>
 using Vec16 = Vec<T, kVec16<T>>;
@@ -223,6 +235,153 @@ layer_norm_fwd_regs_kernel(const T* __restrict__ x, const T* __restrict__ weight
     launder(xv);
     store_y<kTpr>(xv, weight, bias, y + row * n, nvec, mu, rs);
   }
+}
+
+// ---- Backward, register path.
+
+// One row of a row group: its vectors of x and dy, and its statistics.
+template <typename T, int K>
+struct RowIn {
+  Vec16<T> x[K];
+  Vec16<T> dy[K];
+  float mu;
+  float rs;
+};
+
+template <int kTpr, typename T, int K>
+__device__ __forceinline__ void load_row_in(RowIn<T, K>& r, const T* __restrict__ dy, const T* __restrict__ x,
+                                            const float* __restrict__ mean, const float* __restrict__ rstd,
+                                            int64_t row, int n) {
+  const int nvec = n / kVec16<T>;
+  load_own<kTpr>(r.x, x + row * n, nvec);
+  load_own<kTpr>(r.dy, dy + row * n, nvec);
+  r.mu = mean[row];
+  r.rs = rstd[row];
+}
+
+// Adds the row to the per-column sums (acc_w += dy * xhat, acc_b += dy); returns the thread's
+// (sum g, sum g * xhat).
+template <int kTpr, typename T, int K>
+__device__ __forceinline__ float2 accumulate_row(const RowIn<T, K>& r, const Vec16<T> (&wv)[K], int nvec,
+                                                 float (&acc_w)[K][kVec16<T>], float (&acc_b)[K][kVec16<T>]) {
+  float2 sums = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (!owns<kTpr>(k, nvec)) continue;
+#pragma unroll
+    for (int e = 0; e < kVec16<T>; ++e) {
+      const float d = static_cast<float>(r.dy[k].val[e]);
+      const float xhat = (static_cast<float>(r.x[k].val[e]) - r.mu) * r.rs;
+      const float g = d * static_cast<float>(wv[k].val[e]);
+      sums.x += g;
+      sums.y += g * xhat;
+      acc_w[k][e] += d * xhat;
+      acc_b[k][e] += d;
+    }
+  }
+  return sums;
+}
+
+// grad_x = rs * (g - mean_g - xhat * mean_gx) = g * rs + ((x - mu) * c1 + c0) with the row's
+// c0 = -rs * mean_g and c1 = -rs^2 * mean_gx: two FMAs per element after g, the difference x - mu
+// still formed first (no cancellation between x * c1 and mu * c1 when |mean| >> std).
+template <int kTpr, typename T, int K>
+__device__ __forceinline__ void store_dx(const RowIn<T, K>& r, const Vec16<T> (&wv)[K], int nvec, float mean_g,
+                                         float mean_gx, T* dxr) {
+  constexpr int VEC = kVec16<T>;
+  const float c0 = -r.rs * mean_g;
+  const float c1 = -r.rs * r.rs * mean_gx;
+  dxr += threadIdx.x * VEC;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (!owns<kTpr>(k, nvec)) continue;
+    Vec16<T> out;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float g = static_cast<float>(r.dy[k].val[e]) * static_cast<float>(wv[k].val[e]);
+      const float t = fmaf(static_cast<float>(r.x[k].val[e]) - r.mu, c1, c0);
+      out.val[e] = static_cast<T>(fmaf(g, r.rs, t));
+    }
+    store_vec<T, VEC>(dxr + k * kTpr * VEC, out);
+  }
+}
+
+// Writes the block's per-column sums: part_w[col] = sum over row groups, in group order, of acc_w;
+// part_b likewise. One vector slot k of every thread at a time goes through `stage` (2 * kTpr * VEC
+// floats per row group); all threads then add and store coalesced. Every thread of the block calls
+// it (it has barriers).
+template <int kTpr, int kThreads, int K, int VEC>
+__device__ __forceinline__ void write_partials(const float (&acc_w)[K][VEC], const float (&acc_b)[K][VEC],
+                                               float* stage, float* __restrict__ part_w,
+                                               float* __restrict__ part_b, int n) {
+  constexpr int kSpan = kTpr * VEC;  // columns of one slot k, over the row group
+  constexpr int kGroups = kThreads / kTpr;
+  const int tid = threadIdx.y * kTpr + threadIdx.x;
+  float* mine = stage + threadIdx.y * 2 * kSpan + threadIdx.x * VEC;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (k * kSpan >= n) break;  // block-uniform: slots past the row hold no column
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      mine[e] = acc_w[k][e];
+      mine[kSpan + e] = acc_b[k][e];
+    }
+    __syncthreads();
+    for (int i = tid; i < 2 * kSpan; i += kThreads) {
+      const int q = i < kSpan ? 0 : 1;  // 0: weight, 1: bias
+      const int j = i - q * kSpan;
+      const int col = k * kSpan + j;
+      if (col >= n) continue;
+      float s = stage[q * kSpan + j];
+#pragma unroll
+      for (int grp = 1; grp < kGroups; ++grp) s += stage[(2 * grp + q) * kSpan + j];
+      (q == 0 ? part_w : part_b)[col] = s;
+    }
+    __syncthreads();  // the next slot overwrites stage
+  }
+}
+
+// Block (kTpr, kRegThreads / kTpr) = chunk blockIdx.x: rows [first, last). Row group threadIdx.y
+// takes rows first + threadIdx.y, + kGroups, ...; the loop bound is block-uniform (row_allreduce's
+// barriers). While the group reduces one row, its next row's dy, x, mean and rstd are in flight.
+template <typename T, int kTpr>
+__global__ void __launch_bounds__(kRegThreads<kTpr>, kBwdRegMinBlocks<kTpr>)
+layer_norm_bwd_regs_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ weight,
+                           const float* __restrict__ mean, const float* __restrict__ rstd,
+                           T* __restrict__ dx, float* __restrict__ part, int64_t rows, int n, float inv_n,
+                           int64_t rows_per_chunk) {
+  constexpr int VEC = kVec16<T>;
+  constexpr int K = kRegVecs;
+  constexpr int kThreads = kRegThreads<kTpr>;
+  constexpr int kGroups = kThreads / kTpr;
+  __shared__ float2 red[kMaxWarps];
+  __shared__ __align__(16) float stage[2 * kThreads * VEC];
+  const int nvec = n / VEC;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_chunk;
+  const int64_t last = std::min(rows, first + rows_per_chunk);
+  Vec16<T> wv[K];
+  load_own<kTpr>(wv, weight, nvec);
+  float acc_w[K][VEC] = {};
+  float acc_b[K][VEC] = {};
+  RowIn<T, K> cur;
+  if (first + threadIdx.y < last) load_row_in<kTpr>(cur, dy, x, mean, rstd, first + threadIdx.y, n);
+  for (int64_t base = first; base < last; base += kGroups) {
+    const int64_t row = base + threadIdx.y;
+    const bool active = row < last;
+    RowIn<T, K> next;  // loaded iff the next iteration's row is active
+    if (row + kGroups < last) load_row_in<kTpr>(next, dy, x, mean, rstd, row + kGroups, n);
+    float2 sums = make_float2(0.f, 0.f);
+    if (active) sums = accumulate_row<kTpr>(cur, wv, nvec, acc_w, acc_b);
+    sums = row_allreduce<kTpr>(sums, SumOp{}, red);
+    launder(cur.x);
+    launder(cur.dy);
+    launder(wv);
+    if (active) store_dx<kTpr>(cur, wv, nvec, sums.x * inv_n, sums.y * inv_n, dx + row * n);
+    cur = next;
+  }
+  const int64_t chunks = gridDim.x;
+  write_partials<kTpr, kThreads>(acc_w, acc_b, stage, part + blockIdx.x * static_cast<int64_t>(n),
+                                 part + (chunks + blockIdx.x) * static_cast<int64_t>(n), n);
 }
 
 // ---- Loop paths. Block (tx, kLoopThreads / tx): ty rows per block, tx threads per row; the row
@@ -413,7 +572,7 @@ int pow2_at_least(int64_t v) {
   return p;
 }
 
-// Register path: threads per row group for a row of `nvec` vectors (a power of two >= 32).
+// Register paths: threads per row group for a row of `nvec` vectors (a power of two >= 32).
 int regs_tpr(int64_t nvec) { return std::max(kWarpSize, pow2_at_least(ceil_div(nvec, kRegVecs))); }
 
 // Loop paths: (tx, kLoopThreads / tx) with tx a power of two, about kLoopChunksPerThread accesses per
@@ -492,6 +651,14 @@ Partials make_partials(const at::Tensor& x, int64_t rows, int64_t n) {
   return {at::empty({2, chunks, n}, x.options().dtype(at::kFloat)), chunks, per};
 }
 
+template <typename T, int kTpr>
+void launch_bwd_regs(const T* dyp, const T* xp, const T* wp, const float* mp, const float* rp, T* dxp,
+                     Partials& part, int64_t rows, int n, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>(part.chunks));  // <= kMaxChunks
+  layer_norm_bwd_regs_kernel<T, kTpr><<<grid, dim3(kTpr, kRegThreads<kTpr> / kTpr), 0, stream>>>(
+      dyp, xp, wp, mp, rp, dxp, part.w(), rows, n, inverse(n), part.rows_per_chunk);
+}
+
 // The loop path of the backward: grad_x, then stage 1 of grad_weight / grad_bias.
 template <typename T>
 void layer_norm_backward_loop(const T* dyp, const T* xp, const T* wp, const float* mp, const float* rp,
@@ -525,8 +692,18 @@ void layer_norm_backward_launch(const at::Tensor& dy, const at::Tensor& x, const
   const float* rp = rstd.const_data_ptr<float>();
   T* dxp = dx.mutable_data_ptr<T>();
   Partials part = make_partials(x, rows, n);
+  constexpr int kV = kVec16<T>;
   const bool vec = can_vectorize<T>(n, {dyp, xp, wp, dxp});
-  layer_norm_backward_loop<T>(dyp, xp, wp, mp, rp, dxp, part, rows, n, vec, stream);
+  if (vec && n <= kBwdRegMaxThreads * kRegVecs * kV) {
+    switch (regs_tpr(n / kV)) {
+      case 32: launch_bwd_regs<T, 32>(dyp, xp, wp, mp, rp, dxp, part, rows, n, stream); break;
+      case 64: launch_bwd_regs<T, 64>(dyp, xp, wp, mp, rp, dxp, part, rows, n, stream); break;
+      case 128: launch_bwd_regs<T, 128>(dyp, xp, wp, mp, rp, dxp, part, rows, n, stream); break;
+      default: launch_bwd_regs<T, 256>(dyp, xp, wp, mp, rp, dxp, part, rows, n, stream); break;
+    }
+  } else {
+    layer_norm_backward_loop<T>(dyp, xp, wp, mp, rp, dxp, part, rows, n, vec, stream);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 grid(static_cast<unsigned int>(ceil_div(n, kColTile)));
   layer_norm_bwd_wb_final_kernel<T><<<grid, dim3(kColTile, kFinalLanes), 0, stream>>>(
