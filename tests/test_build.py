@@ -8,7 +8,6 @@ bin/nvcc (never run), so they do not depend on what this machine has installed.
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
