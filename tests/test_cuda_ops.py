@@ -1,4 +1,4 @@
-"""The CUDA kernels of m6::masked_softmax and m6::layer_norm, on a GPU (skipped without one).
+"""The CUDA kernels of m6::masked_softmax and m6::layer_norm, and their edge cases on both devices.
 
 Each kernel is compared three ways (STYLE.md): against the float64 reference, against the
 same-precision PyTorch composite (the kernel's error may be at most twice PyTorch's plus a small
@@ -8,25 +8,35 @@ keys and aligned pointers) or scalar access, and by row length
   forward:  one warp per row in registers up to 1024 keys (256 scalar), several warps of a block
             in registers up to 32768 (8192 scalar), the two-pass block beyond;
   backward: one warp per row up to 1024 fp32 / 2048 16-bit keys (256 scalar), a block beyond.
-Runs only where `make gpu-check` runs it: a GPU and m6_engine._C built with its CUDA kernels.
+Tests marked `cuda` run only where a GPU and m6_engine._C built with its CUDA kernels are present
+(`make gpu-check` runs them). The edge cases of the later sections (non-finite scores, fully masked
+rows, 64-bit offsets, grid-stride launches, decode shapes, layouts, bitwise determinism) are
+parametrized over tests.conftest.DEVICES: their CPU variants (fp32, small) run everywhere, so the
+test logic is exercised on the CPU kernels; the CUDA variants add fp16 and bf16. The tests of more
+than 2^31 elements ("huge" in their names, -k huge) are CUDA only and skip without the free memory.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import m6_engine.ops as ops
-from tests.conftest import nan_filled_empty
+from m6_engine.ops.reference import masked_softmax_backward_reference, masked_softmax_reference, prefix_lm_mask
+from tests.conftest import DEVICES, nan_filled_empty
 from tests.test_layer_norm import EPS
+from tests.test_layer_norm import _assert_three_way as _ln_assert_three_way
 from tests.test_layer_norm import _check as _check_layer_norm
+from tests.test_layer_norm import _grads as _ln_grads
 from tests.test_layer_norm import _inputs as _ln_inputs
+from tests.test_layer_norm import _torch_forward as _ln_torch_forward
 from tests.test_masked_softmax import (
-    CASES, SCALE, _check_backward, _check_forward, _lengths, _mixed_lengths, _scores)
-
-pytestmark = pytest.mark.cuda
+    CASES, FLOOR, SCALE, _assert_masked_zero, _assert_three_way, _check_backward, _check_forward, _composite,
+    _grads, _lengths, _mixed_lengths, _scores)
 
 CUDA = "cuda"
 HALF_DTYPES = [torch.float16, torch.bfloat16]
@@ -48,6 +58,7 @@ def _on_cuda(*tensors):
 
 @pytest.mark.parametrize("sq,sk,q_offset", CASES)
 @pytest.mark.parametrize("length_dtype", [torch.int64, torch.int32])
+@pytest.mark.cuda
 def test_softmax_forward_fp32_and_cpu_kernel(sq, sk, q_offset, length_dtype):
     prefix, valid = _lengths(_mixed_lengths(sk), length_dtype)
     scores = _scores(len(prefix), 2, sq, sk)
@@ -57,6 +68,7 @@ def test_softmax_forward_fp32_and_cpu_kernel(sq, sk, q_offset, length_dtype):
 
 
 @pytest.mark.parametrize("sq,sk,q_offset", CASES)
+@pytest.mark.cuda
 def test_softmax_backward_fp32_and_cpu_kernel(sq, sk, q_offset):
     prefix, valid = _lengths(_mixed_lengths(sk))
     scores = _scores(len(prefix), 2, sq, sk)
@@ -70,6 +82,7 @@ def test_softmax_backward_fp32_and_cpu_kernel(sq, sk, q_offset):
 
 @pytest.mark.parametrize("at_end", [False, True], ids=["q_offset 0", "last rows"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.cuda
 def test_softmax_path_edges(dtype, at_end):
     # 7 rows per sample: 35 rows, odd, so multi-row blocks also end with a row past the last.
     for sk in PATH_EDGES[dtype]:
@@ -83,6 +96,7 @@ def test_softmax_path_edges(dtype, at_end):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("sq,sk,q_offset", [(17, 17, 0), (8, 528, 520), (5, 1000, 0), (24, 4097, 4073),
                                             (3, 3, 0), (1, 1, 0), (7, 17, 10)])
+@pytest.mark.cuda
 def test_softmax_half_precision(dtype, sq, sk, q_offset):
     prefix, valid = _lengths(_mixed_lengths(sk), device=CUDA)
     scores = _scores(len(prefix), 2, sq, sk, dtype, device=CUDA)
@@ -92,6 +106,7 @@ def test_softmax_half_precision(dtype, sq, sk, q_offset):
 
 @pytest.mark.parametrize("sk", [8192, 32768])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.cuda
 def test_softmax_long_rows(dtype, sk):
     sq = 4
     q_offset = sk - sq  # the last rows: the longest causal rows
@@ -103,6 +118,7 @@ def test_softmax_long_rows(dtype, sk):
     _check_backward(scores, prefix, valid, q_offset, poison=True)
 
 
+@pytest.mark.cuda
 def test_softmax_many_rows_and_heads():
     # Several rows per warp-path block and more rows than blocks in flight; a mix of samples.
     prefix, valid = _lengths([(0, 528), (272, 528), (144, 400), (528, 528)] * 4, torch.int32, CUDA)
@@ -112,6 +128,7 @@ def test_softmax_many_rows_and_heads():
 
 @pytest.mark.parametrize("layout", ["transposed", "strided", "misaligned"])
 @pytest.mark.parametrize("sk", [17, 528, 4104])
+@pytest.mark.cuda
 def test_softmax_non_contiguous_and_misaligned(layout, sk):
     prefix, valid = _lengths(_mixed_lengths(sk), device=CUDA)
     if layout == "misaligned":  # contiguous, but 4 bytes past a 16-byte boundary: scalar access
@@ -127,6 +144,7 @@ def test_softmax_non_contiguous_and_misaligned(layout, sk):
     _check_backward(scores, prefix, valid, q_offset)
 
 
+@pytest.mark.cuda
 def test_softmax_extreme_scores_and_scales():
     prefix, valid = _lengths(_mixed_lengths(600), device=CUDA)
     scores = 50 * _scores(5, 1, 40, 600, device=CUDA)
@@ -137,6 +155,7 @@ def test_softmax_extreme_scores_and_scales():
     assert torch.all(out == 0)
 
 
+@pytest.mark.cuda
 def test_softmax_every_element_written():
     # Outputs allocated NaN-filled: a position a kernel forgets to write stays NaN. Both paths.
     for sk in (70, 528, 4097):
@@ -148,6 +167,7 @@ def test_softmax_every_element_written():
 
 # ---- masked_softmax: the CUDA contract (stream, device, graphs, no host sync, bad values).
 
+@pytest.mark.cuda
 def test_softmax_runs_on_the_callers_stream_and_in_a_cuda_graph():
     # Capture fails if the op synchronises with the host (e.g. copies the lengths back): the fast
     # path must not. Replaying the graph on new scores must give the eager result.
@@ -170,6 +190,7 @@ def test_softmax_runs_on_the_callers_stream_and_in_a_cuda_graph():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.cuda
 def test_softmax_and_layer_norm_on_a_second_gpu():
     # The CUDA guard: tensors on cuda:1 while cuda:0 is current.
     prefix, valid = _lengths(_mixed_lengths(64), device="cuda:1")
@@ -193,6 +214,7 @@ print("NO ERROR")
     ("forward", [4, 0], [3, 3]), ("forward", [0, 0], [9, 3]), ("forward", [-1, 0], [3, 3]),
     ("forward", [0, -2], [0, -1]), ("backward", [0, 0], [3, 9])],
     ids=["prefix>valid", "valid>Sk", "negative prefix", "negative valid", "backward valid>Sk"])
+@pytest.mark.cuda
 def test_softmax_bad_length_values_raise(op, prefix, valid):
     # Length values are not copied to the host on CUDA: they are clamped for memory safety and
     # checked by an asynchronous device assert, which fails at the next synchronisation and leaves
@@ -208,6 +230,7 @@ def test_softmax_bad_length_values_raise(op, prefix, valid):
     assert "device-side assert" in output or "masked_softmax: lengths out of range" in output, output[-2000:]
 
 
+@pytest.mark.cuda
 def test_softmax_good_edge_lengths_do_not_assert():
     # The edges of the valid range: prefix == valid == Sk, prefix == valid == 0.
     prefix, valid = _lengths([(8, 8), (0, 0), (0, 8), (3, 3)], device=CUDA)
@@ -216,6 +239,7 @@ def test_softmax_good_edge_lengths_do_not_assert():
     torch.cuda.synchronize()
 
 
+@pytest.mark.cuda
 def test_softmax_bad_inputs_raise_on_cuda():
     x = _scores(2, 1, 3, 4, device=CUDA)
     p, v = _lengths([(1, 4), (0, 3)], device=CUDA)
@@ -239,6 +263,7 @@ def test_softmax_bad_inputs_raise_on_cuda():
         torch.ops.m6.masked_softmax_backward(out[..., :3], out, p, v, 1.0, 0)
 
 
+@pytest.mark.cuda
 def test_softmax_opcheck_and_compile_on_cuda():
     prefix, valid = _lengths([(1, 4), (0, 3), (0, 0)], torch.int32, CUDA)
     scores = _scores(3, 2, 5, 4, device=CUDA).requires_grad_()
@@ -258,16 +283,19 @@ HIDDEN = [1, 3, 17, 1024, 4097, 4104, 65536]
 
 @pytest.mark.parametrize("n", HIDDEN)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.cuda
 def test_layer_norm_forward_backward(n, dtype):
     rows = max(2, min(301, 2**21 // n))  # odd where small: a partial last block of rows
     _check_layer_norm(*_ln_inputs((rows, n), dtype, CUDA))
 
 
+@pytest.mark.cuda
 def test_layer_norm_leading_dims_and_many_rows():
     _check_layer_norm(*_ln_inputs((4, 1000, 1024), torch.bfloat16, CUDA, seed=1))
 
 
 @pytest.mark.parametrize("n", [17, 1024, 65536])
+@pytest.mark.cuda
 def test_layer_norm_matches_cpu_kernel_fp32(n):
     x, w, b = _ln_inputs((7, n), torch.float32, CUDA, seed=4)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x)
@@ -282,6 +310,7 @@ def test_layer_norm_matches_cpu_kernel_fp32(n):
 
 
 @pytest.mark.parametrize("layout", ["transposed", "misaligned"])
+@pytest.mark.cuda
 def test_layer_norm_non_contiguous_and_misaligned(layout):
     n = 1024
     x, w, b = _ln_inputs((96, n), torch.float16, CUDA, seed=6)
@@ -297,6 +326,7 @@ def test_layer_norm_non_contiguous_and_misaligned(layout):
 @pytest.mark.parametrize("dtype,n", [(torch.float32, 200), (torch.bfloat16, 4104), (torch.float16, 1001),
                                      (torch.float32, 65536)],
                          ids=["fp32 4 rows per block", "bf16 vectorised", "fp16 scalar", "fp32 widest"])
+@pytest.mark.cuda
 def test_layer_norm_every_element_written(dtype, n):
     # NaN-poisoned outputs (and the fp32 partial sums of grad_weight / grad_bias): a position a
     # kernel forgets to write stays NaN. 37 rows: with n = 200 (one warp per row, 4 rows per
@@ -309,6 +339,7 @@ def test_layer_norm_every_element_written(dtype, n):
     assert not any(t.isnan().any() for t in outputs)
 
 
+@pytest.mark.cuda
 def test_layer_norm_no_rows():
     w = torch.ones(64, device=CUDA)
     empty = torch.empty(0, 3, 64, device=CUDA)
@@ -318,6 +349,7 @@ def test_layer_norm_no_rows():
     assert dx.shape == empty.shape and torch.all(dw == 0) and torch.all(db == 0)
 
 
+@pytest.mark.cuda
 def test_layer_norm_bad_inputs_raise_on_cuda():
     x, w, b = _ln_inputs((4, 8), torch.float32, CUDA)
     with pytest.raises(RuntimeError, match="x must be " + NO_FP64):
@@ -342,6 +374,7 @@ def test_layer_norm_bad_inputs_raise_on_cuda():
         torch.ops.m6.layer_norm_backward(x, x, w, mean[:2], rstd)
 
 
+@pytest.mark.cuda
 def test_layer_norm_opcheck_on_cuda():
     x, w, b = _ln_inputs((3, 5, 16), torch.float32, CUDA)
     x.requires_grad_()
@@ -350,3 +383,163 @@ def test_layer_norm_opcheck_on_cuda():
     torch.library.opcheck(torch.ops.m6.layer_norm_backward.default,
                           (torch.randn_like(x), x.detach(), w, mean, rstd))
 
+
+
+# ==== Edge cases on both devices: the CPU variants (fp32, small) run everywhere, the CUDA variants
+# (marked `cuda`) in every dtype.
+
+def _device_dtypes():
+    """(device, dtype) parameters: fp32 on the CPU; fp32, fp16 and bf16 on CUDA (marked `cuda`)."""
+    params = []
+    for entry in DEVICES:
+        device = entry if isinstance(entry, str) else entry.values[0]
+        marks = () if isinstance(entry, str) else entry.marks
+        for dtype in ALL_DTYPES if device == CUDA else [torch.float32]:
+            params.append(pytest.param(device, dtype, marks=marks,
+                                       id=f"{device}-{str(dtype).removeprefix('torch.')}"))
+    return params
+
+
+DEVICE_DTYPES = _device_dtypes()
+# Row lengths reaching every CUDA path in each dtype (the module docstring): 37 scalar and 40
+# vectorised rows are one warp's in both ops; 1031 (scalar) and 2600 (vectorised) sit in several
+# warps' registers forward and take the block path backward; 33000 takes the two-pass forward.
+PATH_SKS = [37, 40, 1031, 2600, 33000]
+INF = float("inf")
+NAN = float("nan")
+
+
+def _visible_keys(prefix, valid, sq, sk, q_offset):
+    """Visible keys of each (sample, query row), (B, Sq) int64, counted from the reference's mask."""
+    return prefix_lm_mask(prefix.cpu(), valid.cpu(), sq, sk, q_offset)[:, 0].sum(-1)
+
+
+def _first_mismatches(a, b):
+    return (a != b).nonzero()[:5].tolist()
+
+
+# ---- masked_softmax: NaN and +-inf.
+
+def _check_nonfinite_forward(scores, prefix, valid, q_offset, scale):
+    """The forward on scores holding NaN / +-inf against the float64 reference (evaluated on the CPU,
+    one definition for both devices): NaN exactly where the reference has NaN, no inf, masked and
+    padded positions exactly 0 (outputs NaN-poisoned), the three-way bound on every other position.
+    Returns (kernel output, reference), on the CPU."""
+    with nan_filled_empty():
+        out = ops.masked_softmax(scores, prefix, valid, scale, q_offset)
+    composite = _composite(scores, prefix, valid, scale, q_offset).cpu()
+    prefix, valid, out = prefix.cpu(), valid.cpu(), out.cpu()
+    exact = masked_softmax_reference(scores.double().cpu(), prefix, valid, scale, q_offset)
+    nan = exact.isnan()
+    assert torch.equal(out.isnan(), nan), (
+        f"NaN pattern differs from the reference at {_first_mismatches(out.isnan(), nan)}")
+    assert not out.isinf().any()
+    _assert_masked_zero(out, prefix, valid, q_offset)
+    _assert_three_way(out[~nan], composite[~nan], exact[~nan], FLOOR[scores.dtype], "forward (non-NaN positions)")
+    return out, exact
+
+
+@pytest.mark.parametrize("scale", [SCALE, -0.5, 0.0], ids=["scale>0", "scale<0", "scale=0"])
+@pytest.mark.parametrize("sk", PATH_SKS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_softmax_nonfinite_scores(device, dtype, sk, scale):
+    # The reference (torch.softmax over the visible keys, zeros elsewhere) decides every case; for a
+    # positive scale the outcomes are spelled out below. A negative scale swaps the roles of +inf
+    # and -inf; scale 0 turns every +-inf into NaN (0 * inf).
+    sq, q_offset = 8, sk - 8
+    # Sample 0: prefix-LM ending 3 keys early: rows 0-4 see sk - 7 + i keys, rows 5-7 are padding.
+    # Sample 1: bidirectional, every row sees all sk keys.
+    prefix, valid = _lengths([(sk // 4, sk - 3), (sk, sk)])
+    n = [[int(c) for c in row] for row in _visible_keys(prefix, valid, sq, sk, q_offset)]
+    x = _scores(2, 1, sq, sk)
+    s0, s1 = x[0, 0], x[1, 0]
+    k = sk // 2  # visible in every row that sees any key
+    s0[0, k] = NAN                      # a NaN score
+    s0[1, k] = INF                      # a single +inf
+    s0[2, [0, n[0][2] - 1]] = -INF      # -inf at the first and the last visible key
+    s0[3, :n[0][3]] = -INF              # every visible key -inf
+    s0[4, n[0][4]:] = NAN               # NaN and +inf at masked keys only
+    s0[4, -1] = INF
+    s0[5], s0[6], s0[7, 0] = NAN, INF, -INF  # padded rows
+    s1[0, [1, sk - 2]] = INF            # two +inf
+    s1[1, 0], s1[1, 1] = INF, -INF
+    s1[2] = -INF                        # one finite key, the rest -inf
+    s1[2, k] = 1.0
+    s1[3] = -INF                        # one NaN, the rest -inf
+    s1[3, k] = NAN
+    # Rows 4-7 of sample 1 hold no special value: they must come out as usual.
+    out, _ = _check_nonfinite_forward(x.to(device=device, dtype=dtype), prefix.to(device), valid.to(device),
+                                      q_offset, scale)
+    if scale <= 0:
+        return
+    o0, o1 = out[0, 0], out[1, 0]
+
+    def nan_row(o, row, visible):  # the visible keys NaN, the masked ones exactly 0
+        return bool(o[row, :visible].isnan().all() and (o[row, visible:] == 0).all())
+
+    assert nan_row(o0, 0, n[0][0]), "a NaN score makes its row NaN (as torch.softmax)"
+    assert nan_row(o0, 1, n[0][1]), "a single +inf gives NaN (inf - inf), as torch.softmax, not a one-hot row"
+    assert o0[2].isfinite().all() and o0[2, 0] == 0 and o0[2, n[0][2] - 1] == 0, "-inf has probability exactly 0"
+    assert nan_row(o0, 3, n[0][3]), ("visible keys all -inf: NaN, as torch.softmax (the reference's zero rows "
+                                     "are the rows without visible keys)")
+    assert o0[4].isfinite().all(), "NaN or inf at masked keys leaked into the row"
+    assert torch.all(o0[5:] == 0), "padded rows are 0 whatever their scores"
+    assert nan_row(o1, 0, sk) and nan_row(o1, 1, sk)
+    assert o1[2, k] == 1 and torch.count_nonzero(o1[2]) == 1, "one finite key among -inf: exactly one-hot"
+    assert nan_row(o1, 3, sk)
+    assert o1[4:].isfinite().all()
+
+
+def _check_nonfinite_backward(scores, grad_out, prefix, valid, q_offset, scale=SCALE):
+    """The backward (autograd through the op) with NaN / +-inf in grad_out against the float64
+    reference's autograd (on the CPU): finite exactly where the reference is finite, NaN wherever it
+    is NaN, where it is +-inf the same infinity (or NaN: y * inf where the kernel's y rounded to 0),
+    masked and padded positions exactly 0, the three-way bound on the finite positions. Returns the
+    kernel's gradient, on the CPU."""
+    with nan_filled_empty():
+        kernel = _grads(lambda x: ops.masked_softmax(x, prefix, valid, scale, q_offset), scores, grad_out)
+    composite = _grads(lambda x: _composite(x, prefix, valid, scale, q_offset), scores, grad_out).cpu()
+    prefix, valid, kernel = prefix.cpu(), valid.cpu(), kernel.cpu()
+    exact = _grads(lambda x: masked_softmax_reference(x, prefix, valid, scale, q_offset),
+                   scores.double().cpu(), grad_out.double().cpu())
+    finite = exact.isfinite()
+    assert torch.equal(kernel.isfinite(), finite), (
+        f"finite pattern differs from the reference at {_first_mismatches(kernel.isfinite(), finite)}")
+    assert kernel[exact.isnan()].isnan().all()
+    infinite = exact.isinf()
+    assert ((kernel[infinite] == exact[infinite]) | kernel[infinite].isnan()).all()
+    _assert_masked_zero(kernel, prefix, valid, q_offset)
+    floor = FLOOR[scores.dtype] * max(1.0, exact[finite].abs().max().item())
+    _assert_three_way(kernel[finite], composite[finite], exact[finite], floor, "backward (finite positions)")
+    return kernel
+
+
+@pytest.mark.parametrize("sk", PATH_SKS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_softmax_backward_nonfinite_grad_out(device, dtype, sk):
+    # dx = scale * y * (dy - sum_visible(dy * y)): a NaN or inf of dy at a visible key reaches the whole
+    # row through the sum; dy at masked keys and padded rows is never read (dx there is exactly 0).
+    sq, q_offset = 8, sk - 8
+    prefix, valid = _lengths([(sk // 4, sk - 3), (sk, sk)])  # as in test_softmax_nonfinite_scores
+    n = [[int(c) for c in row] for row in _visible_keys(prefix, valid, sq, sk, q_offset)]
+    dy = torch.randn(2, 1, sq, sk, generator=torch.Generator().manual_seed(3))
+    g0, g1 = dy[0, 0], dy[1, 0]
+    k = sk // 2
+    g0[0, k] = NAN                 # every visible dx NaN
+    g0[1, k] = INF                 # dx_k = y_k * (inf - inf) = NaN, the other visible dx -inf
+    g0[2, 0] = -INF                # dx_0 NaN, the others +inf
+    g0[3, n[0][3]:] = NAN          # masked keys only: the row as if they were 0
+    g0[3, -1] = INF
+    g0[5], g0[6], g0[7] = NAN, INF, -INF  # padded rows
+    g1[0, 1], g1[0, 2] = INF, -INF  # the sum is inf - inf = NaN: the whole row NaN
+    g1[1] = INF                    # every dy_j - sum is inf - inf: NaN
+    scores = _scores(2, 1, sq, sk, dtype, device=device)
+    dx = _check_nonfinite_backward(scores, dy.to(device=device, dtype=dtype), prefix.to(device), valid.to(device),
+                                   q_offset)
+    d0, d1 = dx[0, 0], dx[1, 0]
+    assert d0[0, :n[0][0]].isnan().all()
+    assert d0[1, k].isnan() and not d0[1, :n[0][1]].isfinite().any()
+    assert d0[2, 0].isnan() and not d0[2, :n[0][2]].isfinite().any()
+    assert d0[3].isfinite().all() and d0[4].isfinite().all()
+    assert torch.all(d0[5:] == 0)
+    assert d1[0].isnan().all() and d1[1].isnan().all() and d1[2:].isfinite().all()
