@@ -543,3 +543,23 @@ def test_softmax_backward_nonfinite_grad_out(device, dtype, sk):
     assert d0[3].isfinite().all() and d0[4].isfinite().all()
     assert torch.all(d0[5:] == 0)
     assert d1[0].isnan().all() and d1[1].isnan().all() and d1[2:].isfinite().all()
+
+
+# ---- masked_softmax: rows without a visible key.
+
+@pytest.mark.parametrize("sk", PATH_SKS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_softmax_fully_masked_rows_are_zero(device, dtype, sk):
+    # Sample 0 has valid_len 0; samples 1 and 2 end 3 and 5 keys early (their rows past valid_len are
+    # padding); sample 3 is complete. q_offset moves rows past valid_len: sk - 6 pads some rows, sk - 3
+    # every row of samples 0-2, sk and 2^40 every row. Outputs are NaN-poisoned and every score the mask
+    # hides is NaN: a kernel that reads one, or leaves an output unwritten, fails. (One head on the CPU.)
+    sq, heads = 6, 2 if device == CUDA else 1
+    prefix, valid = _lengths([(0, 0), (sk // 2, sk - 3), (0, sk - 5), (sk, sk)], device=device)
+    for q_offset in (sk - sq, sk - 3, sk, 2**40):
+        allowed = prefix_lm_mask(prefix, valid, sq, sk, q_offset).expand(4, heads, sq, sk)
+        scores = _scores(4, heads, sq, sk, device=device).masked_fill(~allowed, NAN).to(dtype)
+        out = _check_forward(scores, prefix, valid, q_offset, poison=True)
+        assert not out.isnan().any()
+        assert torch.all(out[~allowed.any(-1)] == 0)  # rows without a visible key
+        _check_backward(scores, prefix, valid, q_offset, poison=True)
