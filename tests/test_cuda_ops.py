@@ -563,3 +563,136 @@ def test_softmax_fully_masked_rows_are_zero(device, dtype, sk):
         assert not out.isnan().any()
         assert torch.all(out[~allowed.any(-1)] == 0)  # rows without a visible key
         _check_backward(scores, prefix, valid, q_offset, poison=True)
+
+
+# ---- More than 2^31 elements (CUDA only; memory permitting).
+
+def _require_free_cuda_memory(nbytes):
+    free, _ = torch.cuda.mem_get_info()
+    if free < nbytes:
+        pytest.skip(f"needs {nbytes / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+
+
+def _rows_around(element, row_len, rows):
+    """The first and last rows, and the rows around `element` (2^31: where a 32-bit offset wraps)."""
+    edge = (element - 1) // row_len  # the row holding element - 1
+    return [r for r in sorted({0, 1, *range(edge - 2, edge + 4), rows - 1}) if r < rows]
+
+
+def _check_softmax_rows(x_rows, y_rows, dy_rows, dx_rows, samples, positions, prefix, valid, q_offset):
+    """Rows of a tensor too big for the reference, each checked alone three ways (forward and backward):
+    row j, (Sk,) in x_rows (scores), y_rows (the kernel's output), dy_rows (grad_out) and dx_rows (the
+    kernel's gradient), is query positions[j] of sample samples[j]."""
+    dtype = x_rows.dtype
+    for j, (b, i) in enumerate(zip(samples, positions)):
+        x = x_rows[j].view(1, 1, 1, -1)
+        y, dy, dx = (t[j].view_as(x) for t in (y_rows, dy_rows, dx_rows))
+        p, v, q = prefix[b:b + 1], valid[b:b + 1], q_offset + i
+        exact = masked_softmax_reference(x.double(), p, v, SCALE, q)
+        _assert_three_way(y, _composite(x, p, v, SCALE, q), exact, FLOOR[dtype], f"forward, sampled row {j}")
+        _assert_masked_zero(y, p, v, q)
+        exact = _grads(lambda t: masked_softmax_reference(t, p, v, SCALE, q), x.double(), dy.double())
+        composite = _grads(lambda t: _composite(t, p, v, SCALE, q), x, dy)
+        floor = FLOOR[dtype] * max(1.0, exact.abs().max().item())
+        _assert_three_way(dx, composite, exact, floor, f"backward, sampled row {j}")
+        _assert_masked_zero(dx, p, v, q)
+
+
+def _softmax_shape_past(elements, sk):
+    """(B, H, Sq, Sk) with B = 2, Sq = 4 and more than `elements` elements."""
+    batch, sq = 2, 4
+    heads = -(-(elements // sk + 2) // (batch * sq))
+    return batch, heads, sq, sk
+
+
+def _check_softmax_past(elements, sk, device, dtype=torch.bfloat16):
+    """masked_softmax forward and backward on scores of more than `elements` elements, checked on the
+    rows around element `elements`, the first and the last. Peak memory: 3 tensors of the scores' size."""
+    batch, heads, sq, _ = shape = _softmax_shape_past(elements, sk)
+    rows = batch * heads * sq
+    q_offset = sk - sq
+    prefix, valid = _lengths([(0, sk), (sk // 2, sk - 2)], device=device)  # sample 1: rows 2, 3 padding
+    gen = torch.Generator(device=device).manual_seed(0)
+    scores = torch.empty(shape, dtype=dtype, device=device).normal_(0, 4, generator=gen)
+    out = ops.masked_softmax(scores, prefix, valid, SCALE, q_offset)
+    picked = _rows_around(elements, sk, rows)
+    x_rows = scores.view(rows, sk)[picked]
+    del scores
+    grad_out = torch.empty_like(out).normal_(generator=gen)
+    grad = torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, SCALE, q_offset)
+    y_rows, dy_rows, dx_rows = (t.view(rows, sk)[picked] for t in (out, grad_out, grad))
+    del out, grad_out, grad
+    _check_softmax_rows(x_rows, y_rows, dy_rows, dx_rows, [r // (heads * sq) for r in picked],
+                        [r % sq for r in picked], prefix, valid, q_offset)
+
+
+HUGE_SOFTMAX_SKS = {"registers-vectorised": 32768, "two-pass-vectorised": 32776, "registers-scalar": 8191,
+                    "two-pass-scalar": 32771}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sk", list(HUGE_SOFTMAX_SKS.values()), ids=list(HUGE_SOFTMAX_SKS))
+def test_softmax_huge_bf16_past_2_31_elements(sk):
+    # (2, H, 4, Sk) bf16 with more than 2^31 elements (4.3 GB): row offsets need 64 bits. The rows
+    # around element 2^31 (sample 1: rows 0-1 of a head visible, 2-3 padding), the first and the last
+    # are checked against the float64 reference on those rows only. Sk = 32776 / 32771: a row
+    # straddles element 2^31.
+    batch, heads, sq, _ = _softmax_shape_past(2**31, sk)
+    numel = batch * heads * sq * sk
+    assert numel > 2**31
+    _require_free_cuda_memory(3 * numel * 2 + 2**30)
+    _check_softmax_past(2**31, sk, CUDA)
+
+
+def _check_layer_norm_past(elements, n, device, dtype=torch.bfloat16):
+    """layer_norm forward and backward on (rows, N) with rows * N > `elements`: y, mean, rstd and
+    grad_x on the rows around element `elements` (and the first and last) against the float64
+    reference on those rows; grad_weight / grad_bias (sums over every row) against float64 sums taken
+    by chunks of rows, with torch's own backward in `dtype` as the composite. Peak memory: 3 tensors
+    of x's size."""
+    rows = elements // n + 8
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.empty(rows, n, dtype=dtype, device=device).normal_(5, 3, generator=gen)
+    _, w, b = _ln_inputs((1, n), dtype, device)
+    y, mean, rstd = torch.ops.m6.layer_norm(x, w, b, EPS)
+    picked = _rows_around(elements, n, rows)
+    x_rows, y_rows = x[picked], y[picked]
+    del y
+    exact = _ln_torch_forward(x_rows.double(), w.double(), b.double())
+    composite = _ln_torch_forward(x_rows, w, b)
+    for name, k, c, e in zip(("y", "mean", "rstd"), (y_rows, mean[picked], rstd[picked]), composite, exact):
+        _ln_assert_three_way(k, c, e, dtype, f"{name} (sampled rows)")
+    grad_y = torch.empty_like(x).normal_(generator=gen)
+    grad_x, grad_w, grad_b = torch.ops.m6.layer_norm_backward(grad_y, x, w, mean, rstd)
+    dy_rows, dx_rows = grad_y[picked], grad_x[picked]
+    del grad_x
+    layer_norm = lambda x, w, b: F.layer_norm(x, (n,), w, b, EPS)  # noqa: E731
+    exact = _ln_grads(layer_norm, (x_rows.double(), w.double(), b.double()), dy_rows.double())[0]
+    composite = _ln_grads(layer_norm, (x_rows, w, b), dy_rows)[0]
+    _ln_assert_three_way(dx_rows, composite, exact, dtype, "grad_x (sampled rows)")
+    exact_w = torch.zeros(n, dtype=torch.float64, device=device)
+    exact_b = torch.zeros_like(exact_w)
+    torch_mean, torch_rstd = [], []
+    chunk = max(1, 2**25 // n)  # 256 MB of float64 per temporary
+    for start in range(0, rows, chunk):
+        xc, dyc = x[start:start + chunk], grad_y[start:start + chunk].double()
+        xhat = torch.native_layer_norm(xc.double(), (n,), None, None, EPS)[0]
+        exact_w += (dyc * xhat).sum(0)
+        exact_b += dyc.sum(0)
+        _, m, r = torch.native_layer_norm(xc, (n,), w, b, EPS)  # (chunk, 1) each
+        torch_mean.append(m)
+        torch_rstd.append(r)
+    _, torch_w, torch_b = torch.ops.aten.native_layer_norm_backward(
+        grad_y, x, [n], torch.cat(torch_mean), torch.cat(torch_rstd), w, b, [False, True, True])
+    _ln_assert_three_way(grad_w, torch_w, exact_w, dtype, "grad_weight")
+    _ln_assert_three_way(grad_b, torch_b, exact_b, dtype, "grad_bias")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [1000, 1001], ids=["vectorised", "scalar"])
+def test_layer_norm_huge_bf16_past_2_31_elements(n):
+    # (rows, N) bf16 with rows * N > 2^31 (4.3 GB); one row straddles element 2^31.
+    rows = 2**31 // n + 8
+    assert rows * n > 2**31
+    _require_free_cuda_memory(3 * rows * n * 2 + 2 * 2**30)
+    _check_layer_norm_past(2**31, n, CUDA)
