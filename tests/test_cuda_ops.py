@@ -696,3 +696,27 @@ def test_layer_norm_huge_bf16_past_2_31_elements(n):
     assert rows * n > 2**31
     _require_free_cuda_memory(3 * rows * n * 2 + 2 * 2**30)
     _check_layer_norm_past(2**31, n, CUDA)
+
+
+# ---- More than 65535 row blocks.
+
+@pytest.mark.parametrize("sk", [17, 24], ids=["scalar", "vectorised"])
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_softmax_more_than_65535_row_blocks(device, dtype, sk):
+    # 14000 x 5 x 4 = 280000 rows of a few keys: 4 rows per 128-thread block (forward and backward)
+    # is 70000 blocks, past 65535 (the limit of grid.y / grid.z, where a launcher must grid-stride).
+    # The CPU variant runs a tenth of the rows: the same logic at a tenth of the cost.
+    batch = 14000 if device == CUDA else 1400
+    prefix, valid = _lengths([(0, sk), (sk, sk), (5, sk), (4, sk - 6), (0, 0)] * (batch // 5), device=device)
+    scores = _scores(batch, 5, 4, sk, dtype, device=device)
+    _check_forward(scores, prefix, valid, sk - 4, poison=True)
+    _check_backward(scores, prefix, valid, sk - 4, poison=True)
+
+
+@pytest.mark.parametrize("n", [8, 7], ids=["vectorised", "scalar"])
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_layer_norm_more_than_65535_row_blocks(device, dtype, n):
+    # Rows of <= 8 elements: 4 rows per 128-thread block, 65537 blocks on CUDA (the CPU variant: a
+    # tenth of the rows).
+    rows = 65535 * 4 + 5 if device == CUDA else 26215
+    _check_layer_norm(*_ln_inputs((rows, n), dtype, device, seed=8))
