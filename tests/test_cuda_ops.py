@@ -720,3 +720,28 @@ def test_layer_norm_more_than_65535_row_blocks(device, dtype, n):
     # tenth of the rows).
     rows = 65535 * 4 + 5 if device == CUDA else 26215
     _check_layer_norm(*_ln_inputs((rows, n), dtype, device, seed=8))
+
+
+# ---- Decode shapes.
+
+DECODE_SKS = [17, 273, 529, 1031, 2049, 4099]  # prefix + t generated tokens: not multiples of 8
+DECODE_MODES = ["Sq=1 q_offset=Sk-1", "Sq=3 q_offset=Sk-3", "Sq=1 per-sample cursors"]
+
+
+@pytest.mark.parametrize("mode", DECODE_MODES)
+@pytest.mark.parametrize("sk", DECODE_SKS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_softmax_decode_shapes(device, dtype, sk, mode):
+    if mode == "Sq=1 per-sample cursors":
+        # The engine's decode step (docs/architecture.md): q_offset 0 and prefix_len = valid_len =
+        # cursor + 1, one cursor per sample; the last sample is padding.
+        sq, q_offset = 1, 0
+        pairs = [(c + 1, c + 1) for c in (sk - 1, sk - 2, sk // 2, 7, 0)] + [(0, 0)]
+        length_dtype = torch.int32
+    else:  # the last Sq rows of a KV cache of Sk keys
+        sq = int(mode[3])
+        q_offset, pairs, length_dtype = sk - sq, _mixed_lengths(sk), torch.int64
+    prefix, valid = _lengths(pairs, length_dtype, device)
+    scores = _scores(len(pairs), 4, sq, sk, dtype, device=device, seed=sk)
+    _check_forward(scores, prefix, valid, q_offset, poison=True)
+    _check_backward(scores, prefix, valid, q_offset, poison=True)
