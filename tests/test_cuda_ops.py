@@ -745,3 +745,83 @@ def test_softmax_decode_shapes(device, dtype, sk, mode):
     scores = _scores(len(pairs), 4, sq, sk, dtype, device=device, seed=sk)
     _check_forward(scores, prefix, valid, q_offset, poison=True)
     _check_backward(scores, prefix, valid, q_offset, poison=True)
+
+
+# ---- Memory layouts: non-contiguous, and contiguous but misaligned by one element.
+
+LAYOUTS = ["transposed", "strided", "misaligned"]
+
+
+def _relayout(t, layout):
+    """A copy of t in a layout: "transposed" (the last two dims swapped in memory), "strided" (every
+    second element of a buffer twice as wide) or "misaligned" (contiguous, one element past a 16-byte
+    boundary: 4 bytes for fp32, 2 bytes for fp16 / bf16, so 16-byte access is illegal)."""
+    if layout == "misaligned":
+        out = t.new_zeros(t.numel() + 1)[1:].view(t.shape)
+        out.copy_(t)
+        assert out.is_contiguous() and out.data_ptr() % 16 == t.element_size()
+        return out
+    if layout == "transposed":
+        out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:
+        out = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])[..., ::2]
+        out.copy_(t)
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out
+
+
+def _check_backward_op(grad_out, out, prefix, valid, q_offset, scale=SCALE):
+    """m6::masked_softmax_backward called on (grad_out, out) as given (through autograd it gets fresh
+    contiguous ones), three ways: the float64 formula on the same out, torch's softmax backward in
+    out's dtype. out must be a forward output (0 at masked positions)."""
+    with nan_filled_empty():
+        kernel = torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, scale, q_offset)
+    assert kernel.shape == out.shape and kernel.dtype == out.dtype and kernel.is_contiguous()
+    exact = masked_softmax_backward_reference(grad_out.double(), out.double(), scale)
+    composite = torch._softmax_backward_data(grad_out, out, -1, out.dtype) * scale
+    floor = FLOOR[out.dtype] * max(1.0, exact.abs().max().item())
+    _assert_three_way(kernel, composite, exact, floor, "backward op")
+    _assert_masked_zero(kernel, prefix, valid, q_offset)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sk", [17, 528, 1031, 4099, 4104])
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_softmax_layouts(device, dtype, sk, layout):
+    # Odd decode lengths and multiples of 8, in every dtype; forward and backward both see the layout.
+    prefix, valid = _lengths(_mixed_lengths(sk), device=device)
+    q_offset = sk - 8
+    scores = _relayout(_scores(5, 2, 8, sk, dtype, device=device), layout)
+    out = _check_forward(scores, prefix, valid, q_offset)
+    _check_backward(scores, prefix, valid, q_offset)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out)
+    _check_backward_op(_relayout(grad_out, layout), _relayout(out, layout), prefix, valid, q_offset)
+
+
+def _check_layer_norm_backward_op(grad_y, x, w, b):
+    """m6::layer_norm_backward called on (grad_y, x, weight) as given, with the kernel's own mean and
+    rstd, three ways (tests/test_layer_norm's rule)."""
+    _, mean, rstd = torch.ops.m6.layer_norm(x, w, b, EPS)
+    with nan_filled_empty():
+        kernel = torch.ops.m6.layer_norm_backward(grad_y, x, w, mean, rstd)
+    layer_norm = lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, EPS)  # noqa: E731
+    composite = _ln_grads(layer_norm, (x, w, b), grad_y)
+    exact = _ln_grads(layer_norm, (x.double(), w.double(), b.double()), grad_y.double())
+    for name, k, c, e in zip(("grad_x", "grad_weight", "grad_bias"), kernel, composite, exact):
+        assert k.dtype == x.dtype and k.shape == e.shape and not k.isnan().any()
+        _ln_assert_three_way(k, c, e, x.dtype, f"{name} (backward op)")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [17, 1001, 1024, 4097])
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_layer_norm_layouts(device, dtype, n, layout):
+    # x in the layout (misaligned: weight and bias too), through autograd, then the backward op with
+    # grad_y in the layout as well. 37 rows: a partial last block of rows.
+    x, w, b = _ln_inputs((37, n), dtype, device, seed=9)
+    x = _relayout(x, layout)
+    if layout == "misaligned":
+        w, b = _relayout(w, layout), _relayout(b, layout)
+    _check_layer_norm(x, w, b)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(10)).to(x)
+    _check_layer_norm_backward_op(_relayout(grad_y, layout), x, w, b)
