@@ -825,3 +825,35 @@ def test_layer_norm_layouts(device, dtype, n, layout):
     _check_layer_norm(x, w, b)
     grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(10)).to(x)
     _check_layer_norm_backward_op(_relayout(grad_y, layout), x, w, b)
+
+
+# ---- layer_norm: NaN and +-inf.
+
+@pytest.mark.parametrize("n", [7, 1024, 4097])
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_layer_norm_nonfinite_inputs(device, dtype, n):
+    # A NaN or +-inf in a row of x makes that row's y and grad_x non-finite (NaN in torch), and every
+    # grad_weight (a sum over all rows); a NaN in grad_y reaches its row of grad_x and its column of
+    # grad_weight / grad_bias. Everything else is as without them: the three-way bound. mean and rstd
+    # of such rows are not compared (their non-finite flavour is the kernels' own).
+    x, w, b = _ln_inputs((9, n), dtype, device, seed=12)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(13)).to(x)
+    x[1, n // 2], x[3, 0], x[5, n - 1] = NAN, INF, -INF
+    grad_y[7, n // 3] = NAN
+    layer_norm = lambda x, w, b: F.layer_norm(x, (n,), w, b, EPS)  # noqa: E731
+    y = torch.ops.m6.layer_norm(x, w, b, EPS)[0]
+    kernel = (y, *_ln_grads(lambda *t: ops.layer_norm(*t, eps=EPS), (x, w, b), grad_y))
+    exact = (layer_norm(x.double(), w.double(), b.double()),
+             *_ln_grads(layer_norm, (x.double(), w.double(), b.double()), grad_y.double()))
+    composite = (layer_norm(x, w, b), *_ln_grads(layer_norm, (x, w, b), grad_y))
+    for name, k, c, e in zip(("y", "grad_x", "grad_weight", "grad_bias"), kernel, composite, exact):
+        finite = e.isfinite()
+        assert torch.equal(k.isfinite(), finite), (
+            f"{name}: finite pattern differs from torch's at {_first_mismatches(k.isfinite(), finite)}")
+        if finite.any():
+            _ln_assert_three_way(k[finite], c[finite], e[finite], dtype, f"{name} (finite positions)")
+    y, grad_x, grad_w, grad_b = (t.cpu() for t in kernel)
+    assert not y[[1, 3, 5]].isfinite().any() and y[[0, 2, 4, 6, 7, 8]].isfinite().all()
+    assert not grad_x[[1, 3, 5, 7]].isfinite().any() and grad_x[[0, 2, 4, 6, 8]].isfinite().all()
+    assert not grad_w.isfinite().any()
+    assert grad_b[n // 3].isnan() and torch.count_nonzero(~grad_b.isfinite()) == 1
