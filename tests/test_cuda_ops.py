@@ -857,3 +857,53 @@ def test_layer_norm_nonfinite_inputs(device, dtype, n):
     assert not grad_x[[1, 3, 5, 7]].isfinite().any() and grad_x[[0, 2, 4, 6, 8]].isfinite().all()
     assert not grad_w.isfinite().any()
     assert grad_b[n // 3].isnan() and torch.count_nonzero(~grad_b.isfinite()) == 1
+
+
+# ---- Bitwise determinism.
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_softmax_bitwise_deterministic(device, dtype):
+    # An M6 attention shape (m6-base: 8 x 16 x 528 x 528, prefix 272), smaller. Two calls on the same
+    # inputs give the same bits forward and backward; the second with NaN-poisoned outputs (nothing
+    # depends on memory contents) and, on the CPU, on one thread.
+    prefix, valid = _lengths([(272, 528), (0, 400), (528, 528), (16, 300)], device=device)
+    scores = _scores(4, 4, 528, 528, dtype, device=device)
+    grad_out = torch.randn(scores.shape, generator=torch.Generator().manual_seed(14)).to(scores)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for second in (False, True):
+            if second and device == "cpu":
+                torch.set_num_threads(1)
+            with nan_filled_empty() if second else contextlib.nullcontext():
+                out = ops.masked_softmax(scores, prefix, valid, SCALE, 0)
+                grad = torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, SCALE, 0)
+            runs.append((out, grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0][0], runs[1][0]), "forward differs between two calls"
+    assert torch.equal(runs[0][1], runs[1][1]), "backward differs between two calls"
+    _check_forward(scores, prefix, valid, 0)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES + [pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16")])
+def test_layer_norm_bitwise_deterministic(device, dtype):
+    # The M6 hidden states of 8 samples of 528 tokens: y, mean, rstd, grad_x and the cross-row sums
+    # grad_weight / grad_bias bit-identical across two calls (the second as in the softmax test).
+    x, w, b = _ln_inputs((8 * 528, 1024), dtype, device, seed=11)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(15)).to(x)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for second in (False, True):
+            if second and device == "cpu":
+                torch.set_num_threads(1)
+            with nan_filled_empty() if second else contextlib.nullcontext():
+                y, mean, rstd = torch.ops.m6.layer_norm(x, w, b, EPS)
+                runs.append((y, mean, rstd, *torch.ops.m6.layer_norm_backward(grad_y, x, w, mean, rstd)))
+    finally:
+        torch.set_num_threads(threads)
+    for name, first, again in zip(("y", "mean", "rstd", "grad_x", "grad_weight", "grad_bias"), *runs):
+        assert torch.equal(first, again), f"{name} differs between two calls"
+    if device == CUDA or dtype == torch.float32:  # torch's bf16 layer norm on the CPU is slow
+        _check_layer_norm(x, w, b)
