@@ -1,6 +1,6 @@
 """The CUDA kernels of m6::masked_softmax and m6::layer_norm, and their edge cases on both devices.
 
-Each kernel is compared three ways (STYLE.md): against the float64 reference, against the
+Each kernel is compared three ways (docs/conventions.md): against the float64 reference, against the
 same-precision PyTorch composite (the kernel's error may be at most twice PyTorch's plus a small
 floor), and, in fp32, against the CPU kernel. The cases cover every CUDA path of each op
 (csrc/masked_softmax/masked_softmax_cuda.cu): 16-byte access (Sk a multiple of 4 fp32 / 8 16-bit
