@@ -8,7 +8,6 @@ bin/nvcc (never run), so they do not depend on what this machine has installed.
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import torch
 
 import build_support
 import m6_engine.ops as ops
+from tests import sass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("masked_softmax", "masked_softmax_backward", "layer_norm", "layer_norm_backward")
@@ -146,20 +146,6 @@ def test_extension_kernels_match_the_toolchain():
         assert _has_kernel(op, "CUDA") == expected, f"m6::{op}: CUDA kernel registered = {not expected}"
 
 
-def _cuobjdump():
-    """cuobjdump from the toolkit, PATH, or the copy triton (a torch dependency) ships; or None."""
-    home = build_support.toolkit_home(os.environ)
-    candidates = [os.path.join(home, "bin", "cuobjdump")] if home else []
-    candidates.append(shutil.which("cuobjdump"))
-    try:
-        import triton
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                       "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
 def _wanted_archs():
     """{"80", "90", ...} from TORCH_CUDA_ARCH_LIST (entries like "8.0", "9.0+PTX", "8.6")."""
     spec = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
@@ -169,7 +155,7 @@ def _wanted_archs():
 def test_cuda_build_has_device_code_for_each_arch():
     if not ops.cuda_kernels_built():
         pytest.skip("CPU-only build (test_extension_kernels_match_the_toolchain says whether it should be)")
-    tool = _cuobjdump()
+    tool = sass.find_tool("cuobjdump")
     if tool is None:
         pytest.skip("no cuobjdump to list the device code with")
     so = ops.require_extension().__file__

@@ -1,6 +1,6 @@
 """m6::layer_norm (forward and backward) against the float64 reference, three ways.
 
-Three-way rule (STYLE.md): the kernel's error against float64 may not exceed twice the error of
+Three-way rule (docs/conventions.md): the kernel's error against float64 may not exceed twice the error of
 torch.nn.functional.layer_norm run in the same precision, plus a small floor. float64 (CPU only) is
 the kernels' exact path: it must match the reference to 1e-12 and pass torch.autograd.gradcheck.
 """

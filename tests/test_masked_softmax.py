@@ -1,6 +1,6 @@
 """m6::masked_softmax (forward and backward) against the float64 reference, three ways.
 
-The three-way rule (STYLE.md): with the float64 reference as the exact answer, the kernel's error
+The three-way rule (docs/conventions.md): with the float64 reference as the exact answer, the kernel's error
 may not exceed twice the error of the same-precision PyTorch composite (masked_fill + softmax in
 the scores' dtype), plus a small floor. Masked and padded positions must be exact zeros.
 float64 (CPU only) is the kernels' exact path: it must match the reference to 1e-12 and pass

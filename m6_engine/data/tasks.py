@@ -1,7 +1,7 @@
 """M6's four pretraining tasks and the image-text matching finetune task as packed samples, the
 collator and the task-mixing sampler.
 
-One sample is packed tightly: ``[patches][masked text][complete text][pad]`` (DESIGN.md).
+One sample is packed tightly: ``[patches][masked text][complete text][pad]`` (docs/design.md).
 ``prefix_len`` = patches + masked text (seen bidirectionally), ``valid_len`` = everything but the
 trailing pad; the complete text is decoded causally and carries the loss. The complete text is
 ``[CLS] t1 .. tn [SEP]``: [CLS] starts decoding, [SEP] ends it; position p predicts token p + 1.

@@ -1,6 +1,6 @@
 """The fused scaled masked softmax with M6's prefix-LM mask: ``torch.ops.m6.masked_softmax``.
 
-The mask is computed from two integers per sample (DESIGN.md "One sequence, one mask rule"):
+The mask is computed from two integers per sample (docs/design.md, "One sequence, one mask rule"):
 query i (absolute position ``q_offset + i``) may attend key j iff
 ``j < valid_len[b] and (j < prefix_len[b] or j <= q_offset + i)``. Bidirectional
 (``prefix_len == valid_len``), causal (``prefix_len == 0``) and padding-only masks are special cases.

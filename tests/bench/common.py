@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: timing, the machine's copy bandwidth, tables and JSON.
+"""Shared helpers of the benchmarks: timing (wall clock, CUDA events), bandwidth, tables and JSON.
 
 Benchmarks report figures; none of these helpers judges them.
 """
@@ -58,16 +58,39 @@ def time_fns(fns: Dict[str, Callable[[], object]], device: str, warmup: int = 3,
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def copy_bandwidth(device: str, nbytes: int = 256 * 2**20, iters: int = 10) -> float:
-    """The machine's copy bandwidth in GB/s (1e9 bytes), counting bytes read plus bytes written.
+def time_fns_cuda(fns: Dict[str, Callable[[], object]], calls: int = 50, rounds: int = 5,
+                  warmup: int = 3) -> Dict[str, float]:
+    """Seconds per call of each of ``fns`` on the current CUDA device, timed with CUDA events.
 
-    Copies one ``nbytes`` fp32 tensor into another (``Tensor.copy_``, all threads), large enough
-    to spill every cache; this is the yardstick the kernels' achieved bandwidth is divided by.
+    Each round queues ``calls`` back-to-back calls of one contender between two events (no host
+    synchronisation inside, so launch gaps overlap with the previous call as they do in training)
+    and divides the elapsed time by ``calls``; contenders alternate round by round, and the median
+    of ``rounds`` rounds is returned. One call per synchronisation would time the launch latency
+    and the host round trip along with the kernel.
     """
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), device, warmup=2, iters=iters)
-    return 2 * nbytes / seconds / 1e9
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    torch.cuda.synchronize()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            samples[name].append(start.elapsed_time(end) / 1e3 / calls)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def time_calls(fns: Dict[str, Callable[[], object]], device: str, iters: int = 10) -> Dict[str, float]:
+    """Seconds per call of each of ``fns``: CUDA events over back-to-back calls on a GPU
+    (:func:`time_fns_cuda`), interleaved wall-clock medians on the CPU (:func:`time_fns`)."""
+    if torch.device(device).type == "cuda":
+        return time_fns_cuda(fns, rounds=max(3, iters // 4))
+    return time_fns(fns, device, iters=iters)
 
 
 def gbps(nbytes: int, seconds: float) -> float:
