@@ -19,7 +19,13 @@ HALF_TYPES = ("c10::Half", "c10::BFloat16")
 # Blocks per SM each kernel family's launch bounds ask for (__launch_bounds__(threads, min_blocks)
 # in csrc/): ptxas must fit its registers into 65536 / (threads * min_blocks) without spilling.
 # A family absent here declares min_blocks = 1.
-MIN_BLOCKS = {}
+MIN_BLOCKS = {
+    "layer_norm_fwd_regs_kernel": 8,
+    "layer_norm_bwd_regs_kernel": 3,
+    "layer_norm_fwd_loop_kernel": 2,
+    "layer_norm_bwd_dx_loop_kernel": 2,
+    "layer_norm_bwd_wb_partial_kernel": 4,
+}
 
 
 @pytest.fixture(scope="module")

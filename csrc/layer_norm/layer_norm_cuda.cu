@@ -15,7 +15,8 @@
 // N <= 256 * 4 * VEC: 8192 16-bit, 4096 fp32). A row group of tpr threads holds one row in registers,
 // kRegVecs = 4 vectors per thread: vector c of the row is thread c % tpr's. tpr is the least power
 // of two >= 32 with tpr * 4 * VEC >= N (a template parameter: the vectors' offsets are immediates);
-// the block is 128 threads (128 / tpr row groups) up to tpr = 128, else one row group of tpr.
+// the block is 128 threads (128 / tpr row groups) up to tpr = 128; past that the forward's block is
+// 1024 threads (1024 / tpr row groups) and the backward's one row group of 256.
 //   forward:  x read once into registers; mean = sum / N, then var = sum((x - mean)^2) / N over the
 //             registers (the exact two-pass, at least as accurate as Welford); y written once.
 //             DRAM 2B per element (x in, y out); weight and bias come from L1 / L2 for every row.
@@ -79,14 +80,22 @@ constexpr int kColTile = 32;           // stage 1 and 2: columns per block (one 
 constexpr int kColRows = 8;            // stage 1: rows in flight per block
 constexpr int kFinalLanes = 32;        // stage 2: threads per column, each summing every 32nd chunk
 
-// Launch bounds of the register kernels, per row-group width kTpr: the block has kRegThreads<kTpr>
-// threads; forward <= 64 registers per thread, backward <= 65536 / (threads * kBwdRegMinBlocks).
+// Launch bounds of the register kernels. Each kernel family has one block size and one minBlocks
+// (tests/test_sass.py's MIN_BLOCKS is per family), so the narrow and wide row groups are separate
+// kernels sharing one body:
+//   forward, kTpr <= 128: layer_norm_fwd_regs_kernel, 128 threads, 8 blocks per SM (<= 64 registers);
+//   forward, kTpr >= 256: layer_norm_fwd_regs_wide_kernel, 1024 threads (1024 / kTpr rows), 1 block
+//     per SM (<= 64 registers as well);
+//   backward, kTpr <= 128: layer_norm_bwd_regs_kernel, 128 threads, 3 blocks per SM (<= 170
+//     registers: the row in flight, the next row and the per-column sums);
+//   backward, kTpr == 256: layer_norm_bwd_regs_wide_kernel, 256 threads, 1 block per SM.
+constexpr int kFwdRegMinBlocks = 8;
+constexpr int kFwdWideThreads = kMaxThreads;
+constexpr int kBwdRegMinBlocks = 3;
 template <int kTpr>
-constexpr int kRegThreads = kTpr > kRegBlock ? kTpr : kRegBlock;
+constexpr int kFwdRegThreads = kTpr > kRegBlock ? kFwdWideThreads : kRegBlock;
 template <int kTpr>
-constexpr int kFwdRegMinBlocks = 1024 / kRegThreads<kTpr>;
-template <int kTpr>
-constexpr int kBwdRegMinBlocks = kRegThreads<kTpr> == kRegBlock ? 3 : 1;
+constexpr int kBwdRegThreads = kTpr > kRegBlock ? kTpr : kRegBlock;
 
 template <typename T>
 using Vec16 = Vec<T, kVec16<T>>;
@@ -205,15 +214,17 @@ __device__ __forceinline__ void store_y(const Vec16<T> (&xv)[K], const T* __rest
   }
 }
 
-// ---- Forward, register path. Block (kTpr, kRegThreads / kTpr); the row loop has a block-uniform
+// ---- Forward, register path. Block (kTpr, kFwdRegThreads / kTpr); the row loop has a block-uniform
 // bound, so every thread reaches row_allreduce's barriers; a row group past the last row adds zeros.
 
+#define M6_LN_FWD_REGS_PARAMS                                                                     \
+  const T *__restrict__ x, const T *__restrict__ weight, const T *__restrict__ bias,              \
+      T *__restrict__ y, float *__restrict__ mean, float *__restrict__ rstd, int64_t rows, int n, \
+      float inv_n, float eps
+
 template <typename T, int kTpr>
-__global__ void __launch_bounds__(kRegThreads<kTpr>, kFwdRegMinBlocks<kTpr>)
-layer_norm_fwd_regs_kernel(const T* __restrict__ x, const T* __restrict__ weight,
-                           const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ mean,
-                           float* __restrict__ rstd, int64_t rows, int n, float inv_n, float eps) {
-  constexpr int kRowsPerBlock = kRegThreads<kTpr> / kTpr;
+__device__ __forceinline__ void fwd_regs_body(M6_LN_FWD_REGS_PARAMS) {
+  constexpr int kRowsPerBlock = kFwdRegThreads<kTpr> / kTpr;
   __shared__ float smem[kMaxWarps];
   const int nvec = n / kVec16<T>;  // exact on this path
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; base < rows;
@@ -235,6 +246,20 @@ layer_norm_fwd_regs_kernel(const T* __restrict__ x, const T* __restrict__ weight
     launder(xv);
     store_y<kTpr>(xv, weight, bias, y + row * n, nvec, mu, rs);
   }
+}
+
+template <typename T, int kTpr>
+__global__ void __launch_bounds__(kRegBlock, kFwdRegMinBlocks)
+layer_norm_fwd_regs_kernel(M6_LN_FWD_REGS_PARAMS) {
+  static_assert(kTpr <= kRegBlock);
+  fwd_regs_body<T, kTpr>(x, weight, bias, y, mean, rstd, rows, n, inv_n, eps);
+}
+
+template <typename T, int kTpr>
+__global__ void __launch_bounds__(kFwdWideThreads, 1)
+layer_norm_fwd_regs_wide_kernel(M6_LN_FWD_REGS_PARAMS) {
+  static_assert(kTpr > kRegBlock && kTpr <= kFwdWideThreads);
+  fwd_regs_body<T, kTpr>(x, weight, bias, y, mean, rstd, rows, n, inv_n, eps);
 }
 
 // ---- Backward, register path.
@@ -341,18 +366,19 @@ __device__ __forceinline__ void write_partials(const float (&acc_w)[K][VEC], con
   }
 }
 
-// Block (kTpr, kRegThreads / kTpr) = chunk blockIdx.x: rows [first, last). Row group threadIdx.y
+// Block (kTpr, kBwdRegThreads / kTpr) = chunk blockIdx.x: rows [first, last). Row group threadIdx.y
 // takes rows first + threadIdx.y, + kGroups, ...; the loop bound is block-uniform (row_allreduce's
 // barriers). While the group reduces one row, its next row's dy, x, mean and rstd are in flight.
+#define M6_LN_BWD_REGS_PARAMS                                                                         \
+  const T *__restrict__ dy, const T *__restrict__ x, const T *__restrict__ weight,                    \
+      const float *__restrict__ mean, const float *__restrict__ rstd, T *__restrict__ dx,             \
+      float *__restrict__ part, int64_t rows, int n, float inv_n, int64_t rows_per_chunk
+
 template <typename T, int kTpr>
-__global__ void __launch_bounds__(kRegThreads<kTpr>, kBwdRegMinBlocks<kTpr>)
-layer_norm_bwd_regs_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ weight,
-                           const float* __restrict__ mean, const float* __restrict__ rstd,
-                           T* __restrict__ dx, float* __restrict__ part, int64_t rows, int n, float inv_n,
-                           int64_t rows_per_chunk) {
+__device__ __forceinline__ void bwd_regs_body(M6_LN_BWD_REGS_PARAMS) {
   constexpr int VEC = kVec16<T>;
   constexpr int K = kRegVecs;
-  constexpr int kThreads = kRegThreads<kTpr>;
+  constexpr int kThreads = kBwdRegThreads<kTpr>;
   constexpr int kGroups = kThreads / kTpr;
   __shared__ float2 red[kMaxWarps];
   __shared__ __align__(16) float stage[2 * kThreads * VEC];
@@ -382,6 +408,20 @@ layer_norm_bwd_regs_kernel(const T* __restrict__ dy, const T* __restrict__ x, co
   const int64_t chunks = gridDim.x;
   write_partials<kTpr, kThreads>(acc_w, acc_b, stage, part + blockIdx.x * static_cast<int64_t>(n),
                                  part + (chunks + blockIdx.x) * static_cast<int64_t>(n), n);
+}
+
+template <typename T, int kTpr>
+__global__ void __launch_bounds__(kRegBlock, kBwdRegMinBlocks)
+layer_norm_bwd_regs_kernel(M6_LN_BWD_REGS_PARAMS) {
+  static_assert(kTpr <= kRegBlock);
+  bwd_regs_body<T, kTpr>(dy, x, weight, mean, rstd, dx, part, rows, n, inv_n, rows_per_chunk);
+}
+
+template <typename T, int kTpr>
+__global__ void __launch_bounds__(kBwdRegMaxThreads, 1)
+layer_norm_bwd_regs_wide_kernel(M6_LN_BWD_REGS_PARAMS) {
+  static_assert(kTpr == kBwdRegMaxThreads);
+  bwd_regs_body<T, kTpr>(dy, x, weight, mean, rstd, dx, part, rows, n, inv_n, rows_per_chunk);
 }
 
 // ---- Loop paths. Block (tx, kLoopThreads / tx): ty rows per block, tx threads per row; the row
@@ -590,9 +630,16 @@ float inverse(int64_t n) { return static_cast<float>(1.0 / static_cast<double>(n
 template <typename T, int kTpr>
 void launch_fwd_regs(const T* xp, const T* wp, const T* bp, T* yp, float* mp, float* rp, int64_t rows,
                      int n, float eps, cudaStream_t stream) {
-  constexpr int kRowsPerBlock = kRegThreads<kTpr> / kTpr;
-  layer_norm_fwd_regs_kernel<T, kTpr><<<grid_size(ceil_div(rows, kRowsPerBlock)), dim3(kTpr, kRowsPerBlock),
-                                        0, stream>>>(xp, wp, bp, yp, mp, rp, rows, n, inverse(n), eps);
+  constexpr int kRowsPerBlock = kFwdRegThreads<kTpr> / kTpr;
+  const dim3 grid(grid_size(ceil_div(rows, kRowsPerBlock)));
+  const dim3 block(kTpr, kRowsPerBlock);
+  if constexpr (kTpr <= kRegBlock) {
+    layer_norm_fwd_regs_kernel<T, kTpr><<<grid, block, 0, stream>>>(xp, wp, bp, yp, mp, rp, rows, n,
+                                                                    inverse(n), eps);
+  } else {
+    layer_norm_fwd_regs_wide_kernel<T, kTpr><<<grid, block, 0, stream>>>(xp, wp, bp, yp, mp, rp, rows, n,
+                                                                         inverse(n), eps);
+  }
 }
 
 template <typename T>
@@ -636,7 +683,11 @@ int64_t rows_per_chunk(int64_t rows, int64_t n) {
   return std::max(kChunkMinRows, ceil_div(rows, max_chunks));
 }
 
-// Both quantities' partial sums, (2, chunks, n) fp32 from the caching allocator.
+// Both quantities' partial sums, (2, chunks, n) fp32: one allocation per backward call, from the
+// caching allocator (no cudaMalloc once warm), as torch's own LayerNorm backward does for its
+// grad_weight / grad_bias partials. Without it the column sums would need float atomics (order, and
+// so bits, depend on scheduling) or one block per column range reading every row (too few blocks for
+// N = 1024). At most kMaxPartials floats per quantity.
 struct Partials {
   at::Tensor storage;
   int64_t chunks;
@@ -655,8 +706,14 @@ template <typename T, int kTpr>
 void launch_bwd_regs(const T* dyp, const T* xp, const T* wp, const float* mp, const float* rp, T* dxp,
                      Partials& part, int64_t rows, int n, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>(part.chunks));  // <= kMaxChunks
-  layer_norm_bwd_regs_kernel<T, kTpr><<<grid, dim3(kTpr, kRegThreads<kTpr> / kTpr), 0, stream>>>(
-      dyp, xp, wp, mp, rp, dxp, part.w(), rows, n, inverse(n), part.rows_per_chunk);
+  const dim3 block(kTpr, kBwdRegThreads<kTpr> / kTpr);
+  if constexpr (kTpr <= kRegBlock) {
+    layer_norm_bwd_regs_kernel<T, kTpr><<<grid, block, 0, stream>>>(dyp, xp, wp, mp, rp, dxp, part.w(), rows, n,
+                                                                    inverse(n), part.rows_per_chunk);
+  } else {
+    layer_norm_bwd_regs_wide_kernel<T, kTpr><<<grid, block, 0, stream>>>(
+        dyp, xp, wp, mp, rp, dxp, part.w(), rows, n, inverse(n), part.rows_per_chunk);
+  }
 }
 
 // The loop path of the backward: grad_x, then stage 1 of grad_weight / grad_bias.
