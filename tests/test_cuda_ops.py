@@ -5,8 +5,9 @@ same-precision PyTorch composite (the kernel's error may be at most twice PyTorc
 floor), and, in fp32, against the CPU kernel. The cases cover every CUDA path of each op
 (csrc/masked_softmax/masked_softmax_cuda.cu): 16-byte access (Sk a multiple of 4 fp32 / 8 16-bit
 keys and aligned pointers) or scalar access, and by row length
-  forward:  one warp per row in registers up to 1024 keys (256 scalar), several warps of a block
-            in registers up to 32768 (8192 scalar), the two-pass block beyond;
+  forward:  one warp per row in registers up to 1024 keys (256 scalar), up to 4 warps per row in
+            128-thread blocks up to 4096 (1024 scalar), one block of up to 1024 threads per row up
+            to 16384 (8192 scalar), the two-pass block beyond;
   backward: one warp per row up to 1024 fp32 / 2048 16-bit keys (256 scalar), a block beyond.
 Tests marked `cuda` run only where a GPU and m6_engine._C built with its CUDA kernels are present
 (`make gpu-check` runs them). The edge cases of the later sections (non-finite scores, fully masked
@@ -45,9 +46,9 @@ ALL_DTYPES = [torch.float32, *HALF_DTYPES]
 NO_FP64 = r"float32, float16 or bfloat16 \(float64 is CPU-only\), got Double"
 # Sk on both sides of each path switch (see the module docstring), and the longest vectorised rows
 # of the two-pass forward. 257 and 8193 force scalar access.
-PATH_EDGES = {torch.float32: [256, 257, 1024, 1028, 8192, 8193, 32772],
-              torch.float16: [257, 1024, 1032, 2048, 2056, 8193, 32776],
-              torch.bfloat16: [257, 1024, 1032, 2048, 2056, 8193, 32776]}
+PATH_EDGES = {torch.float32: [256, 257, 1024, 1028, 4096, 4100, 8192, 8193, 16384, 16388, 32772],
+              torch.float16: [257, 1024, 1032, 2048, 2056, 4096, 4104, 8193, 16384, 16392, 32776],
+              torch.bfloat16: [257, 1024, 1032, 2048, 2056, 4096, 4104, 8193, 16384, 16392, 32776]}
 
 
 def _on_cuda(*tensors):

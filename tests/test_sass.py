@@ -20,6 +20,7 @@ HALF_TYPES = ("c10::Half", "c10::BFloat16")
 # in csrc/): ptxas must fit its registers into 65536 / (threads * min_blocks) without spilling.
 # A family absent here declares min_blocks = 1.
 MIN_BLOCKS = {
+    "softmax_fwd_regs": 4,
     "layer_norm_fwd_regs_kernel": 8,
     "layer_norm_bwd_regs_kernel": 3,
     "layer_norm_fwd_loop_kernel": 2,

@@ -103,6 +103,22 @@ __device__ __forceinline__ float accurate_exp(float x) {
   return p * __int_as_float(two_j);
 }
 
+// The two exps of the softmax kernels, as functors (the online-softmax merge takes one).
+// AccurateExp: exp(x) to about 1 ulp (fp32 outputs). HardwareExp2: 2^x in one MUFU.EX2
+// (ex2.approx.ftz: about 2 ulp of fp32, far below the rounding of a 16-bit output), for logits
+// pre-scaled by log2(e); inline PTX so the choice does not depend on --use_fast_math.
+struct AccurateExp {
+  __device__ __forceinline__ float operator()(float x) const { return accurate_exp(x); }
+};
+
+struct HardwareExp2 {
+  __device__ __forceinline__ float operator()(float x) const {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;  // -inf gives +0, NaN stays NaN
+  }
+};
+
 // ---- Reductions. Values are small aggregates (no constructors, so they can live in __shared__).
 
 // Online softmax state: the running max of the keys seen and sum of exp(key - max).
@@ -154,13 +170,15 @@ struct MaxOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
+// Merges two online-softmax states whose sums are of Exp(key - max).
+template <typename Exp>
 struct MaxSumOp {
   __device__ __forceinline__ MaxSum operator()(MaxSum a, MaxSum b) const {
     const float m = fmaxf(a.max, b.max);
     // Neither side has a finite key: both sums are 0 (the invariant) unless a NaN key made them
     // NaN, which must survive to the output as it does on the other paths.
     if (m == -INFINITY) return MaxSum{m, a.sum + b.sum};
-    return MaxSum{m, a.sum * accurate_exp(a.max - m) + b.sum * accurate_exp(b.max - m)};
+    return MaxSum{m, a.sum * Exp{}(a.max - m) + b.sum * Exp{}(b.max - m)};
   }
 };
 

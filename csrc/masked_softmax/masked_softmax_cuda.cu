@@ -7,12 +7,15 @@
 // never read and are written as zeros (padded rows, n = 0, are all zeros).
 //   forward:  y_j = exp(scale * x_j - m) / sum_{k<n} exp(scale * x_k - m),  m = max_{k<n} scale * x_k
 //   backward: dx_j = scale * y_j * (dy_j - sum_{k<n} dy_k * y_k)
-// Math in fp32. Paths, chosen per call from Sk (VEC = 16 bytes of keys per access when the pointers
-// and Sk allow it, else 1):
-//   forward, row in registers (Sk <= 1024 threads * K * VEC: 32768 keys vectorised, 8192 scalar):
-//               the row's tx threads (one warp up to 1024 keys vectorised / 256 scalar, more warps
-//               of one block beyond) hold it in registers, K vectors of VEC keys each (K * VEC <= 32
-//               floats); shuffle (+ shared memory) max and sum; read once, exp once, written once.
+// Math in fp32; the 16-bit forwards exponentiate with the hardware 2^x (MUFU.EX2) on logits pre-scaled
+// by log2(e), fp32 with a ~1 ulp polynomial (ForwardExp). Paths, chosen per call from Sk (VEC = 16
+// bytes of keys per access when the pointers and Sk allow it, else 1):
+//   forward, row in registers: the row's tx threads hold it, K vectors of VEC keys each; shuffle
+//               (+ shared memory) max and sum; read once, one exp per key, written once.
+//               softmax_fwd_regs: tx <= 128 (rows share 128-thread blocks), up to 32 floats per
+//               thread: one warp up to 1024 keys vectorised (256 scalar), 128 threads up to 4096
+//               (1024 scalar). softmax_fwd_regs_wide: one row per block of up to 1024 threads, 16
+//               floats per thread (64 registers): up to 16384 keys vectorised, 8192 scalar.
 //   forward, longer rows: one block per row. Pass 1 reads the visible keys once, keeping an online
 //               (max, sum) per thread (the sum is rescaled when the max grows); pass 2 re-reads them
 //               (from L2) and writes.
@@ -25,6 +28,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -44,12 +48,20 @@ constexpr int kRowsPerWarpBlock = 4;      // backward warp path: 4 rows (warps) 
 constexpr int kWarpMaxK = 8;              // backward warp path: at most 8 vectors per lane
 constexpr int kBlockChunksPerThread = 4;  // two-pass block paths: about 4 accesses per thread
 
-// Register forward: at most this many fp32 keys per thread (K * VEC), so that a 1024-thread block
-// (64 registers per thread) holds its rows without spilling. Scalar access keeps K <= 8.
+// Register forward: at most this many fp32 keys per thread (K * VEC). Rows of up to 128 threads
+// share 128-thread blocks of softmax_fwd_regs (launch bounds (128, kNarrowMinBlocks): 128
+// registers) and hold 32 keys per thread; longer rows take one block of up to 1024 threads of
+// softmax_fwd_regs_wide (64 registers, so 16 keys per thread, ptxas spilled with 32). Scalar
+// access keeps K <= 8 in both.
 template <int VEC>
 constexpr int kRegMaxK = VEC == 1 ? 8 : 32 / VEC;
+template <int VEC>
+constexpr int kWideMaxK = VEC == 1 ? 8 : 16 / VEC;
+constexpr int kNarrowMinBlocks = 4;
 
-// Where row r sits. Passed by value to the kernels.
+// Where row r sits. Passed by value to the kernels. The reciprocals let a kernel find a row's
+// sample and query without a 64-bit integer division, which compiles to a subroutine call whose
+// stack frame spills registers to local memory (floor_div).
 struct RowGeom {
   int64_t rows;             // B * H * Sq
   int64_t rows_per_sample;  // H * Sq
@@ -57,6 +69,8 @@ struct RowGeom {
   int64_t sk;
   int64_t q_offset;
   int64_t batch;
+  double inv_rows_per_sample;  // 1 / (H * Sq), 0 when there are no rows
+  double inv_sq;               // 1 / Sq, 0 when Sq = 0
 };
 
 // ---- Length values.
@@ -64,12 +78,12 @@ struct RowGeom {
 // The CPU kernel checks length values on the host. Here that would cost a device-to-host copy and
 // a stream synchronisation on every call (and break CUDA-graph capture), so the values never reach
 // the host. The kernels read the caller's length tensors directly and clamp each value (valid into
-// [0, Sk], prefix into [0, valid]), so any value is memory-safe; block 0 of each kernel also
-// records whether every value was in range in a one-element flag, which at::_assert_async checks
-// on the stream right after the kernel. A bad value thus fails loudly rather than silently using
-// another mask: as a device-side assert reported at the next synchronisation. Like any device-side
-// assert it leaves the CUDA context unusable, the contract of torch's own CUDA indexing kernels for
-// an out-of-range index. Folding the check into the kernel costs no extra launch besides the assert.
+// [0, Sk], prefix into [0, valid]), so any value is memory-safe; block 0 of each kernel also checks
+// that every value is in range and, if one is not, stops the kernel with a device-side assert
+// (CUDA_KERNEL_ASSERT_MSG, active in release builds too) reported at the next synchronisation. A
+// bad value thus fails loudly rather than silently using another mask, with no allocation and no
+// extra launch per call. Like any device-side assert it leaves the CUDA context unusable, the
+// contract of torch's own CUDA indexing kernels for an out-of-range index.
 
 // The lengths as the kernels see them: (B,) int32 or int64 each, contiguous.
 struct Lengths {
@@ -77,16 +91,27 @@ struct Lengths {
   const void* valid;
   bool prefix_is_long;
   bool valid_is_long;
-  int64_t* in_range;  // (1,): block 0 writes 1 when 0 <= prefix <= valid <= Sk for every sample, else 0
 };
 
 __device__ __forceinline__ int64_t load_length(const void* p, bool is_long, int64_t b) {
   return is_long ? static_cast<const int64_t*>(p)[b] : static_cast<const int32_t*>(p)[b];
 }
 
+// floor(a / d) for 0 <= a < 2^52, d >= 1, inv_d = 1 / d rounded: the double product is within
+// a * 2^-52 < 1 of a / d, so its truncation is off by at most one, which one comparison corrects.
+__device__ __forceinline__ int64_t floor_div(int64_t a, int64_t d, double inv_d) {
+  int64_t q = __double2ll_rz(static_cast<double>(a) * inv_d);
+  if (q * d > a) {
+    --q;
+  } else if ((q + 1) * d <= a) {
+    ++q;
+  }
+  return q;
+}
+
 __device__ __forceinline__ int64_t row_visible_keys(int64_t row, const RowGeom& g, const Lengths& lens) {
-  const int64_t b = row / g.rows_per_sample;
-  const int64_t i = row % g.sq;
+  const int64_t b = floor_div(row, g.rows_per_sample, g.inv_rows_per_sample);
+  const int64_t i = row - floor_div(row, g.sq, g.inv_sq) * g.sq;
   const int64_t v = load_length(lens.valid, lens.valid_is_long, b);
   const int64_t p = load_length(lens.prefix, lens.prefix_is_long, b);
   const int64_t valid = v < 0 ? 0 : (v > g.sk ? g.sk : v);
@@ -94,8 +119,8 @@ __device__ __forceinline__ int64_t row_visible_keys(int64_t row, const RowGeom& 
   return visible_keys(g.q_offset + i, prefix, valid);  // in [0, valid], whatever q_offset is
 }
 
-// Writes the in-range flag. Every thread of block 0 calls it, before any row.
-__device__ __forceinline__ void record_lengths_in_range(const RowGeom& g, const Lengths& lens) {
+// Asserts that every length is in range. Every thread of block 0 calls it, before any row.
+__device__ __forceinline__ void check_lengths_in_range(const RowGeom& g, const Lengths& lens) {
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int threads = blockDim.x * blockDim.y;
   int ok = 1;
@@ -105,10 +130,27 @@ __device__ __forceinline__ void record_lengths_in_range(const RowGeom& g, const 
     ok &= static_cast<int>(p >= 0 && p <= v && v <= g.sk);  // p >= 0 and p <= v imply v >= 0
   }
   ok = __syncthreads_and(ok);
-  if (tid == 0) *lens.in_range = ok;
+  CUDA_KERNEL_ASSERT_MSG(ok, "masked_softmax: lengths out of range: need 0 <= prefix_len <= valid_len <= Sk "
+                             "for every sample");
 }
 
 // ---- Forward.
+
+// How a dtype's forward exponentiates. fp32: logits scale * x, exp to about 1 ulp (AccurateExp, a
+// polynomial on the FMA pipe). 16-bit types: logits pre-scaled by log2(e) (the host passes
+// scale * log2(e)), so the exp is one hardware 2^x (HardwareExp2, MUFU.EX2): a 16-bit output
+// cannot tell the two apart, and the polynomial's ~20 instructions per key would make the kernel
+// issue-bound instead of bandwidth-bound.
+template <typename T>
+struct ForwardExp {
+  using Exp = HardwareExp2;
+  static constexpr double kLogitScale = 1.4426950408889634;  // log2(e)
+};
+template <>
+struct ForwardExp<float> {
+  using Exp = AccurateExp;
+  static constexpr double kLogitScale = 1.0;
+};
 
 // scale * x rounded to fp32, never contracted into an FMA with what follows (--use_fast_math
 // allows that): every pass of a kernel then sees the same logits, so the numerators and the sum
@@ -118,14 +160,32 @@ __device__ __forceinline__ float scaled(T x, float scale) {
   return __fmul_rn(static_cast<float>(x), scale);
 }
 
+// A row whose sum is NaN: v * inv would make every key NaN, masked ones included. Writes what
+// torch's softmax gives on the visible keys (all NaN: max - max or a NaN score reaches every
+// term) and exactly 0 on the others, in the register path's layout.
+template <typename T, int VEC, int K>
+__device__ __forceinline__ void write_nan_row(T* yr, int n, int tx, int64_t sk) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int j0 = (k * tx + static_cast<int>(threadIdx.x)) * VEC;
+    if (j0 < sk) {
+      Vec<T, VEC> out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out.val[e] = static_cast<T>(j0 + e < n ? NAN : 0.f);
+      store_vec<T, VEC>(yr + j0, out);
+    }
+  }
+}
+
 // Block (tx, ty): ty rows per block, the tx threads of threadIdx.y (whole warps) on one row; thread
 // t holds vectors k * tx + t (k < K) of the row, so tx * K * VEC >= Sk. The row loop has a
 // block-uniform bound, so every thread reaches group_allreduce's barriers; a row past the end
 // (row >= rows) takes part with n = 0 and writes nothing.
 template <typename T, int VEC, int K>
-__global__ void __launch_bounds__(kMaxThreads)
-softmax_fwd_regs(const T* __restrict__ x, T* __restrict__ y, Lengths lens, RowGeom g, float scale) {
-  if (blockIdx.x == 0) record_lengths_in_range(g, lens);
+__device__ __forceinline__ void softmax_rows_in_registers(const T* __restrict__ x, T* __restrict__ y,
+                                                          const Lengths& lens, const RowGeom& g, float scale) {
+  using Exp = typename ForwardExp<T>::Exp;
+  if (blockIdx.x == 0) check_lengths_in_range(g, lens);
   __shared__ float smem[kMaxWarps];
   const int tx = blockDim.x;
   const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
@@ -155,31 +215,51 @@ softmax_fwd_regs(const T* __restrict__ x, T* __restrict__ y, Lengths lens, RowGe
       const int j0 = (k * tx + static_cast<int>(threadIdx.x)) * VEC;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        v[k][e] = j0 + e < n ? accurate_exp(v[k][e] - row_max) : 0.f;
+        v[k][e] = j0 + e < n ? Exp{}(v[k][e] - row_max) : 0.f;
         sum += v[k][e];
       }
     }
     sum = group_allreduce(sum, SumOp{}, smem);
     if (!active) continue;  // no barrier follows in this iteration
-    const float inv = n > 0 ? __frcp_rn(sum) : 0.f;  // IEEE 1/x: fast math would approximate 1.f / x
     T* yr = y + row * g.sk;
+    if (sum != sum) {  // row-uniform and rare: a NaN or +inf score, or every visible score -inf
+      write_nan_row<T, VEC, K>(yr, n, tx, g.sk);
+      continue;
+    }
+    const float inv = n > 0 ? __frcp_rn(sum) : 0.f;  // IEEE 1/x: fast math would approximate 1.f / x
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int j0 = (k * tx + static_cast<int>(threadIdx.x)) * VEC;
       if (j0 < g.sk) {
         Vec<T, VEC> out;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) out.val[e] = static_cast<T>(v[k][e] * inv);
+        for (int e = 0; e < VEC; ++e) out.val[e] = static_cast<T>(v[k][e] * inv);  // masked keys: v = 0
         store_vec<T, VEC>(yr + j0, out);
       }
     }
   }
 }
 
+// Rows of 32 to 128 threads, 128 / tx rows per 128-thread block.
+template <typename T, int VEC, int K>
+__global__ void __launch_bounds__(kMinRowBlockThreads, kNarrowMinBlocks)
+softmax_fwd_regs(const T* __restrict__ x, T* __restrict__ y, Lengths lens, RowGeom g, float scale) {
+  softmax_rows_in_registers<T, VEC, K>(x, y, lens, g, scale);
+}
+
+// Rows of more than 128 threads (up to 1024), one per block.
+template <typename T, int VEC, int K>
+__global__ void __launch_bounds__(kMaxThreads)
+softmax_fwd_regs_wide(const T* __restrict__ x, T* __restrict__ y, Lengths lens, RowGeom g, float scale) {
+  static_assert(K <= kWideMaxK<VEC>, "a 1024-thread block has 64 registers per thread");
+  softmax_rows_in_registers<T, VEC, K>(x, y, lens, g, scale);
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
 softmax_fwd_block(const T* __restrict__ x, T* __restrict__ y, Lengths lens, RowGeom g, float scale) {
-  if (blockIdx.x == 0) record_lengths_in_range(g, lens);
+  using Exp = typename ForwardExp<T>::Exp;
+  if (blockIdx.x == 0) check_lengths_in_range(g, lens);
   __shared__ MaxSum smem[kMaxWarps];
   const int64_t chunks = g.sk / VEC;  // exact: VEC > 1 only when Sk % VEC == 0
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {  // block-uniform
@@ -199,10 +279,10 @@ softmax_fwd_block(const T* __restrict__ x, T* __restrict__ y, Lengths lens, RowG
       }
       float chunk_sum = 0.f;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) chunk_sum += v[e] == -INFINITY ? 0.f : accurate_exp(v[e] - chunk_max);
-      acc = MaxSumOp{}(acc, MaxSum{chunk_max, chunk_sum});
+      for (int e = 0; e < VEC; ++e) chunk_sum += v[e] == -INFINITY ? 0.f : Exp{}(v[e] - chunk_max);
+      acc = MaxSumOp<Exp>{}(acc, MaxSum{chunk_max, chunk_sum});
     }
-    acc = group_allreduce(acc, MaxSumOp{}, smem);
+    acc = group_allreduce(acc, MaxSumOp<Exp>{}, smem);
     const float inv = n > 0 ? __frcp_rn(acc.sum) : 0.f;
     for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
       const int64_t j0 = c * VEC;
@@ -211,7 +291,7 @@ softmax_fwd_block(const T* __restrict__ x, T* __restrict__ y, Lengths lens, RowG
         const Vec<T, VEC> raw = load_vec<T, VEC>(xr + j0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float p = accurate_exp(scaled(raw.val[e], scale) - acc.max) * inv;
+          const float p = Exp{}(scaled(raw.val[e], scale) - acc.max) * inv;
           out.val[e] = static_cast<T>(j0 + e < n ? p : 0.f);
         }
       } else {
@@ -229,7 +309,7 @@ template <typename T, int VEC, int K>
 __global__ void __launch_bounds__(kWarpSize * kRowsPerWarpBlock)
 softmax_bwd_warp(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
                  Lengths lens, RowGeom g, float scale) {
-  if (blockIdx.x == 0) record_lengths_in_range(g, lens);
+  if (blockIdx.x == 0) check_lengths_in_range(g, lens);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kRowsPerWarpBlock;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
@@ -274,7 +354,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
 softmax_bwd_block(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
                   Lengths lens, RowGeom g, float scale) {
-  if (blockIdx.x == 0) record_lengths_in_range(g, lens);
+  if (blockIdx.x == 0) check_lengths_in_range(g, lens);
   __shared__ float smem[kMaxWarps];
   const int64_t chunks = g.sk / VEC;
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {  // block-uniform
@@ -327,23 +407,31 @@ bool with_warp_k(int64_t sk, F&& f) {
   return true;
 }
 
-// Calls f(std::integral_constant<int, K>{}, tx) for the register forward, whose rows of Sk keys
-// are held by tx threads with K vectors each: one warp (tx = 32) with the smallest K that covers
-// the row; past kRegMaxK, K = kRegMaxK and the fewest whole warps that do. False when even a
-// 1024-thread row does not: the row goes to the two-pass block path.
+// Calls f(std::integral_constant<int, K>{}, wide, tx) for the register forward, whose rows of Sk
+// keys are held by tx threads with K vectors each: one warp (tx = 32) with the smallest K that
+// covers the row; past kRegMaxK, K = kRegMaxK and the fewest whole warps that do, up to 128
+// threads (wide = false_type: softmax_fwd_regs); beyond, K = kWideMaxK and up to 1024 threads
+// (wide = true_type: softmax_fwd_regs_wide). False when even that does not cover the row: the
+// row goes to the two-pass block path.
 template <int VEC, int K = 1, typename F>
 bool with_register_plan(int64_t sk, F&& f) {
   const int64_t chunks = ceil_div(sk, VEC);
   if (chunks <= int64_t{kWarpSize} * K) {
-    f(std::integral_constant<int, K>{}, kWarpSize);
+    f(std::integral_constant<int, K>{}, std::false_type{}, kWarpSize);
     return true;
   }
   if constexpr (K < kRegMaxK<VEC>) {
     return with_register_plan<VEC, 2 * K>(sk, f);
   } else {
     const int64_t tx = round_up(ceil_div(chunks, K), kWarpSize);
-    if (tx > kMaxThreads) return false;
-    f(std::integral_constant<int, K>{}, static_cast<int>(tx));
+    if (tx <= kMinRowBlockThreads) {
+      f(std::integral_constant<int, K>{}, std::false_type{}, static_cast<int>(tx));
+      return true;
+    }
+    constexpr int kWide = kWideMaxK<VEC>;
+    const int64_t wide_tx = round_up(ceil_div(chunks, kWide), kWarpSize);
+    if (wide_tx > kMaxThreads) return false;
+    f(std::integral_constant<int, kWide>{}, std::true_type{}, static_cast<int>(wide_tx));
     return true;
   }
 }
@@ -351,10 +439,15 @@ bool with_register_plan(int64_t sk, F&& f) {
 template <typename T, int VEC>
 void forward_rows(const T* x, T* y, const Lengths& lens, const RowGeom& g, float scale,
                   cudaStream_t stream) {
-  const bool in_registers = with_register_plan<VEC>(g.sk, [&](auto k, int tx) {
-    const int ty = std::max(1, kMinRowBlockThreads / tx);  // rows per block
-    softmax_fwd_regs<T, VEC, decltype(k)::value>
-        <<<grid_size(ceil_div(g.rows, ty)), dim3(tx, ty), 0, stream>>>(x, y, lens, g, scale);
+  const bool in_registers = with_register_plan<VEC>(g.sk, [&](auto k, auto wide, int tx) {
+    constexpr int K = decltype(k)::value;
+    if constexpr (decltype(wide)::value) {
+      softmax_fwd_regs_wide<T, VEC, K><<<grid_size(g.rows), tx, 0, stream>>>(x, y, lens, g, scale);
+    } else {
+      const int ty = kMinRowBlockThreads / tx;  // rows per 128-thread block
+      softmax_fwd_regs<T, VEC, K><<<grid_size(ceil_div(g.rows, ty)), dim3(tx, ty), 0, stream>>>(
+          x, y, lens, g, scale);
+    }
   });
   if (!in_registers) {
     const int threads = threads_per_row(g.sk / VEC, kBlockChunksPerThread);
@@ -379,29 +472,22 @@ void backward_rows(const T* dy, const T* y, T* dx, const Lengths& lens, const Ro
 }
 
 RowGeom row_geom(const at::Tensor& t, int64_t q_offset) {  // t (B, H, Sq, Sk)
-  return RowGeom{t.size(0) * t.size(1) * t.size(2), t.size(1) * t.size(2), t.size(2), t.size(3),
-                 q_offset, t.size(0)};
+  const int64_t rows_per_sample = t.size(1) * t.size(2);
+  const auto inverse = [](int64_t d) { return d > 0 ? 1.0 / static_cast<double>(d) : 0.0; };
+  return RowGeom{t.size(0) * rows_per_sample, rows_per_sample, t.size(2), t.size(3), q_offset, t.size(0),
+                 inverse(rows_per_sample), inverse(t.size(2))};
 }
 
-// The caller's length tensors as the kernels read them (contiguous (B,): no copy when they are),
-// and the (1,) int64 flag the kernels set: 1 when every value is in range.
+// The caller's length tensors as the kernels read them (contiguous (B,): no copy when they are).
 struct DeviceLengths {
-  at::Tensor prefix, valid, in_range;
+  at::Tensor prefix, valid;
 
   DeviceLengths(const at::Tensor& prefix_len, const at::Tensor& valid_len)
-      : prefix(prefix_len.contiguous()),
-        valid(valid_len.contiguous()),
-        in_range(at::empty({1}, prefix_len.options().dtype(at::kLong))) {}
+      : prefix(prefix_len.contiguous()), valid(valid_len.contiguous()) {}
 
-  Lengths view() {
+  Lengths view() const {
     return Lengths{prefix.const_data_ptr(), valid.const_data_ptr(), prefix.scalar_type() == at::kLong,
-                   valid.scalar_type() == at::kLong, in_range.mutable_data_ptr<int64_t>()};
-  }
-
-  // Queued after the kernel on the current stream: no host synchronisation here.
-  void assert_in_range() const {
-    at::_assert_async(in_range, "masked_softmax: lengths out of range: need 0 <= prefix_len <= valid_len "
-                      "<= Sk for every sample");
+                   valid.scalar_type() == at::kLong};
   }
 };
 
@@ -412,7 +498,7 @@ at::Tensor masked_softmax_cuda(const at::Tensor& scores, const at::Tensor& prefi
   const at::Tensor x = scores.contiguous();            // (B, H, Sq, Sk)
   at::Tensor out = at::empty(x.sizes(), x.options());  // (B, H, Sq, Sk)
   if (x.size(0) == 0) return out;                      // no sample, no lengths
-  DeviceLengths lengths(prefix_len, valid_len);
+  const DeviceLengths lengths(prefix_len, valid_len);
   const Lengths lens = lengths.view();
   const RowGeom g = row_geom(x, q_offset);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -420,14 +506,13 @@ at::Tensor masked_softmax_cuda(const at::Tensor& scores, const at::Tensor& prefi
   M6_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "masked_softmax", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-    const float s = static_cast<float>(scale);
+    const float s = static_cast<float>(scale * ForwardExp<scalar_t>::kLogitScale);
     if (can_vectorize<scalar_t>(g.sk, {xp, yp})) {
       forward_rows<scalar_t, kVec16<scalar_t>>(xp, yp, lens, g, s, stream);
     } else {
       forward_rows<scalar_t, 1>(xp, yp, lens, g, s, stream);
     }
   });
-  lengths.assert_in_range();
   return out;
 }
 
@@ -441,7 +526,7 @@ at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad_out, const at::Te
   const at::Tensor y = out.contiguous();              // (B, H, Sq, Sk)
   at::Tensor dx = at::empty(y.sizes(), y.options());  // (B, H, Sq, Sk)
   if (y.size(0) == 0) return dx;                      // no sample, no lengths
-  DeviceLengths lengths(prefix_len, valid_len);
+  const DeviceLengths lengths(prefix_len, valid_len);
   const Lengths lens = lengths.view();
   const RowGeom g = row_geom(y, q_offset);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -456,7 +541,6 @@ at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad_out, const at::Te
       backward_rows<scalar_t, 1>(dyp, yp, dxp, lens, g, s, stream);
     }
   });
-  lengths.assert_in_range();
   return dx;
 }
 
