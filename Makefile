@@ -54,7 +54,8 @@ test: install
 VENV211 := .venv-torch211
 PY211 := $(VENV211)/bin/python
 BUILD211 := .torch211
-TORCH211_PINS := numpy ninja pybind11 regex tensorboard pyyaml tqdm setuptools pytest pytest-timeout packaging
+# torch 2.11.0 requires setuptools<82: 81.0.0 instead of requirements.txt's 84.2.1.
+TORCH211_PINS := numpy ninja pybind11 regex tensorboard pyyaml tqdm pytest pytest-timeout packaging
 TORCH211_TESTS := tests/test_masked_softmax.py tests/test_layer_norm.py \
 	tests/test_training.py::test_zero1_matches_unsharded tests/test_checkpoint.py \
 	tests/test_collectives.py tests/test_torch_version.py
@@ -64,7 +65,7 @@ $(PY211):
 	$(PY211) -m pip install --quiet --upgrade pip
 
 $(STAMPS)/deps-torch211: requirements.txt | $(PY211)
-	$(PY211) -m pip install --quiet torch==2.11.0 $$(grep -E '^($(shell echo $(TORCH211_PINS) | tr ' ' '|'))==' requirements.txt)
+	$(PY211) -m pip install --quiet torch==2.11.0 setuptools==81.0.0 $$(grep -E '^($(shell echo $(TORCH211_PINS) | tr ' ' '|'))==' requirements.txt)
 	@mkdir -p $(STAMPS) && touch $@
 
 $(STAMPS)/ext-torch211: $(STAMPS)/deps-torch211 setup.py build_support.py $(CSRC)
