@@ -11,7 +11,7 @@ export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test test-torch211 bench gpu-check clean
 
 install: $(STAMPS)/ext m6_engine/_data/vocab.txt
 
@@ -45,6 +45,40 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# The second CI leg: the oldest supported torch (2.11.0, CPU), in its own venv and with its own
+# CPU-only build of the extension in .torch211/lib (M6_EXTENSION_DIR points m6_engine.ops at it), so
+# the main leg's in-place m6_engine/_C*.so and _C.cpu_flags are never touched. Only what the
+# selected tests import is installed (same pins as requirements.txt; no torchvision, transformers
+# or megatron-core). The tests: the ops, one multi-rank ZeRO-1 + dp-bucket parity run, the
+# checkpoint round trips, the collectives and torch-version checks.
+VENV211 := .venv-torch211
+PY211 := $(VENV211)/bin/python
+BUILD211 := .torch211
+# torch 2.11.0 requires setuptools<82: 81.0.0 instead of requirements.txt's 84.2.1.
+TORCH211_PINS := numpy ninja pybind11 regex tensorboard pyyaml tqdm pytest pytest-timeout packaging
+TORCH211_TESTS := tests/test_masked_softmax.py tests/test_layer_norm.py \
+	tests/test_training.py::test_zero1_matches_unsharded tests/test_checkpoint.py \
+	tests/test_collectives.py tests/test_torch_version.py
+
+$(PY211):
+	$(PYTHON) -m venv $(VENV211)
+	$(PY211) -m pip install --quiet --upgrade pip
+
+$(STAMPS)/deps-torch211: requirements.txt | $(PY211)
+	$(PY211) -m pip install --quiet torch==2.11.0 setuptools==81.0.0 $$(grep -E '^($(shell echo $(TORCH211_PINS) | tr ' ' '|'))==' requirements.txt)
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/ext-torch211: $(STAMPS)/deps-torch211 setup.py build_support.py $(CSRC)
+	M6_BUILD_CUDA=0 $(PY211) setup.py --quiet build_ext --build-lib $(BUILD211)/lib --build-temp $(BUILD211)/temp
+	M6_EXTENSION_DIR=$(BUILD211)/lib/m6_engine $(PY211) -c "import m6_engine.ops as o; o.require_extension(); print('m6_engine._C (torch 2.11):', o.cpu_capability())"
+	@mkdir -p $(STAMPS) && touch $@
+
+# The vocabulary (test_training's corpus) as `make install` fetches it, but with this leg's venv:
+# `make test-torch211` alone never builds the main .venv.
+test-torch211: $(STAMPS)/ext-torch211
+	[ -f m6_engine/_data/vocab.txt ] || $(PY211) -m m6_engine.data.vocab_fetch --dest m6_engine/_data/vocab.txt
+	M6_EXTENSION_DIR=$(BUILD211)/lib/m6_engine PYTHONPATH=$(CURDIR) $(PY211) -m pytest -q $(PYTEST_ARGS) $(TORCH211_TESTS)
+
 bench: install
 	$(PY) -m tests.bench.run_all --out bench-results
 
@@ -52,4 +86,4 @@ gpu-check:
 	bash tests/gpu_check.sh
 
 clean:
-	rm -rf build $(STAMPS) m6_engine/_C*.so m6_engine/_C.cpu_flags *.egg-info
+	rm -rf build $(BUILD211) $(STAMPS) m6_engine/_C*.so m6_engine/_C.cpu_flags *.egg-info

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import shutil
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -21,6 +22,7 @@ from m6_engine.checkpoint import (
     CheckpointError, CheckpointNotFoundError, latest_checkpoint, load_checkpoint,
     resolve_checkpoint, resume_seed, save_checkpoint,
 )
+from m6_engine.checkpoint import chunks
 from m6_engine.checkpoint import save as save_module
 from m6_engine.checkpoint.folders import FORMAT, FORMAT_VERSION, write_manifest
 from m6_engine.config import ModelConfig
@@ -320,6 +322,89 @@ def test_zero_checkpoint_reshards(saved_zero):
     for results in ([single], four):
         assert_loaded_as_saved(results, saved)
         assert all((r["step"], r["extra"]) == (5, EXTRA) for r in results)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunks of a global tensor (the vocabulary without its padding, ZeRO-1 pieces) reach DCP through
+# the CheckpointableTensor protocol on torch 2.14 and through DCP's _Checkpointable hooks on torch
+# 2.11, which has no such protocol (``m6_engine.checkpoint.chunks``): one stored format.
+
+def _stored(folder):
+    """The tensor entries of a checkpoint folder's .metadata (global size, chunks, properties)
+    and the bytes of its data files."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(folder).read_metadata().state_dict_metadata
+    entries = {k: (tuple(m.size), sorted((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks), m.properties)
+               for k, m in metadata.items() if isinstance(m, TensorStorageMetadata)}
+    return entries, {p.name: p.read_bytes() for p in sorted(folder.glob("*.distcp"))}
+
+
+# A (6, 4) local tensor whose last row is padding of a (5, 4) global tensor, and a flat piece
+# [2, 8) of a (2, 4) tensor as three rectangles of a (2, 4) buffer, as ``sharding`` describes them.
+_CHUNKS = {"word": ((6, 4), (5, 4), [((0, 0), (0, 0), (5, 4))]),
+           "piece": ((2, 4), (2, 4), [((0, 2), (0, 2), (1, 2)), ((1, 0), (1, 0), (1, 4))])}
+
+
+def _chunk_entries(make, fill):
+    buffers, entries = {}, {}
+    for key, (local_shape, global_shape, rectangles) in _CHUNKS.items():
+        buffers[key] = fill(local_shape)
+        entries[key] = make(buffers[key], global_shape, [g for g, _, _ in rectangles],
+                            [b for _, b, _ in rectangles], [s for _, _, s in rectangles])
+    return buffers, entries
+
+
+@pytest.mark.parametrize("implementation", chunks.available())
+def test_chunks_are_stored_as_the_global_tensor(implementation, tmp_path):
+    # One process, DCP alone: the stored tensors have the global shapes (torch 2.11 stored the
+    # local (6, 4) before), and every implementation reads every other's back in place.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+
+    saved, entries = _chunk_entries(chunks.IMPLEMENTATIONS[implementation],
+                                    lambda shape: torch.arange(math.prod(shape), dtype=torch.float32).view(shape))
+    with warnings.catch_warnings():   # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(entries, storage_writer=FileSystemWriter(tmp_path),
+                 planner=DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
+        stored, _ = _stored(tmp_path)
+        assert {k: v[:2] for k, v in stored.items()} == {
+            "word": ((5, 4), [((0, 0), (5, 4))]),
+            "piece": ((2, 4), [((0, 2), (1, 2)), ((1, 0), (1, 4))])}
+        for reader in chunks.available():
+            loaded, entries = _chunk_entries(chunks.IMPLEMENTATIONS[reader], lambda shape: torch.full(shape, -1.0))
+            dcp.load(entries, storage_reader=FileSystemReader(tmp_path),
+                     planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
+            for key, (_, _, rectangles) in _CHUNKS.items():
+                written = torch.zeros_like(loaded[key], dtype=torch.bool)
+                for _, (r, c), (h, w) in rectangles:
+                    written[r:r + h, c:c + w] = True
+                assert torch.equal(loaded[key][written], saved[key][written]), (reader, key)
+                assert (loaded[key][~written] == -1).all(), (reader, key)   # nothing else touched
+
+
+def _with_chunks_implementation(name, fn, *args):
+    chunks.use(name)
+    return fn(*args)
+
+
+@pytest.mark.skipif(len(chunks.available()) < 2,
+                    reason="this torch's DCP has only the _Checkpointable hooks, which every other test uses")
+def test_chunk_implementations_write_the_same_checkpoint_and_read_each_other(saved_zero, tmp_path):
+    # The ZeRO-1 save at (1, 2, 2) again, with the other implementation: byte-identical data
+    # files and the same metadata; each implementation then reads the other's at (2, 1, 2).
+    ckpt_dir, _, saved = saved_zero
+    other = next(n for n in chunks.available() if n != chunks.IMPLEMENTATION)
+    results = run_ranks(_with_chunks_implementation, 4, other, _save_sharded, str(tmp_path / "run"))
+    assert_loaded_as_saved(results, saved)
+    assert _stored(tmp_path / "run" / "step_000005") == _stored(ckpt_dir / "step_000005")
+    by_other = run_ranks(_with_chunks_implementation, 4, other, _load_elsewhere, [(str(ckpt_dir), 2, 1, None)])
+    by_default = run_ranks(_load_elsewhere, 4, [(str(tmp_path / "run"), 2, 1, None)])
+    for four in (by_other, by_default):
+        assert_loaded_as_saved([r[0] for r in four], saved)
 
 
 def _cuda_round_trip(ckpt_dir):

@@ -13,8 +13,9 @@ The vocab-parallel word embedding (``VocabParallelEmbedding``: rows padded to a 
 ``vocab_multiple * t``, which differs between tp sizes) is stored without its padding, as the
 global (vocab_size, dim) tensor: rank r holds padded rows [r R, (r+1) R), R = padded / t, of which
 rows [r R, min((r+1) R, vocab_size)) are real, possibly none. DTensor's even chunks cannot express
-that, so it uses DCP's ``CheckpointableTensor`` protocol (global shape, offsets and sizes attached
-to the local tensor). The padding rows are never stored; on load they are set to zero.
+that, so it is given to DCP as chunks of the global tensor (global shape, and per chunk its
+offsets and size: ``chunks``, which tells each supported torch's DCP in its own way). The padding
+rows are never stored; on load they are set to zero.
 
 Because the global tensors do not depend on (tp, pp, dp), any layout loads any checkpoint: DCP
 reads the overlap of each stored chunk with each requested one. Duplicates (tp-replicated tensors,
@@ -30,6 +31,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from m6_engine.checkpoint import chunks
 from m6_engine.parallel.data_parallel import DataParallel
 
 MODEL_PREFIX = "model."
@@ -117,8 +119,8 @@ def global_view(local: torch.Tensor, layout: TensorLayout, tp_mesh: DeviceMesh):
     """The object DCP saves from / loads into for ``local``: it aliases ``local``'s storage.
 
     Returns a DTensor on ``tp_mesh`` (``state.mesh["tp"]``, built once by the caller: slicing a
-    mesh is not free), or for a vocab-parallel weight the local tensor carrying the
-    CheckpointableTensor fields (global_shape, global_offsets, local_offsets, local_sizes).
+    mesh is not free), or for a vocab-parallel weight :func:`chunks.chunked_tensor` of the local
+    tensor (global_shape, global_offsets, local_offsets, local_sizes).
     """
     if layout.vocab is not None:   # the whole local tensor, its padding rows cut off
         origin = (0,) * local.dim()
@@ -164,8 +166,8 @@ def flat_range_rectangles(first: int, end: int, shape: tuple[int, ...]):
 
 def pieces_view(buffer: torch.Tensor, ranges: list[tuple[int, int]], placements: list[tuple[int, int]],
                 local_shape: tuple[int, ...], layout: TensorLayout, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """``buffer`` (shaped by :func:`pieces_buffer_layout`, which gave ``placements``) carrying the
-    CheckpointableTensor fields that place the flat ranges ``ranges`` of a local tensor of
+    """``buffer`` (shaped by :func:`pieces_buffer_layout`, which gave ``placements``) as the chunks
+    (:func:`chunks.chunked_tensor`) that place the flat ranges ``ranges`` of a local tensor of
     ``local_shape`` in its global tensor. What a ZeRO-1 rank saves from and loads into: only its
     own elements, never the whole tensor."""
     rectangles = []
@@ -177,7 +179,7 @@ def pieces_view(buffer: torch.Tensor, ranges: list[tuple[int, int]], placements:
 
 def _with_chunks(buffer: torch.Tensor, rectangles, local_shape: tuple[int, ...], layout: TensorLayout,
                  tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
-    """A new tensor object on ``buffer``'s storage with the CheckpointableTensor fields for
+    """:func:`chunks.chunked_tensor` of ``buffer`` (aliasing its storage) with the chunks of
     ``rectangles`` ((offset in the buffer, size, offset in the local tensor of ``local_shape``)):
     the local tensor sits at the tp shard's offset along ``layout.tp_dim``, or a vocab-parallel
     weight's at its first row, with the padding rows past ``vocab_size`` left out."""
@@ -197,11 +199,7 @@ def _with_chunks(buffer: torch.Tensor, rectangles, local_shape: tuple[int, ...],
         global_offsets.append(tuple(o + d for o, d in zip(in_local, shift)))
         local_offsets.append(tuple(in_buffer))
         local_sizes.append(tuple(size))
-    view = buffer.detach()   # a new tensor object on the same storage
-    view.global_shape = tuple(global_shape)
-    view.global_offsets, view.local_offsets = tuple(global_offsets), tuple(local_offsets)
-    view.local_sizes = tuple(local_sizes)
-    return view
+    return chunks.chunked_tensor(buffer, global_shape, global_offsets, local_offsets, local_sizes)
 
 
 def pieces_buffer_layout(ranges: list[tuple[int, int]], local_shape: tuple[int, ...]):

@@ -7,7 +7,10 @@ called without it raises :class:`ExtensionNotBuiltError` saying how to build it.
 """
 
 import importlib
+import importlib.machinery
+import importlib.util
 import os
+import sys
 
 import torch  # noqa: F401  (loads libtorch, which m6_engine._C links against)
 
@@ -21,8 +24,15 @@ class ExtensionNotBuiltError(RuntimeError):
     """A fused m6 op was called but m6_engine._C is not built or does not load."""
 
 
+# M6_EXTENSION_DIR: a folder holding another build of the extension (its _C*.so and _C.cpu_flags, as
+# `setup.py build_ext --build-lib DIR` leaves them in DIR/m6_engine), loaded instead of the package's
+# own: one checkout run against a second torch without touching its in-place build (`make
+# test-torch211`). A build elsewhere on PYTHONPATH would not do: ``m6_engine._C`` is looked up in
+# the package's folder only.
+_EXTENSION_DIR = os.path.abspath(os.environ["M6_EXTENSION_DIR"]) if os.environ.get("M6_EXTENSION_DIR") else None
 # Written next to the extension by setup.py (build_support.CPU_FLAGS_FILE): "<capability> <flag>...".
-_CPU_FLAGS_RECORD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_C.cpu_flags")
+_CPU_FLAGS_RECORD = os.path.join(
+    _EXTENSION_DIR or os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_C.cpu_flags")
 
 
 def _host_cpu_flags(cpuinfo_path="/proc/cpuinfo"):
@@ -57,12 +67,28 @@ def cpu_flags_problem(record_path=_CPU_FLAGS_RECORD, host_flags=None):
             f"every machine of a mixed cluster")
 
 
+def _import_extension():
+    if _EXTENSION_DIR is None:
+        return importlib.import_module("m6_engine._C")
+    spec = importlib.machinery.PathFinder.find_spec("m6_engine._C", [_EXTENSION_DIR])
+    if spec is None:
+        raise ImportError(f"no m6_engine._C in M6_EXTENSION_DIR={_EXTENSION_DIR}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["m6_engine._C"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["m6_engine._C"]
+        raise
+    return module
+
+
 def _load():
     problem = cpu_flags_problem()
     if problem is not None:
         return None, problem
     try:
-        module = importlib.import_module("m6_engine._C")
+        module = _import_extension()
     except ImportError as error:  # not built, or built against another torch (undefined symbol)
         text = str(error)
         if "undefined symbol" in text or "version" in text.lower():

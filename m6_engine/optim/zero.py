@@ -14,8 +14,7 @@ their owners.
 """
 
 import torch
-import torch.distributed as dist
-
+from m6_engine.parallel.collectives import all_gather_single
 from m6_engine.parallel.data_parallel import Bucket, BufferLayout, DataParallel
 
 
@@ -69,8 +68,8 @@ class ParamBuffer:
         works = []
         for bucket in model.buckets:
             start, end = bucket.shard(model.dp_rank)
-            works.append(dist.all_gather_single(self.buffer[bucket.start:bucket.end],
-                                                self.buffer[start:end], group=model.group, async_op=True))
+            works.append(all_gather_single(self.buffer[bucket.start:bucket.end],
+                                           self.buffer[start:end], group=model.group, async_op=True))
         for work in works:
             work.wait()
 
@@ -95,7 +94,7 @@ def gather_pieces(model: DataParallel, pieces: list[tuple[int, int, int]],
                 flat[p0 + lo:p0 + hi].copy_(value)
         if model.dp_size > 1:
             s0, s1 = Bucket(k, start, end, (), model.dp_size).shard(model.dp_rank)
-            dist.all_gather_single(flat, flat[s0 - start:s1 - start], group=model.group)
+            all_gather_single(flat, flat[s0 - start:s1 - start], group=model.group)
         for i in members:
             p0, p1 = layout.param_ranges[i]
             out[i] = flat[p0 - start:p1 - start].clone()

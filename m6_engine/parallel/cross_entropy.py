@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from m6_engine.parallel.buffers import empty_large
+from m6_engine.parallel.collectives import all_gather_single
 from m6_engine.parallel.state import ParallelState
 
 
@@ -32,7 +33,7 @@ def _combine(m, s, target_logit, group, tp_size):
         return m, s, target_logit
     stats = torch.stack([m, s, target_logit])                           # (3, ...)
     gathered = stats.new_empty((tp_size * 3, *stats.shape[1:]))         # (t * 3, ...), rank-major
-    dist.all_gather_into_tensor(gathered, stats, group=group)
+    all_gather_single(gathered, stats, group=group)
     ms, ss, ts = gathered.view(tp_size, *stats.shape).unbind(1)         # (t, ...) each
     big_m = ms.amax(dim=0)
     return big_m, (ss * (ms - big_m).exp()).sum(dim=0), ts.sum(dim=0)

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from m6_engine.parallel.collectives import reduce_scatter_single
 from m6_engine.parallel.state import ParallelState
 
 
@@ -184,7 +185,7 @@ class DataParallel(nn.Module):
             self._works[bucket.index] = dist.all_reduce(view, group=self.group, async_op=True)
             return
         start, end = bucket.shard(self.dp_rank)
-        self._works[bucket.index] = dist.reduce_scatter_single(
+        self._works[bucket.index] = reduce_scatter_single(
             self.grad_buffer[start:end], view, group=self.group, async_op=True)
 
     def finish_grad_sync(self) -> None:
