@@ -50,7 +50,7 @@ test: install
 # the main leg's in-place m6_engine/_C*.so and _C.cpu_flags are never touched. Only what the
 # selected tests import is installed (same pins as requirements.txt; no torchvision, transformers
 # or megatron-core). The tests: the ops, one multi-rank ZeRO-1 + dp-bucket parity run, the
-# checkpoint round trips, the collectives and torch-version checks.
+# checkpoint round trips, the collectives and torch-version checks, the gpu-check dry run.
 VENV211 := .venv-torch211
 PY211 := $(VENV211)/bin/python
 BUILD211 := .torch211
@@ -58,7 +58,8 @@ BUILD211 := .torch211
 TORCH211_PINS := numpy ninja pybind11 regex tensorboard pyyaml tqdm pytest pytest-timeout packaging
 TORCH211_TESTS := tests/test_masked_softmax.py tests/test_layer_norm.py \
 	tests/test_training.py::test_zero1_matches_unsharded tests/test_checkpoint.py \
-	tests/test_collectives.py tests/test_torch_version.py
+	tests/test_collectives.py tests/test_torch_version.py \
+	tests/test_gpu_check.py::test_dry_run_runs_every_step_and_stage
 
 $(PY211):
 	$(PYTHON) -m venv $(VENV211)
