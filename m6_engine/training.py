@@ -182,8 +182,11 @@ class Trainer:
                 self.log.print(f"load=auto: no complete checkpoint in {train.save_dir!r}, starting fresh")
                 return False
             source = train.save_dir
-        loaded = load_checkpoint(source, model=self.model, state=self.state, optimizer=self.optimizer,
-                                 rng_tracker=self.tracker, seed=train.seed)
+        try:
+            loaded = load_checkpoint(source, model=self.model, state=self.state, optimizer=self.optimizer,
+                                     rng_tracker=self.tracker, seed=train.seed)
+        except CheckpointError as error:
+            raise type(error)(f"train.load = {train.load!r}: {error}") from error
         self.step = int(loaded.extra["step"])
         self.train_data.load_state_dict(loaded.extra["data"])
         self.log.print(f"resumed from {loaded.path} at step {self.step}")
