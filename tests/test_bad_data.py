@@ -139,3 +139,30 @@ def test_bad_vocab_file_names_the_key_and_file(corpus, tmp_path, lines, message)
     text = str(info.value)
     assert text.startswith(f"data.vocab_file = {str(path)!r}: "), text
     assert message.format(path=str(path)) in text, text
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_input", "preprocess: input '{tmp}/nope.jsonl' does not exist"),
+    ("missing_vocab", "preprocess: vocab file '{tmp}/missing.txt' does not exist"),
+    ("vocab_without_mask", "preprocess: vocab file '{tmp}/vocab.txt' lacks the special token(s) [MASK]"),
+    ("merge_missing", "preprocess: {tmp}/nope_image.idx does not exist"),
+    ("workers_0", "preprocess: workers and chunk_lines must be >= 1, got 0 and 1000"),
+])
+def test_preprocess_cli_bad_input_writes_nothing(tmp_path, capsys, case, message):
+    from m6_engine.data import preprocess
+
+    (tmp_path / "docs.jsonl").write_text('{"content": "ab"}\n', encoding="utf-8")
+    (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t in SPECIALS[:4] + ["a", "b"]), encoding="utf-8")
+    good_vocab = tmp_path / "full.txt"
+    good_vocab.write_text("".join(t + "\n" for t in SPECIALS + ["a", "b"]), encoding="utf-8")
+    out = tmp_path / "out" / "corpus"
+    args = {"missing_input": ["--input", f"{tmp_path}/nope.jsonl", "--vocab", str(good_vocab)],
+            "missing_vocab": ["--input", f"{tmp_path}/docs.jsonl", "--vocab", f"{tmp_path}/missing.txt"],
+            "vocab_without_mask": ["--input", f"{tmp_path}/docs.jsonl", "--vocab", f"{tmp_path}/vocab.txt"],
+            "merge_missing": ["--merge", f"{tmp_path}/nope"],
+            "workers_0": ["--input", f"{tmp_path}/docs.jsonl", "--vocab", str(good_vocab), "--workers", "0"],
+            }[case]
+    assert preprocess.main([*args, "--output-prefix", str(out), "--no-progress"]) == 1
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    leftovers = sorted((tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
+    assert leftovers == [], leftovers          # nothing half-written under the output prefix
