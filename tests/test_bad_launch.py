@@ -98,16 +98,17 @@ def test_config_error_under_torchrun_is_printed_once_by_rank0(tmp_path):
     _no_worker_traceback(done.stderr)
 
 
-def test_missing_load_path_under_torchrun_is_one_line(corpus, tmp_path):
-    missing = str(tmp_path / "no_such_checkpoint")
-    job = small_job(corpus, pp=2)
-    config = tmp_path / "job.yaml"
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_missing_load_path_is_one_line_from_rank0_only(corpus, tmp_path, capsys, monkeypatch, rank):
+    """Caught by check_inputs before the process groups: each rank exits 2, RANK 0 alone prints."""
     import yaml
 
-    config.write_text(yaml.safe_dump(job.to_dict()), encoding="utf-8")
-    done = _torchrun(2, "--config", str(config), "--load", missing)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert done.returncode != 0, done.stderr[-3000:]
-    assert errors == [f"error: train.load = {missing!r} does not exist: give a checkpoint folder, "
-                      f"a directory of checkpoints or auto"], done.stderr[-3000:]
-    _no_worker_traceback(done.stderr)
+    monkeypatch.setenv("RANK", rank)
+    missing = str(tmp_path / "no_such_checkpoint")
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(small_job(corpus).to_dict()), encoding="utf-8")
+    assert _pretrain().cli(["--config", str(config), "--load", missing]) == 2
+    err = capsys.readouterr().err
+    expected = (f"error: train.load = {missing!r} does not exist: give a checkpoint folder, "
+                f"a directory of checkpoints or auto\n")
+    assert err == (expected if rank == "0" else ""), err
