@@ -181,7 +181,11 @@ def check_value(value, hint, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} expects a mapping, got {value!r}")
-        return value
+        args = typing.get_args(hint)
+        if not args:
+            return value
+        return {check_value(k, args[0], f"{where} key"): check_value(v, args[1], f"{where}[{k!r}]")
+                for k, v in value.items()}
     if hint is Any:
         return value
     if isinstance(value, str):
@@ -427,7 +431,7 @@ class DataConfig:
     """Held-out corpus prefix for evaluation; empty disables evaluation."""
     vocab_file: str = ""
     """BERT vocab.txt; empty means the default bert-base-chinese vocab of ``make install``."""
-    task_weights: dict = dataclasses.field(default_factory=lambda: {
+    task_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {
         "text_denoising": 1.0, "language_modelling": 1.0, "image_to_text": 1.0, "multimodal_to_text": 1.0})
     """Relative frequency of each task (``m6_engine.data.tasks.ALL_TASKS``: the four pretraining
     tasks and ``image_text_matching``); 0 or absent disables a task, so a single task finetunes."""

@@ -342,7 +342,7 @@ def job_tokenizer(job: JobConfig):
 def check_inputs(job: JobConfig) -> None:
     """Early, clear errors for inputs that cannot be read (before any process group is built):
     the vocab, the headers of the training / held-out corpora's files, and an explicit
-    ``train.load`` / ``train.init_from`` path that does not exist."""
+    ``train.load`` path (or, without one, ``train.init_from``) that does not exist."""
     from m6_engine.checkpoint.folders import CheckpointNotFoundError
     from m6_engine.data import indexed
     from m6_engine.data.preprocess import image_prefix, text_prefix
@@ -362,7 +362,9 @@ def check_inputs(job: JobConfig) -> None:
                                  job.model.patch_feature_dim)
         except indexed.IndexFormatError as error:
             raise indexed.IndexFormatError(f"data.{key} = {corpus!r}: {error}") from None
-    for key in ("load", "init_from"):
+    # init_from is not read when there is a checkpoint to resume (resume wins), so with train.load
+    # set a missing init_from is left to Trainer.initialize_from.
+    for key in ("load",) + (() if job.train.load else ("init_from",)):
         path = getattr(job.train, key)
         if path and path != "auto" and not os.path.exists(path):
             raise CheckpointNotFoundError(f"train.{key} = {path!r} does not exist: give a checkpoint "

@@ -110,3 +110,9 @@ def test_bad_checkpoint_names_train_load_and_the_file(bad_loads, case, kind, wor
     assert message.startswith(f"train.load = {target!r}: "), message
     for word in words:
         assert word.format(target=target) in message, (word, message)
+
+
+def test_missing_init_from_is_left_to_the_trainer_when_a_resume_may_win(corpus, tmp_path):
+    """With train.load set, a resumable checkpoint wins and init_from is never read: not refused early."""
+    check_inputs(_with_train(small_job(corpus), load="auto", save_dir=str(tmp_path / "run"),
+                             init_from=str(tmp_path / "deleted_source")))

@@ -49,6 +49,9 @@ def _job(yaml_text: str, tmp_path, overrides=None):
     ("optimizer: {lr: 1.0e-3, min_lr: 1.0e-2}", "OptimizerConfig.min_lr must be in [0, lr = 0.001], got 0.01"),
     ("data: {exhausted: loop}", "DataConfig.exhausted must be one of ('wrap', 'stop'), got 'loop'"),
     ("data: {task_weights: {captioning: 1.0}}", "DataConfig.task_weights: unknown task"),
+    ("data: {task_weights: {text_denoising: high}}",
+     "data.task_weights: DataConfig.task_weights['text_denoising'] expects float, got 'high'"),
+    ("data: {task_weights: {3: 1}}", "data.task_weights: DataConfig.task_weights key expects str, got 3"),
     ("model: {preset: tiny, hidden_size: 130}", "ModelConfig.num_heads = 4 must divide ModelConfig.hidden_size = 130"),
 ])
 def test_bad_yaml_value_names_the_field_value_and_type(yaml_text, message, tmp_path):
