@@ -83,6 +83,13 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("layernorm_eps", "init_std"):    # the LayerNorm op and the N(0, std) init take them as is
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.num_segments not in (0,) and self.num_segments < 3:
+            raise ConfigError(f"ModelConfig.num_segments must be 0 (no segment embedding) or >= 3 (M6 "
+                              f"samples use segments 0 image, 1 masked text, 2 complete text), "
+                              f"got {self.num_segments}")
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary rounded up to a multiple of vocab_multiple * tp; padded rows are never predicted."""

@@ -302,6 +302,7 @@ def make_datasets(job: JobConfig, state: ParallelState):
         raise ConfigError("data.corpus is empty: give the prefix written by "
                           "`python -m m6_engine.data.preprocess` (--data on the command line)")
     tokenizer = job_tokenizer(job)
+    check_text_positions(job)
     if tokenizer.vocab_size > job.model.vocab_size:
         raise ConfigError(f"the tokenizer's vocabulary ({tokenizer.vocab_size} entries) is larger than "
                           f"model.vocab_size = {job.model.vocab_size}")
@@ -328,6 +329,20 @@ def check_job(job: JobConfig, world_size: int) -> None:
     job.train.num_microbatches(world_size // (tp * pp))
 
 
+MIN_TEXT_POSITIONS = 5
+"""Fewest text positions a training sample can be packed in: half for the masked text, and
+[CLS], one target token and [SEP] for the complete text (``m6_engine.data.tasks.pack``)."""
+
+
+def check_text_positions(job: JobConfig) -> None:
+    """ConfigError naming model.max_text_positions when no training sample fits in it (else the
+    first batch fails deep in the data pipeline)."""
+    if job.model.max_text_positions < MIN_TEXT_POSITIONS:
+        raise ConfigError(f"model.max_text_positions = {job.model.max_text_positions} is too small to "
+                          f"train on: a sample needs at least {MIN_TEXT_POSITIONS} text positions (half "
+                          f"for the masked text, [CLS] target [SEP] for the complete text)")
+
+
 def job_tokenizer(job: JobConfig):
     """The tokenizer of ``data.vocab_file`` (or the default vocab); a missing, empty or malformed
     vocab is a ConfigError naming data.vocab_file and the file."""
@@ -349,6 +364,7 @@ def check_inputs(job: JobConfig) -> None:
     from m6_engine.data.doc_tokens import tokenizer_fingerprint
 
     tokenizer = job_tokenizer(job)
+    check_text_positions(job)
     if not job.data.corpus:
         raise ConfigError("data.corpus is empty: give the prefix written by "
                           "`python -m m6_engine.data.preprocess` (--data on the command line)")

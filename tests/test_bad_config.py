@@ -68,6 +68,22 @@ def test_yaml_values_are_coerced_as_command_line_strings(tmp_path):
     assert _job("", tmp_path, {"optimizer.betas": "0.8, 0.95"}).optimizer.betas == (0.8, 0.95)
 
 
+@pytest.mark.parametrize("model, message", [
+    # values the fused ops and the initialisation take as they are: refused when the config is read,
+    # not as NaN losses, a bare ValueError while the model is built or an IndexError in the embedding
+    ("layernorm_eps: 0", "ModelConfig.layernorm_eps must be > 0, got 0.0"),
+    ("layernorm_eps: -1.0e-5", "ModelConfig.layernorm_eps must be > 0, got -1e-05"),
+    ("init_std: 0", "ModelConfig.init_std must be > 0, got 0.0"),
+    ("num_segments: 2", "ModelConfig.num_segments must be 0 (no segment embedding) or >= 3 (M6 samples use "
+                        "segments 0 image, 1 masked text, 2 complete text), got 2"),
+    ("attention_dropout: 1.0", "ModelConfig.attention_dropout must be in [0, 1), got 1.0"),
+    ("num_heads: 0", "ModelConfig.num_heads must be >= 1, got 0"),
+])
+def test_bad_op_argument_in_the_model_config(model, message, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _job(f"model: {{preset: tiny, {model}}}", tmp_path)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"parallel.tp": "two"}, "parallel.tp: ParallelConfig.tp expects int, got 'two'"),
     ({"train.micro_batch": "0"}, "TrainConfig.micro_batch must be >= 1, got 0"),

@@ -79,6 +79,13 @@ def test_damaged_corpus_names_the_key_and_file(copy, damage, file, message):
     assert message.format(n=n) in text, text
 
 
+@pytest.mark.parametrize("positions", [2, 4])
+def test_text_positions_too_few_for_any_sample(corpus, positions):
+    with pytest.raises(ConfigError, match=re.escape(
+            f"model.max_text_positions = {positions} is too small to train on: a sample needs at least 5")):
+        check_inputs(small_job(corpus, model={"max_text_positions": positions}))
+
+
 def test_missing_eval_corpus_names_data_eval_corpus(corpus, tmp_path):
     missing = str(tmp_path / "gone" / "heldout")
     with pytest.raises(IndexFormatError, match=re.escape(
