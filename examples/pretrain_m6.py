@@ -21,9 +21,19 @@ import sys
 import torch
 import torch.distributed as dist
 
-from m6_engine.config import job_config_from_dict, load_yaml
+from m6_engine.checkpoint import CheckpointError
+from m6_engine.config import ConfigError, job_config_from_dict, load_yaml
+from m6_engine.data.dataset import DatasetError
+from m6_engine.data.indexed import IndexFormatError
 from m6_engine.parallel import initialize
-from m6_engine.training import Trainer, check_job, make_datasets
+from m6_engine.parallel.state import LayoutError
+from m6_engine.training import Trainer, check_inputs, check_job, make_datasets
+
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, IndexFormatError, LayoutError)
+"""What a user's input causes (config, checkpoint, data files, layout): one ``error:`` line, no traceback."""
+
+_groups_started = False
+"""Whether ``main`` got as far as building the process groups (``cli``: who prints an error)."""
 
 # flag -> "section.field"
 FLAGS = {
@@ -55,7 +65,7 @@ def overrides_of(args) -> dict:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+            raise ConfigError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
         overrides[key.strip()] = value
     return overrides
 
@@ -70,12 +80,16 @@ def warn_if_restarts_cannot_reconnect() -> None:
 
 
 def main(argv=None):
+    """Train; a user error propagates (``cli`` prints it)."""
     args = parse_args(argv)
     warn_if_restarts_cannot_reconnect()
     job = job_config_from_dict(load_yaml(args.config), overrides_of(args))
     check_job(job, int(os.environ.get("WORLD_SIZE", "1")))
+    check_inputs(job)
     torch.set_num_threads(int(os.environ.get("M6_THREADS_PER_RANK", torch.get_num_threads())))
+    global _groups_started
     state = initialize(job.parallel.tp, job.parallel.pp, timeout=job.parallel.timeout_s)
+    _groups_started = True
     try:
         train_data, eval_factory = make_datasets(job, state)
         Trainer(job, state, train_data, eval_data_factory=eval_factory).run()
@@ -83,5 +97,19 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def cli(argv=None) -> int:
+    """``main`` as a command: a user error (:data:`USER_ERRORS`) is one ``error: ...`` line on
+    stderr and exit status 2. Before the process groups exist every rank meets the same error and
+    only RANK 0 prints it; afterwards the rank that raised prints. Other exceptions keep their
+    traceback."""
+    try:
+        main(argv)
+    except USER_ERRORS as error:
+        if _groups_started or os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

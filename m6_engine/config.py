@@ -6,6 +6,7 @@ Only ``examples/*.py`` and ``python -m`` entry points read YAML or argv (through
 
 import dataclasses
 from dataclasses import dataclass
+import typing
 from typing import Any
 
 import torch
@@ -82,6 +83,13 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("layernorm_eps", "init_std"):    # the LayerNorm op and the N(0, std) init take them as is
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.num_segments not in (0,) and self.num_segments < 3:
+            raise ConfigError(f"ModelConfig.num_segments must be 0 (no segment embedding) or >= 3 (M6 "
+                              f"samples use segments 0 image, 1 masked text, 2 complete text), "
+                              f"got {self.num_segments}")
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary rounded up to a multiple of vocab_multiple * tp; padded rows are never predicted."""
@@ -141,7 +149,9 @@ class ParallelConfig:
 
 
 def _coerce(value: str, kind: type, where: str):
-    """Convert a command-line string to the field's type (bool, int or float)."""
+    """Convert a command-line string to a scalar type (bool, int, float or str)."""
+    if kind is str:
+        return value
     if kind is bool:
         if value.lower() in ("1", "true", "yes", "on"):
             return True
@@ -154,21 +164,78 @@ def _coerce(value: str, kind: type, where: str):
         raise ConfigError(f"{where} expects {kind.__name__}, got {value!r}") from None
 
 
-def apply_overrides(config, overrides: dict[str, Any]):
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def check_value(value, hint, where: str):
+    """``value`` (from YAML or the command line) as a field of type ``hint``, or ConfigError naming
+    ``where``, the value and the expected type.
+
+    Strings are converted as on the command line (``_coerce``); otherwise an int is accepted where
+    a float is expected, a bool is never an int or a float, a tuple field takes a list or tuple of
+    the right length (or a comma-separated string) checked element by element, a dict field a mapping.
+    """
+    origin = typing.get_origin(hint) or hint
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip().strip("()[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or (args and len(value) != len(args)):
+            raise ConfigError(f"{where} expects {_type_name(hint)}, got {value!r}")
+        return tuple(check_value(v, a, f"{where}[{i}]") for i, (v, a) in
+                     enumerate(zip(value, args or [Any] * len(value))))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} expects a mapping, got {value!r}")
+        args = typing.get_args(hint)
+        if not args:
+            return value
+        return {check_value(k, args[0], f"{where} key"): check_value(v, args[1], f"{where}[{k!r}]")
+                for k, v in value.items()}
+    if hint is Any:
+        return value
+    if isinstance(value, str):
+        return _coerce(value, hint, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} expects a boolean, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} expects int, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} expects float, got {value!r}")
+        return float(value)
+    if hint is str:
+        raise ConfigError(f"{where} expects str, got {value!r}")
+    return value
+
+
+def _checked_fields(cls, values: dict, section: str | None = None) -> dict:
+    """``values`` of fields of the dataclass ``cls`` checked and converted by :func:`check_value`;
+    an unknown field is a ConfigError listing the fields."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"section {section!r}: " if section else ""
+    out = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{prefix}{cls.__name__} has no field {key!r}; fields: {sorted(names)}")
+        where = f"{section}.{key}: {cls.__name__}.{key}" if section else f"{cls.__name__}.{key}"
+        out[key] = check_value(value, hints[key], where)
+    return out
+
+
+def apply_overrides(config, overrides: dict[str, Any], section: str | None = None):
     """Return a copy of a config dataclass with fields replaced; unknown fields are an error.
 
-    String values (from the command line) are converted to the field's current type.
+    Every value is checked against the field's annotation (:func:`check_value`); strings (from the
+    command line or YAML) are converted to the field's type.
     """
-    names = {f.name for f in dataclasses.fields(config)}
-    changes = {}
-    for key, value in overrides.items():
-        if key not in names:
-            raise ConfigError(f"{type(config).__name__} has no field {key!r}; fields: {sorted(names)}")
-        current = getattr(config, key)
-        if isinstance(value, str) and not isinstance(current, str):
-            value = _coerce(value, type(current), f"{type(config).__name__}.{key}")
-        changes[key] = value
-    return dataclasses.replace(config, **changes)
+    return dataclasses.replace(config, **_checked_fields(type(config), overrides, section))
 
 
 def load_yaml(path: str) -> dict:
@@ -189,20 +256,21 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def model_config_from_dict(data: dict) -> ModelConfig:
-    """ModelConfig from a mapping with an optional ``preset`` key and field overrides."""
+def model_config_from_dict(data: dict, section: str | None = None) -> ModelConfig:
+    """ModelConfig from a mapping with an optional ``preset`` key and field overrides (each value
+    checked by :func:`check_value`)."""
     data = dict(data)
     preset = data.pop("preset", None)
     if preset is not None:
-        return apply_overrides(model_preset(preset), data)
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"ModelConfig has no field(s) {unknown}")
+        if not isinstance(preset, str):
+            raise ConfigError(f"{section + '.' if section else 'ModelConfig '}preset expects one of "
+                              f"{sorted(PRESETS)}, got {preset!r}")
+        return apply_overrides(model_preset(preset), data, section)
+    data = _checked_fields(ModelConfig, data, section)
     try:
         return ModelConfig(**data)
     except TypeError as error:
-        raise ConfigError(f"ModelConfig: {error}") from None
+        raise ConfigError(f"{'section ' + repr(section) + ': ' if section else ''}ModelConfig: {error}") from None
 
 
 
@@ -370,7 +438,7 @@ class DataConfig:
     """Held-out corpus prefix for evaluation; empty disables evaluation."""
     vocab_file: str = ""
     """BERT vocab.txt; empty means the default bert-base-chinese vocab of ``make install``."""
-    task_weights: dict = dataclasses.field(default_factory=lambda: {
+    task_weights: dict[str, float] = dataclasses.field(default_factory=lambda: {
         "text_denoising": 1.0, "language_modelling": 1.0, "image_to_text": 1.0, "multimodal_to_text": 1.0})
     """Relative frequency of each task (``m6_engine.data.tasks.ALL_TASKS``: the four pretraining
     tasks and ``image_text_matching``); 0 or absent disables a task, so a single task finetunes."""
@@ -414,11 +482,7 @@ SECTIONS = ("model", "parallel", "optimizer", "train", "data")
 
 
 def _section(cls, data: dict, name: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"section {name!r}: {cls.__name__} has no field(s) {unknown}; "
-                          f"fields: {sorted(names)}")
+    data = _checked_fields(cls, data, name)
     try:
         return cls(**data)
     except TypeError as error:
@@ -430,11 +494,13 @@ def job_config_from_dict(data: dict, overrides: dict[str, str] | None = None) ->
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; sections are {list(SECTIONS)}")
+    for name in SECTIONS:
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of field: value, "
+                              f"got {data[name]!r}")
     sections = {name: dict(data.get(name) or {}) for name in SECTIONS}
-    if "betas" in sections["optimizer"]:
-        sections["optimizer"]["betas"] = tuple(sections["optimizer"]["betas"])
     job = JobConfig(
-        model=model_config_from_dict(sections["model"] or {"preset": "tiny"}),
+        model=model_config_from_dict(sections["model"] or {"preset": "tiny"}, "model"),
         parallel=_section(ParallelConfig, sections["parallel"], "parallel"),
         optimizer=_section(OptimizerConfig, sections["optimizer"], "optimizer"),
         train=_section(TrainConfig, sections["train"], "train"),
@@ -446,11 +512,12 @@ def job_config_from_dict(data: dict, overrides: dict[str, str] | None = None) ->
             raise ConfigError(f"override {key!r} must be section.field with section one of {list(SECTIONS)}")
         by_section.setdefault(section, {})[name] = value
     return dataclasses.replace(job, **{
-        section: apply_overrides(getattr(job, section), values) for section, values in by_section.items()})
+        section: apply_overrides(getattr(job, section), values, section)
+        for section, values in by_section.items()})
 
 
 __all__ = [
     "BERT_CHINESE_VOCAB_SIZE", "ConfigError", "DataConfig", "JobConfig", "ModelConfig", "NUM_PATCHES", "OptimizerConfig", "PATCH_FEATURE_DIM",
     "PRESETS", "ParallelConfig", "RECOMPUTE_MODES", "TrainConfig", "apply_overrides", "load_yaml", "model_config_from_dict",
-    "model_preset", "job_config_from_dict",
+    "model_preset", "job_config_from_dict", "check_value",
 ]

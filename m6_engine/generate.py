@@ -10,6 +10,7 @@ rank 0 prints. A checkpoint saved with any (tp, pp) loads (pp = 1 here).
 """
 
 import argparse
+import os
 import sys
 
 import torch.distributed as dist
@@ -45,6 +46,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """ConfigError naming the flag, the value and what is allowed, before any process group."""
+    rules = [("--beams", args.beams, args.beams >= 1, ">= 1"),
+             ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+             ("--temperature", args.temperature, args.temperature > 0, "> 0"),
+             ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 disables)"),
+             ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+             ("--no-repeat-ngram", args.no_repeat_ngram, args.no_repeat_ngram >= 0, ">= 0 (0 disables)"),
+             ("--tp", args.tp, args.tp >= 1, ">= 1")]
+    for flag, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{flag} must be {allowed}, got {value}")
+    if args.sample and args.beams != 1:
+        raise ConfigError(f"--sample needs --beams 1 (beam search is not sampled), got --beams {args.beams}")
+    for flag, path, is_file in (("--checkpoint", args.checkpoint, False), ("--image", args.image, True),
+                                ("--vocab", args.vocab, True), ("--resnet-weights", args.resnet_weights, True)):
+        if path and not (os.path.isfile(path) if is_file else os.path.exists(path)):
+            raise ConfigError(f"{flag} {path!r}: no such {'file' if is_file else 'checkpoint folder or directory'}")
+
+
 def run(args: argparse.Namespace, state) -> str:
     """The generated text of the prompt the arguments describe."""
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
@@ -64,6 +85,12 @@ def run(args: argparse.Namespace, state) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except ConfigError as error:          # every rank meets it: RANK 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     state = initialize(args.tp, 1)
     try:
         text = run(args, state)

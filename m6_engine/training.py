@@ -26,6 +26,7 @@ the pretrained weights.
 """
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -181,8 +182,11 @@ class Trainer:
                 self.log.print(f"load=auto: no complete checkpoint in {train.save_dir!r}, starting fresh")
                 return False
             source = train.save_dir
-        loaded = load_checkpoint(source, model=self.model, state=self.state, optimizer=self.optimizer,
-                                 rng_tracker=self.tracker, seed=train.seed)
+        try:
+            loaded = load_checkpoint(source, model=self.model, state=self.state, optimizer=self.optimizer,
+                                     rng_tracker=self.tracker, seed=train.seed)
+        except CheckpointError as error:
+            raise type(error)(f"train.load = {train.load!r}: {error}") from error
         self.step = int(loaded.extra["step"])
         self.train_data.load_state_dict(loaded.extra["data"])
         self.log.print(f"resumed from {loaded.path} at step {self.step}")
@@ -293,13 +297,12 @@ def make_datasets(job: JobConfig, state: ParallelState):
     ``data.eval_corpus``); a missing corpus or one tokenised with another vocab is a clear error."""
     from m6_engine.data.dataset import DatasetConfig, PretrainDataset
     from m6_engine.data.tasks import SampleLayout
-    from m6_engine.data.tokenizer import BertWordPieceTokenizer, default_vocab_path
-
     data = job.data
     if not data.corpus:
         raise ConfigError("data.corpus is empty: give the prefix written by "
                           "`python -m m6_engine.data.preprocess` (--data on the command line)")
-    tokenizer = BertWordPieceTokenizer(data.vocab_file or default_vocab_path())
+    tokenizer = job_tokenizer(job)
+    check_text_positions(job)
     if tokenizer.vocab_size > job.model.vocab_size:
         raise ConfigError(f"the tokenizer's vocabulary ({tokenizer.vocab_size} entries) is larger than "
                           f"model.vocab_size = {job.model.vocab_size}")
@@ -324,3 +327,61 @@ def check_job(job: JobConfig, world_size: int) -> None:
         raise ConfigError(f"world size {world_size} is not divisible by tp * pp = {tp} * {pp}")
     job.model.check_layout(tp, pp)
     job.train.num_microbatches(world_size // (tp * pp))
+
+
+MIN_TEXT_POSITIONS = 5
+"""Fewest text positions a training sample can be packed in: half for the masked text, and
+[CLS], one target token and [SEP] for the complete text (``m6_engine.data.tasks.pack``)."""
+
+
+def check_text_positions(job: JobConfig) -> None:
+    """ConfigError naming model.max_text_positions when no training sample fits in it (else the
+    first batch fails deep in the data pipeline)."""
+    if job.model.max_text_positions < MIN_TEXT_POSITIONS:
+        raise ConfigError(f"model.max_text_positions = {job.model.max_text_positions} is too small to "
+                          f"train on: a sample needs at least {MIN_TEXT_POSITIONS} text positions (half "
+                          f"for the masked text, [CLS] target [SEP] for the complete text)")
+
+
+def job_tokenizer(job: JobConfig):
+    """The tokenizer of ``data.vocab_file`` (or the default vocab); a missing, empty or malformed
+    vocab is a ConfigError naming data.vocab_file and the file."""
+    from m6_engine.data.tokenizer import BertWordPieceTokenizer, default_vocab_path
+
+    try:
+        return BertWordPieceTokenizer(job.data.vocab_file or default_vocab_path())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"data.vocab_file = {job.data.vocab_file!r}: {error}") from None
+
+
+def check_inputs(job: JobConfig) -> None:
+    """Early, clear errors for inputs that cannot be read (before any process group is built):
+    the vocab, the headers of the training / held-out corpora's files, and an explicit
+    ``train.load`` path (or, without one, ``train.init_from``) that does not exist."""
+    from m6_engine.checkpoint.folders import CheckpointNotFoundError
+    from m6_engine.data import indexed
+    from m6_engine.data.preprocess import image_prefix, text_prefix
+    from m6_engine.data.doc_tokens import tokenizer_fingerprint
+
+    tokenizer = job_tokenizer(job)
+    check_text_positions(job)
+    if not job.data.corpus:
+        raise ConfigError("data.corpus is empty: give the prefix written by "
+                          "`python -m m6_engine.data.preprocess` (--data on the command line)")
+    for key in ("corpus", "eval_corpus"):
+        corpus = getattr(job.data, key)
+        if not corpus:
+            continue
+        try:
+            indexed.open_tokens(text_prefix(corpus), tokenizer.vocab_size, tokenizer_fingerprint(tokenizer))
+            indexed.open_patches(image_prefix(corpus), job.model.num_patches,
+                                 job.model.patch_feature_dim)
+        except indexed.IndexFormatError as error:
+            raise indexed.IndexFormatError(f"data.{key} = {corpus!r}: {error}") from None
+    # init_from is not read when there is a checkpoint to resume (resume wins), so with train.load
+    # set a missing init_from is left to Trainer.initialize_from.
+    for key in ("load",) + (() if job.train.load else ("init_from",)):
+        path = getattr(job.train, key)
+        if path and path != "auto" and not os.path.exists(path):
+            raise CheckpointNotFoundError(f"train.{key} = {path!r} does not exist: give a checkpoint "
+                                          f"folder, a directory of checkpoints{' or auto' if key == 'load' else ''}")
