@@ -17,7 +17,6 @@ test logic is exercised on the CPU kernels; the CUDA variants add fp16 and bf16.
 than 2^31 elements ("huge" in their names, -k huge) are CUDA only and skip without the free memory.
 """
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -862,6 +861,21 @@ def test_layer_norm_nonfinite_inputs(device, dtype, n):
 
 # ---- Bitwise determinism.
 
+def _two_calls(compute, device):
+    """compute() twice: normally, then with NaN-poisoned outputs (nothing may depend on memory
+    contents) and, on the CPU, on one thread (nothing may depend on how work is split)."""
+    threads = torch.get_num_threads()
+    try:
+        first = compute()
+        if device == "cpu":
+            torch.set_num_threads(1)
+        with nan_filled_empty():
+            second = compute()
+    finally:
+        torch.set_num_threads(threads)
+    return first, second
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_softmax_bitwise_deterministic(device, dtype):
     # An M6 attention shape (m6-base: 8 x 16 x 528 x 528, prefix 272), smaller. Two calls on the same
@@ -870,18 +884,11 @@ def test_softmax_bitwise_deterministic(device, dtype):
     prefix, valid = _lengths([(272, 528), (0, 400), (528, 528), (16, 300)], device=device)
     scores = _scores(4, 4, 528, 528, dtype, device=device)
     grad_out = torch.randn(scores.shape, generator=torch.Generator().manual_seed(14)).to(scores)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for second in (False, True):
-            if second and device == "cpu":
-                torch.set_num_threads(1)
-            with nan_filled_empty() if second else contextlib.nullcontext():
-                out = ops.masked_softmax(scores, prefix, valid, SCALE, 0)
-                grad = torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, SCALE, 0)
-            runs.append((out, grad))
-    finally:
-        torch.set_num_threads(threads)
+    def both():
+        out = ops.masked_softmax(scores, prefix, valid, SCALE, 0)
+        return out, torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, SCALE, 0)
+
+    runs = _two_calls(both, device)
     assert torch.equal(runs[0][0], runs[1][0]), "forward differs between two calls"
     assert torch.equal(runs[0][1], runs[1][1]), "backward differs between two calls"
     _check_forward(scores, prefix, valid, 0)
@@ -893,17 +900,11 @@ def test_layer_norm_bitwise_deterministic(device, dtype):
     # grad_weight / grad_bias bit-identical across two calls (the second as in the softmax test).
     x, w, b = _ln_inputs((8 * 528, 1024), dtype, device, seed=11)
     grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(15)).to(x)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for second in (False, True):
-            if second and device == "cpu":
-                torch.set_num_threads(1)
-            with nan_filled_empty() if second else contextlib.nullcontext():
-                y, mean, rstd = torch.ops.m6.layer_norm(x, w, b, EPS)
-                runs.append((y, mean, rstd, *torch.ops.m6.layer_norm_backward(grad_y, x, w, mean, rstd)))
-    finally:
-        torch.set_num_threads(threads)
+    def both():
+        y, mean, rstd = torch.ops.m6.layer_norm(x, w, b, EPS)
+        return (y, mean, rstd, *torch.ops.m6.layer_norm_backward(grad_y, x, w, mean, rstd))
+
+    runs = _two_calls(both, device)
     for name, first, again in zip(("y", "mean", "rstd", "grad_x", "grad_weight", "grad_bias"), *runs):
         assert torch.equal(first, again), f"{name} differs between two calls"
     if device == CUDA or dtype == torch.float32:  # torch's bf16 layer norm on the CPU is slow
