@@ -3,12 +3,16 @@
 Each kernel is compared three ways (docs/conventions.md): against the float64 reference, against the
 same-precision PyTorch composite (the kernel's error may be at most twice PyTorch's plus a small
 floor), and, in fp32, against the CPU kernel. The cases cover every CUDA path of each op
-(csrc/masked_softmax/masked_softmax_cuda.cu): 16-byte access (Sk a multiple of 4 fp32 / 8 16-bit
-keys and aligned pointers) or scalar access, and by row length
-  forward:  one warp per row in registers up to 1024 keys (256 scalar), up to 4 warps per row in
-            128-thread blocks up to 4096 (1024 scalar), one block of up to 1024 threads per row up
-            to 16384 (8192 scalar), the two-pass block beyond;
-  backward: one warp per row up to 1024 fp32 / 2048 16-bit keys (256 scalar), a block beyond.
+(csrc/masked_softmax/masked_softmax_cuda.cu). Rows move in 16-byte chunks of VEC keys (4 fp32, 8
+16-bit) aligned in memory: when Sk is not a multiple of VEC a row spans up to ceil((Sk + VEC - 1) / VEC)
+chunks, its first and last partial; scalar access (VEC = 1) only when the tensors of a call sit at
+different offsets from a 16-byte boundary. By chunks per row:
+  forward:  one warp per row in registers up to 256 fp32 / 128 16-bit chunks (1024 keys), up to 4
+            warps per row in 128-thread blocks up to 4096 keys, one block of up to 1024 threads per
+            row up to 16384 keys (8192 scalar), the row staged in shared memory up to the device's
+            per-block limit (58080 fp32 keys on H100/H200, 41728 on A100), the streaming block path
+            beyond;
+  backward: one warp per row up to 256 chunks (1024 fp32 / 2048 16-bit keys, 256 scalar), a block beyond.
 Tests marked `cuda` run only where a GPU and m6_engine._C built with its CUDA kernels are present
 (`make gpu-check` runs them). The edge cases of the later sections (non-finite scores, fully masked
 rows, 64-bit offsets, grid-stride launches, decode shapes, layouts, bitwise determinism) are
@@ -43,11 +47,15 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 ALL_DTYPES = [torch.float32, *HALF_DTYPES]
 # The error of a float64 input on CUDA (csrc/common/dtypes.h), as a pattern.
 NO_FP64 = r"float32, float16 or bfloat16 \(float64 is CPU-only\), got Double"
-# Sk on both sides of each path switch (see the module docstring), and the longest vectorised rows
-# of the two-pass forward. 257 and 8193 force scalar access.
-PATH_EDGES = {torch.float32: [256, 257, 1024, 1028, 4096, 4100, 8192, 8193, 16384, 16388, 32772],
-              torch.float16: [257, 1024, 1032, 2048, 2056, 4096, 4104, 8193, 16384, 16392, 32776],
-              torch.bfloat16: [257, 1024, 1032, 2048, 2056, 4096, 4104, 8193, 16384, 16392, 32776]}
+# Sk on both sides of each path switch (see the module docstring): with Sk a multiple of VEC, and
+# not (one chunk more per row), so partial chunks meet every path. 65536 fp32 / 65544 16-bit keys
+# (256 / 128 KiB staged) pass every device's shared-memory limit: the streaming path.
+PATH_EDGES = {torch.float32: [1021, 1022, 1024, 1028, 4093, 4094, 4096, 4100, 16381, 16382, 16384, 16388,
+                              32772, 65536],
+              torch.float16: [1017, 1018, 1024, 1032, 2041, 2042, 2048, 2056, 4089, 4090, 4096, 4104, 16377,
+                              16378, 16384, 16392, 32776, 65544],
+              torch.bfloat16: [1017, 1018, 1024, 1032, 2041, 2042, 2048, 2056, 4089, 4090, 4096, 4104, 16377,
+                               16378, 16384, 16392, 32776, 65544]}
 
 
 def _on_cuda(*tensors):
@@ -104,7 +112,7 @@ def test_softmax_half_precision(dtype, sq, sk, q_offset):
     _check_backward(scores, prefix, valid, q_offset)
 
 
-@pytest.mark.parametrize("sk", [8192, 32768])
+@pytest.mark.parametrize("sk", [8192, 32768, 32771, 65536])  # registers, shared memory (x2), streaming
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.cuda
 def test_softmax_long_rows(dtype, sk):

@@ -40,12 +40,14 @@ from tests.bench.common import gbps, print_table, time_calls, write_json
 
 @dataclass(frozen=True)
 class SoftmaxCase:
-    """One masked-softmax problem: scores (B, H, S, S), the same lengths for every sample."""
+    """One masked-softmax problem: scores (B, H, Sq, Sk), the same lengths for every sample; query i
+    at absolute position q_offset + i (the last rows of a long sequence when Sq < Sk)."""
 
     name: str
     shape: tuple
     prefix_len: int
     valid_len: int
+    q_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,14 @@ def _softmax_cases(device: str, quick: bool):
              SoftmaxCase("m6 [8,16,528,528] padded, prefix 144 valid 400", (8, 16, 528, 528), 144, 400)]
     if device == "cuda":
         cases += [SoftmaxCase("[4,32,2048,2048] prefix 1040", (4, 32, 2048, 2048), 1040, 2048),
-                  SoftmaxCase("[1,32,4096,4096] prefix 2064", (1, 32, 4096, 4096), 2064, 4096)]
+                  SoftmaxCase("[1,32,4096,4096] prefix 2064", (1, 32, 4096, 4096), 2064, 4096),
+                  # Sk not a multiple of 8 (a KV cache of prefix + t keys): partial first/last chunks
+                  SoftmaxCase("[4,32,2047,2047] prefix 1040", (4, 32, 2047, 2047), 1040, 2047),
+                  # rows staged in shared memory, and past it (the streaming path)
+                  SoftmaxCase("[1,8,256,32768] last rows, prefix 16384", (1, 8, 256, 32768), 16384, 32768,
+                              32768 - 256),
+                  SoftmaxCase("[1,4,128,131072] last rows, prefix 65536", (1, 4, 128, 131072), 65536, 131072,
+                              131072 - 128)]
     return cases
 
 
@@ -103,21 +112,21 @@ def _bandwidth(moved: int, seconds: float, copy_bytes: int, copy_seconds: float)
 
 
 def _bench_softmax(case, device, dtype, iters):
-    b, h, s, _ = case.shape
-    scale = 0.125
-    x = torch.randn(case.shape, device=device, dtype=dtype, requires_grad=True)  # (B, H, S, S)
+    b, h, sq, sk = case.shape
+    scale, q_offset = 0.125, case.q_offset
+    x = torch.randn(case.shape, device=device, dtype=dtype, requires_grad=True)  # (B, H, Sq, Sk)
     grad = torch.randn_like(x)
     prefix = torch.full((b,), case.prefix_len, device=device, dtype=torch.int32)
     valid = torch.full((b,), case.valid_len, device=device, dtype=torch.int32)
-    allowed = prefix_lm_mask(prefix, valid, s, s)                                # (B, 1, S, S)
-    fused = lambda t: ops.masked_softmax(t, prefix, valid, scale)  # noqa: E731
+    allowed = prefix_lm_mask(prefix, valid, sq, sk, q_offset)                   # (B, 1, Sq, Sk)
+    fused = lambda t: ops.masked_softmax(t, prefix, valid, scale, q_offset)  # noqa: E731
     composite = lambda t: _composite_softmax(t, allowed, scale)    # noqa: E731
     with torch.no_grad():
         t_fused, t_comp = time_calls({"fused": lambda: fused(x), "composite": lambda: composite(x)},
                                      device, iters).values()
         y = fused(x)
         t_bwd = time_calls({"backward": lambda: torch.ops.m6.masked_softmax_backward(
-            grad, y, prefix, valid, scale, 0)}, device, iters)["backward"]
+            grad, y, prefix, valid, scale, q_offset)}, device, iters)["backward"]
     t_fused_fb, t_comp_fb = time_calls({"fused": _fwd_bwd(fused, (x,), grad),
                                         "composite": _fwd_bwd(composite, (x,), grad)}, device, iters).values()
     es, numel = x.element_size(), x.numel()
