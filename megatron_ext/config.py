@@ -21,6 +21,16 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+
+def no_deprecated_defaults() -> dict:
+    """TransformerConfig arguments that stand in for deprecated defaults of megatron-core.
+
+    megatron-core 0.16's default ``cuda_graph_scope="full"`` warns "full scope is deprecated" in
+    every TransformerConfig it builds; the empty list is the same setting without the warning.
+    Versions without the field get nothing.
+    """
+    return {"cuda_graph_scope": []} if "cuda_graph_scope" in TransformerConfig.__dataclass_fields__ else {}
+
 def transformer_config(model: ModelConfig, *, tp: int = 1, pp: int = 1,
                        params_dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
     """TransformerConfig of ``model`` split tp-way and pp-way; ``overrides`` set further fields
@@ -42,4 +52,4 @@ def transformer_config(model: ModelConfig, *, tp: int = 1, pp: int = 1,
         fp16=params_dtype == torch.float16, bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=True,
     )
-    return TransformerConfig(**{**fields, **overrides})
+    return TransformerConfig(**{**no_deprecated_defaults(), **fields, **overrides})

@@ -19,6 +19,7 @@ from megatron.core.transformer.utils import attention_mask_func  # noqa: E402
 import megatron_ext  # noqa: E402
 from m6_engine.ops import prefix_lm_mask  # noqa: E402
 from megatron_ext import kernels  # noqa: E402
+from megatron_ext.config import no_deprecated_defaults  # noqa: E402
 from megatron_ext.norm import M6LayerNorm  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -176,7 +177,8 @@ def test_upper_triang_module_checks_shape():
 
 
 def _norm_config(**kw):
-    return TransformerConfig(num_layers=1, hidden_size=48, num_attention_heads=4, **kw)
+    return TransformerConfig(num_layers=1, hidden_size=48, num_attention_heads=4,
+                             **{**no_deprecated_defaults(), **kw})
 
 
 @pytest.mark.parametrize("zero_centered", [False, True])

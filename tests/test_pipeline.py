@@ -161,7 +161,7 @@ def _check_sender_shape(state):
             channel.send_forward(torch.zeros(3, 4))
         except P2PShapeError as error:
             assert "sending a forward activation of (3, 4) float32" in str(error), str(error)
-            assert "configured for (3, 5) float32" in str(error), str(error)
+            assert "configured for (3, 5) float32 (forward_backward's tensor_spec)" in str(error), str(error)
         else:
             raise AssertionError("a wrongly shaped send was not refused")
 

@@ -76,7 +76,7 @@ class PipeChannel:
             raise P2PShapeError(
                 f"pipeline stage {self.state.pp_rank} is sending a {what} of "
                 f"{_describe(tensor.shape, tensor.dtype)}, but the pipeline is configured for "
-                f"{_describe(self.spec.shape, self.spec.dtype)} (TensorSpec / tensor_shape)")
+                f"{_describe(self.spec.shape, self.spec.dtype)} (forward_backward's tensor_spec)")
 
     def _check_metadata(self, metas: dict[int, torch.Tensor], received_from: dict[int, str]) -> None:
         for peer, what in received_from.items():
