@@ -15,6 +15,7 @@ groups read the dead attempt's addresses (pytorch/pytorch#135712).
 """
 
 import argparse
+import datetime
 import os
 import sys
 
@@ -32,8 +33,31 @@ from m6_engine.training import Trainer, check_inputs, check_job, make_datasets
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, IndexFormatError, LayoutError)
 """What a user's input causes (config, checkpoint, data files, layout): one ``error:`` line, no traceback."""
 
-_groups_started = False
-"""Whether ``main`` got as far as building the process groups (``cli``: who prints an error)."""
+
+
+class UserErrorInJob(Exception):
+    """A user error raised once the process groups existed, and whether this rank reports it: the
+    first rank of the job to meet it does (:func:`first_to_report`), the others stay silent."""
+
+    def __init__(self, error: Exception, report_here: bool):
+        super().__init__(str(error))
+        self.error = error
+        self.report_here = report_here
+
+
+def first_to_report(timeout_s: float = 5.0) -> bool:
+    """Whether this rank is the first of the job to report an error, decided by an atomic counter
+    in the job's TCPStore (MASTER_ADDR:MASTER_PORT, which torchrun sets). Keyed by run and restart,
+    so a restarted job reports again. Where the store cannot be reached (the rank hosting it has
+    exited, after it reported), RANK 0 is the one, as before the groups exist."""
+    key = (f"m6/user_error/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
+           f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        return store.add(key, 1) == 1
+    except (KeyError, ValueError, RuntimeError, OSError):  # no store address, or no store there
+        return os.environ.get("RANK", "0") == "0"
 
 # flag -> "section.field"
 FLAGS = {
@@ -87,25 +111,30 @@ def main(argv=None):
     check_job(job, int(os.environ.get("WORLD_SIZE", "1")))
     check_inputs(job)
     torch.set_num_threads(int(os.environ.get("M6_THREADS_PER_RANK", torch.get_num_threads())))
-    global _groups_started
     state = initialize(job.parallel.tp, job.parallel.pp, timeout=job.parallel.timeout_s)
-    _groups_started = True
     try:
         train_data, eval_factory = make_datasets(job, state)
         Trainer(job, state, train_data, eval_data_factory=eval_factory).run()
+    except USER_ERRORS as error:
+        # Decided while the store is up: the groups (and with them rank 0's store) go below.
+        raise UserErrorInJob(error, first_to_report()) from error
     finally:
         dist.destroy_process_group()
 
 
 def cli(argv=None) -> int:
     """``main`` as a command: a user error (:data:`USER_ERRORS`) is one ``error: ...`` line on
-    stderr and exit status 2. Before the process groups exist every rank meets the same error and
-    only RANK 0 prints it; afterwards the rank that raised prints. Other exceptions keep their
-    traceback."""
+    stderr, printed once per job, and exit status 2. Before the process groups exist every rank
+    meets the same error and RANK 0 prints it; afterwards the first rank to meet it does. Other
+    exceptions keep their traceback."""
     try:
         main(argv)
+    except UserErrorInJob as failed:
+        if failed.report_here:
+            print(f"error: {failed.error}", file=sys.stderr, flush=True)
+        return 2
     except USER_ERRORS as error:
-        if _groups_started or os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -1,9 +1,11 @@
 """Launch mismatches and the training CLI's handling of user errors: a layout or batch that does not
 fit the world size is a ConfigError before any process group; ``examples/pretrain_m6.py`` prints a
-user error as one ``error: ...`` line (RANK 0 only before the process groups exist) and exits 2,
-while a programming error keeps its traceback."""
+user error as one ``error: ...`` line, once per job (RANK 0 before the process groups exist, the
+first rank to meet it afterwards), and exits 2, while a programming error keeps its traceback."""
 
+import datetime
 import importlib.util
+import multiprocessing
 import os
 import re
 import subprocess
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from m6_engine.config import ConfigError
 from m6_engine.training import check_job
@@ -72,6 +75,50 @@ def test_user_error_in_process_is_one_line(capsys, monkeypatch):
     code = _pretrain().cli(["--config", str(ROOT / "examples" / "configs" / "tiny.yaml"), "--tp", "two"])
     err = capsys.readouterr().err
     assert code == 2 and err == "error: parallel.tp: ParallelConfig.tp expects int, got 'two'\n", err
+
+
+def _report_from_rank(rank: int, port: int, answers) -> None:
+    """Child process: rank `rank` of a job whose store is at 127.0.0.1:port asks who reports."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      TORCHELASTIC_RUN_ID="test-run")
+    answers.put((rank, _pretrain().first_to_report(timeout_s=20.0)))
+
+
+def test_an_error_every_rank_meets_after_the_groups_exist_is_reported_by_one_rank():
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,  # noqa: F841 (kept alive)
+                          timeout=datetime.timedelta(seconds=30))
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    ranks = [context.Process(target=_report_from_rank, args=(rank, port, answers)) for rank in range(4)]
+    for process in ranks:
+        process.start()
+    reports = dict(answers.get(timeout=120) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=60)
+    assert sorted(reports) == [0, 1, 2, 3] and sum(reports.values()) == 1, reports
+    assert store.add("m6/user_error/test-run/0", 0) == 4  # each rank counted once
+
+
+@pytest.mark.parametrize("rank, reports", [("0", True), ("1", False)])
+def test_without_a_reachable_store_rank0_reports(monkeypatch, rank, reports):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # nothing listens there
+    monkeypatch.setenv("RANK", rank)
+    assert _pretrain().first_to_report(timeout_s=0.5) is reports
+
+
+@pytest.mark.parametrize("report_here", [True, False])
+def test_user_error_in_a_running_job_is_printed_where_decided(capsys, monkeypatch, report_here):
+    module = _pretrain()
+    monkeypatch.setenv("RANK", "1")
+
+    def fails_in_job(argv=None):
+        raise module.UserErrorInJob(ConfigError("data.corpus: no such file"), report_here)
+
+    monkeypatch.setattr(module, "main", fails_in_job)
+    assert module.cli([]) == 2
+    assert capsys.readouterr().err == ("error: data.corpus: no such file\n" if report_here else "")
 
 
 def _torchrun(nproc: int, *args: str):
