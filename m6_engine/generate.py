@@ -10,6 +10,7 @@ rank 0 prints. A checkpoint saved with any (tp, pp) loads (pp = 1 here).
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from m6_engine.checkpoint import CheckpointError
 from m6_engine.config import ConfigError
+from m6_engine.data.model_inputs import check_extractor
 from m6_engine.data.vision import EXTRACTORS, ExtractorConfig
 from m6_engine.inference import GenerationConfig, generate, m6_prompt
 from m6_engine.inference.loading import DTYPES, image_features, load_inference_model
@@ -28,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or checkpoint directory")
     p.add_argument("--image", help="image file")
     p.add_argument("--prompt", default="", help="masked text (prefix)")
-    p.add_argument("--extractor", default="pixels", choices=sorted(EXTRACTORS),
-                   help="patch-feature extractor the model was trained with (default: pixels, the demo's)")
+    p.add_argument("--extractor", choices=sorted(EXTRACTORS),
+                   help="patch-feature extractor (default: the one the checkpoint records; a different one is refused)")
     p.add_argument("--resnet-weights", help="resnet50 extractor: torchvision state dict")
     p.add_argument("--beams", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -66,6 +68,25 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {path!r}: no such {'file' if is_file else 'checkpoint folder or directory'}")
 
 
+def image_extractor(args: argparse.Namespace, recorded: dict | None, checkpoint) -> ExtractorConfig:
+    """The extractor of ``--image``'s features: the checkpoint's, or ``--extractor`` when it gives
+    the same features (or the checkpoint records none); anything else is a ConfigError."""
+    if args.extractor is None and recorded is None:
+        raise ConfigError(f"checkpoint {checkpoint} does not record the extractor its image features were made "
+                          f"with: give --extractor ({' | '.join(sorted(EXTRACTORS))})")
+    if args.extractor is None:
+        fields = dict(recorded)
+    else:
+        fields = {**dataclasses.asdict(ExtractorConfig(name=args.extractor)), "weights": args.resnet_weights}
+        check_extractor(fields, recorded, chosen_what=f"--extractor {args.extractor}",
+                        recorded_what=f"checkpoint {checkpoint}")
+    if args.resnet_weights:
+        fields["weights"] = args.resnet_weights   # this machine's copy of the recorded weights
+    fields.pop("device", None)                    # where the extractor runs is this process's choice
+    known = {f.name for f in dataclasses.fields(ExtractorConfig)}
+    return ExtractorConfig(**{k: v for k, v in fields.items() if k in known})
+
+
 def run(args: argparse.Namespace, state) -> str:
     """The generated text of the prompt the arguments describe."""
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
@@ -75,8 +96,7 @@ def run(args: argparse.Namespace, state) -> str:
     loaded = load_inference_model(args.checkpoint, state, dtype=DTYPES[args.dtype], vocab_file=args.vocab)
     patches = None
     if args.image:
-        extractor = ExtractorConfig(name=args.extractor, weights=args.resnet_weights)
-        patches = image_features(args.image, extractor)
+        patches = image_features(args.image, image_extractor(args, loaded.extractor, loaded.checkpoint))
     tokenizer, layout = loaded.tokenizer, loaded.layout
     prompt = m6_prompt(layout, tokenizer.encode(args.prompt), patches)
     (result,) = generate(loaded.model, [prompt], config, stop_id=layout.sep_id)

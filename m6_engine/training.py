@@ -29,6 +29,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from m6_engine.checkpoint import (
     CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint,
 )
 from m6_engine.config import ConfigError, JobConfig
+from m6_engine.data.model_inputs import VOCAB_FILE
 from m6_engine.metrics import (
     IntervalTotals, ScalarLog, empty_parts, format_line, interval_scalars, loss_parts, losses_of,
     peak_memory_gib, peak_tflops,
@@ -166,10 +168,12 @@ class Trainer:
 
     def save(self) -> None:
         train = self.job.train
+        inputs, vocab = job_model_inputs(self.job)
         save_checkpoint(train.save_dir, self.step, model=self.model, state=self.state,
                         optimizer=self.optimizer, rng_tracker=self.tracker, config=self.job.to_dict(),
                         extra={"step": self.step, "data": self.train_data.state_dict()},
-                        keep_last=train.keep_last or None)
+                        keep_last=train.keep_last or None, inputs=inputs.to_dict(),
+                        attachments={VOCAB_FILE: vocab} if self.state.rank == 0 else None)
 
     def resume(self) -> bool:
         """Load ``train.load`` ("auto": the latest complete checkpoint of save_dir, if any)."""
@@ -354,10 +358,45 @@ def job_tokenizer(job: JobConfig):
         raise ConfigError(f"data.vocab_file = {job.data.vocab_file!r}: {error}") from None
 
 
+def job_model_inputs(job: JobConfig):
+    """(ModelInputs of the job's training corpus, the vocabulary file's bytes): what a checkpoint
+    records of the inputs its model reads (m6_engine.data.model_inputs)."""
+    from m6_engine.data.doc_tokens import tokenizer_fingerprint
+    from m6_engine.data.model_inputs import ModelInputs, corpus_extractor
+    from m6_engine.data.tokenizer import default_vocab_path
+
+    tokenizer = job_tokenizer(job)
+    vocab = Path(job.data.vocab_file or default_vocab_path()).read_bytes()
+    return ModelInputs(tokenizer_fingerprint(tokenizer).hex(), corpus_extractor(job.data.corpus)), vocab
+
+
+def check_init_from_inputs(job: JobConfig) -> None:
+    """A finetuning job (``train.init_from``) must read its corpus the way the checkpoint's model
+    was trained to: the same vocabulary and image features. ConfigError naming both otherwise;
+    an init_from that cannot be read is left to Trainer.initialize_from."""
+    from m6_engine.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
+    from m6_engine.data.model_inputs import ModelInputs, check_extractor, check_vocab
+
+    try:
+        folder = resolve_checkpoint(job.train.init_from)
+        recorded = ModelInputs.from_manifest(read_manifest(folder))
+    except CheckpointError:
+        return
+    if recorded is None:   # saved before checkpoints recorded their inputs
+        return
+    mine, _ = job_model_inputs(job)
+    where = f"train.init_from = {job.train.init_from!r}"
+    check_vocab(mine.vocab_hash, recorded, chosen_what=f"data.vocab_file = {job.data.vocab_file!r}",
+                recorded_what=where)
+    check_extractor(mine.extractor, recorded.extractor, chosen_what=f"data.corpus = {job.data.corpus!r}",
+                    recorded_what=where)
+
+
 def check_inputs(job: JobConfig) -> None:
     """Early, clear errors for inputs that cannot be read (before any process group is built):
-    the vocab, the headers of the training / held-out corpora's files, and an explicit
-    ``train.load`` path (or, without one, ``train.init_from``) that does not exist."""
+    the vocab, the headers of the training / held-out corpora's files, an explicit ``train.load``
+    path (or, without one, ``train.init_from``) that does not exist, and an ``init_from`` whose
+    model was trained on another vocabulary or other image features than this job's corpus."""
     from m6_engine.checkpoint.folders import CheckpointNotFoundError
     from m6_engine.data import indexed
     from m6_engine.data.preprocess import image_prefix, text_prefix
@@ -385,3 +424,5 @@ def check_inputs(job: JobConfig) -> None:
         if path and path != "auto" and not os.path.exists(path):
             raise CheckpointNotFoundError(f"train.{key} = {path!r} does not exist: give a checkpoint "
                                           f"folder, a directory of checkpoints{' or auto' if key == 'load' else ''}")
+    if job.train.init_from and not job.train.load:
+        check_init_from_inputs(job)

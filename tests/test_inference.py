@@ -334,7 +334,8 @@ def test_tp2_and_pp2_checkpoint_cli(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, (100, 120, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "image.png")
     argv = ["--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "image.png"),
-            "--prompt", "图中是什么？答：", "--beams", "3", "--max-new-tokens", "8"]
+            "--prompt", "图中是什么？答：", "--beams", "3", "--max-new-tokens", "8",
+            "--extractor", "pixels"]  # save_checkpoint without inputs= records no extractor
     (printed, expected) = run_ranks(_cli_rank, 1, argv, torchrun_env=False)[0]
     assert printed == expected + "\n", (printed, expected)
 

@@ -16,6 +16,7 @@ state must be the same on every rank (rank 0's copy is stored); they are pickled
 
 import dataclasses
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +40,7 @@ from m6_engine.parallel.random import RNGTracker
 from m6_engine.parallel.state import ParallelState
 
 SCALAR_KEY = "optimizer_scalar"
+ATTACHMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 EXTRA_KEY = "extra"
 
 
@@ -74,13 +76,17 @@ def _file_digests(folder: Path) -> dict:
 
 def save_checkpoint(ckpt_dir, step: int, *, model: nn.Module, state: ParallelState,
                     optimizer=None, extra: dict | None = None, rng_tracker: RNGTracker | None = None,
-                    config=None, keep_last: int | None = None) -> Path:
+                    config=None, keep_last: int | None = None, inputs: dict | None = None,
+                    attachments: dict[str, bytes] | None = None) -> Path:
     """Save ``ckpt_dir/step_<step>`` (collective: every rank calls it) and return its path.
 
     ``model``: this rank's stage (a DataParallel wrapper is unwrapped), parameters named by
     global names; ``optimizer``: implements ``param_states`` / ``scalar_state`` (see the package
     doc); ``extra``: the trainer's resume state; ``config``: recorded in the manifest;
-    ``keep_last``: delete all but the newest K complete checkpoints once this one is published.
+    ``keep_last``: delete all but the newest K complete checkpoints once this one is published;
+    ``inputs``: recorded in the manifest (what the model reads: ``m6_engine.data.model_inputs``);
+    ``attachments``: small files ({name: content}, given on rank 0) stored beside the shards and
+    covered by the manifest's digests like them (the vocabulary).
     A failure on any rank raises on every rank and leaves earlier checkpoints untouched.
     """
     if not isinstance(step, int) or step < 0:
@@ -89,9 +95,16 @@ def save_checkpoint(ckpt_dir, step: int, *, model: nn.Module, state: ParallelSta
         raise ValueError(f"keep_last must be None or an integer >= 1, got {keep_last!r}")
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+    for name in attachments or {}:
+        if not ATTACHMENT_NAME.fullmatch(name) or name == MANIFEST or name.endswith(".distcp"):
+            raise ValueError(f"attachment name {name!r}: give a plain file name (letters, digits, ._-), "
+                             f"not {MANIFEST} or a shard's")
     ckpt_dir = Path(ckpt_dir)
     tmp = ckpt_dir / tmp_dirname(step, from_rank0(uuid.uuid4().hex[:12]))
     tmp.mkdir(parents=True, exist_ok=True)
+    if state.rank == 0:
+        for name, content in (attachments or {}).items():
+            (tmp / name).write_bytes(content)   # digested below with the shards
 
     tensors, tp_mesh = model_tensors(model), state.mesh["tp"]
     state_dict = model_entries(tensors, tp_mesh)
@@ -116,7 +129,8 @@ def save_checkpoint(ckpt_dir, step: int, *, model: nn.Module, state: ParallelSta
         write_manifest(tmp, {
             "format": FORMAT, "version": FORMAT_VERSION, "step": step, "layout": layout_of(state),
             "device_type": state.device.type, "optimizer": optimizer is not None,
-            "config": _jsonable(config), "torch": torch.__version__, "saved_unix": time.time(),
+            "config": _jsonable(config), "inputs": _jsonable(inputs), "torch": torch.__version__,
+            "saved_unix": time.time(),
             "files": files})
         publish(tmp, final)
         prune(ckpt_dir, keep_last, final)

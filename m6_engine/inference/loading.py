@@ -15,6 +15,8 @@ import torch
 
 from m6_engine.checkpoint import CheckpointError, load_checkpoint, read_manifest, resolve_checkpoint
 from m6_engine.config import ConfigError, ModelConfig, model_config_from_dict
+from m6_engine.data.doc_tokens import tokenizer_fingerprint
+from m6_engine.data.model_inputs import ModelInputs, check_vocab, read_checkpoint_vocab
 from m6_engine.data.tasks import SampleLayout
 from m6_engine.data.tokenizer import BertWordPieceTokenizer, default_vocab_path
 from m6_engine.data.vision import ExtractorConfig, build_extractor, image_to_patches, load_image
@@ -39,6 +41,9 @@ class InferenceModel:
     """The checkpoint folder read."""
     step: int
     """The training step it was saved at."""
+    extractor: dict | None = None
+    """The ``ExtractorConfig`` fields of the training corpus's image features, as the checkpoint
+    records them (None: not recorded, or a text-only corpus)."""
 
 
 def recorded_config(manifest: dict, folder: Path) -> tuple[ModelConfig, str]:
@@ -56,19 +61,29 @@ def recorded_config(manifest: dict, folder: Path) -> tuple[ModelConfig, str]:
 def load_inference_model(checkpoint, state: ParallelState, *, dtype: torch.dtype = torch.float32,
                          vocab_file: str | None = None) -> InferenceModel:
     """Build the recorded model with ``state``'s tp (pp must be 1) and load ``checkpoint`` (a
-    checkpoint folder, or a directory whose latest complete one is taken). Collective."""
+    checkpoint folder, or a directory whose latest complete one is taken). Collective.
+
+    The tokenizer reads ``vocab_file`` when given (refused when the checkpoint records another
+    vocabulary), else the vocabulary stored in the checkpoint, else (older checkpoints) the file
+    its config names, else the default vocabulary."""
     if state.pp_size != 1:
         raise ConfigError(f"inference runs with pp = 1, got pp = {state.pp_size}")
     folder = resolve_checkpoint(checkpoint)
-    config, recorded_vocab = recorded_config(read_manifest(folder), folder)
-    tokenizer = BertWordPieceTokenizer(vocab_file or recorded_vocab or default_vocab_path())
+    manifest = read_manifest(folder)
+    config, recorded_vocab = recorded_config(manifest, folder)
+    inputs = ModelInputs.from_manifest(manifest)
+    tokenizer = BertWordPieceTokenizer(vocab_file or read_checkpoint_vocab(folder) or recorded_vocab
+                                       or default_vocab_path())
+    if vocab_file:
+        check_vocab(tokenizer_fingerprint(tokenizer).hex(), inputs, chosen_what=f"vocabulary {vocab_file!r}",
+                    recorded_what=f"checkpoint {folder}")
     if tokenizer.vocab_size > config.vocab_size:
         raise ConfigError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the "
                           f"model's (ModelConfig.vocab_size = {config.vocab_size})")
     model = M6Model(config, state, dtype=dtype)
     loaded = load_checkpoint(folder, model=model, state=state)
     return InferenceModel(model.eval(), tokenizer, SampleLayout.from_model(config, tokenizer),
-                          loaded.path, loaded.step)
+                          loaded.path, loaded.step, inputs.extractor if inputs else None)
 
 
 def image_features(path, extractor_config: ExtractorConfig) -> torch.Tensor:
