@@ -266,15 +266,16 @@ def _no_gather(*args, **kwargs):
     raise AssertionError("a ZeRO-1 checkpoint gathered the optimizer state (param_states)")
 
 
-def _save_sharded(ckpt_dir, precision="fp32"):
-    """(tp, pp, dp) = (1, 2, 2) with ZeRO-1 (the tied word embedding on both stages): save, and
-    load into a fresh model of the same layout, with param_states made to fail."""
+def _save_sharded(ckpt_dir, precision="fp32", sharding=True):
+    """(tp, pp, dp) = (1, 2, 2) with ZeRO-1 (or without: ``sharding``; the tied word embedding on
+    both stages): save, and load into a fresh model of the same layout, with param_states made to
+    fail."""
     from m6_engine.checkpoint.optimizer_state import optimizer_entries
     from m6_engine.checkpoint.sharding import model_tensors
 
     state = init_state(tp=1, pp=2)
     tracker = seed_parallel_rng(SEED, state)
-    model, opt = build(state, seed=1, perturb=True, sharding=True, precision=precision)
+    model, opt = build(state, seed=1, perturb=True, sharding=sharding, precision=precision)
     take_steps(model, opt, 3)
     opt.param_states = _no_gather                       # shadows the method on this instance
     save_checkpoint(ckpt_dir, 5, model=model, optimizer=opt, state=state, extra=EXTRA, rng_tracker=tracker)
@@ -284,7 +285,7 @@ def _save_sharded(ckpt_dir, precision="fp32"):
     owned = sum(end - first for ranges, _, _ in buffers.values() for first, end in ranges)
     rows = sum(2 * p.shape[-1] for p in model.params)
     del opt.param_states
-    model2, opt2 = build(state, seed=2, sharding=True, precision=precision)
+    model2, opt2 = build(state, seed=2, sharding=sharding, precision=precision)
     opt2.param_states = _no_gather
     load_checkpoint(ckpt_dir, model=model2, optimizer=opt2, state=state, rng_tracker=tracker)
     del opt2.param_states
@@ -312,6 +313,15 @@ def test_zero_round_trip_with_bf16_params(tmp_path):
     _, results, saved = saved_run(_save_sharded, tmp_path / "run", "bf16")
     assert_loaded_as_saved(results, saved)
     assert all(t.dtype == torch.bfloat16 for t in results[0]["loaded"]["params"].values())
+
+
+def test_data_parallel_replicas_without_zero_take_the_same_path(tmp_path):
+    # Without ZeRO-1 every dp replica's pieces are whole parameters, the same chunks on each
+    # (DCP's save planner keeps one copy of an item several ranks save); every replica reads them.
+    _, results, saved = saved_run(_save_sharded, tmp_path / "run", "fp32", False)
+    assert_loaded_as_saved(results, saved)
+    for r in results:
+        assert r["owned"] == r["stage_numel"] and r["held"] == 3 * r["stage_numel"]
 
 
 def test_zero_checkpoint_reshards(saved_zero):

@@ -15,24 +15,19 @@ with one (tp, pp, dp) loads into any other. Folders are published atomically wit
 written last (``folders``); RNG streams are restored when the layout is unchanged and reseeded
 otherwise (``rng``).
 
-The optimizer contract (``m6_engine.optim``): with ``named = {global name: parameter}`` of the
-stage,
+The optimizer contract (``optimizer_state.CheckpointableOptimizer``, implemented by
+``m6_engine.optim.MixedPrecisionOptimizer``): with ``named = {global name: parameter}`` of the stage,
 
-    optimizer.param_states(named) -> {name: {"master" | "exp_avg" | "exp_avg_sq": fp32 tensor
-                                      shaped like the local parameter}}     (collective over dp)
-    optimizer.load_param_states(named, states)                             (collective over dp)
+    optimizer.state_pieces(named) -> {name: [(first, end, {"master" | "exp_avg" | "exp_avg_sq":
+                                      fp32 tensor of end - first elements}), ...]}
+                                      the flat ranges this rank updates, live tensors, no copies
+    optimizer.load_state_pieces(named, pieces)                             (collective over dp)
     optimizer.scalar_state() -> dict;  optimizer.load_scalar_state(dict)
 
-and, for an optimizer with ZeRO-1 (``optimizer.sharded``), instead of the first two:
-
-    optimizer.state_pieces(named) -> {name: [(first, end, {key: fp32 tensor of end - first
-                                      elements}), ...]}   the flat ranges this rank owns, no copies
-    optimizer.load_state_pieces(named, pieces)                             (collective over dp)
-
-Per-parameter states are stored sharded like their parameter; on load the optimizer is first
-asked for its ``param_states`` (their keys and shapes) or its pieces, which are filled in place and
-handed back (``optimizer_state``). With ZeRO-1 nothing is gathered: each dp rank writes and reads
-only its own elements.
+Per-parameter states are stored sharded like their parameter. Every layout takes the one path:
+each rank writes and reads only the pieces it updates (with ZeRO-1 its dp share, without it whole
+parameters, de-duplicated across dp by DCP); on load the optimizer's own pieces are the buffers DCP
+fills, then handed back (``optimizer_state``). Nothing is gathered.
 """
 
 from m6_engine.checkpoint.folders import (

@@ -1,29 +1,45 @@
 """The optimizer's per-parameter tensors in a checkpoint: DCP entries to save from / load into.
 
-Two ways, one stored format (``optimizer.<name>.<key>``, the global tensor sharded like its
-parameter, ``sharding``):
-
-- whole tensors (``optimizer.param_states``): every rank holds its tp shard of each state tensor
-  in full; dp replicas are written once by DCP's de-duplication. For an optimizer without
-  ZeRO-1, whose ranks hold that much anyway.
-- pieces (``optimizer.state_pieces``, ZeRO-1): each dp rank saves and loads only the flat element
-  ranges it owns (``sharding.pieces_view``: up to three rectangles per range), so a checkpoint
-  never gathers the optimizer state (12 bytes per parameter of the stage's tp shard, on every dp
-  rank, before); DCP reads any layout's pieces from any other's, whole tensors included. A
-  parameter held by two pipeline stages (the tied word embedding) is saved by the first of them
-  only, as their pieces need not line up.
+Stored as ``optimizer.<name>.<key>``: the global tensor, sharded like its parameter (``sharding``).
+Every rank saves and loads the flat element ranges of each state tensor it updates, its *pieces*
+(:meth:`CheckpointableOptimizer.state_pieces`; ``sharding.pieces_view`` gives DCP up to three
+rectangles per range): with ZeRO-1 a dp rank's own share, without it whole parameters, which DCP
+writes once for all dp replicas. One path for every layout, and a checkpoint never gathers the
+optimizer state. DCP reads any layout's pieces from any other's. A parameter held by two pipeline
+stages (the tied word embedding) is saved by the first of them only, as their pieces need not line
+up.
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from m6_engine.checkpoint.collective import gather_lists
 from m6_engine.checkpoint.folders import CheckpointError
 from m6_engine.checkpoint.sharding import (
-    global_view, optimizer_key, parameters_by_name, piece_of, pieces_buffer_layout, pieces_view,
-    zero_padding,
+    optimizer_key, parameters_by_name, piece_of, pieces_buffer_layout, pieces_view,
 )
+
+Pieces = dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]]
+"""{global name: [(first, end, {state key: fp32 tensor of end - first elements}), ...]}."""
+
+
+class CheckpointableOptimizer(Protocol):
+    """What a checkpoint asks of an optimizer (``m6_engine.optim.MixedPrecisionOptimizer``), with
+    ``named = {global name: parameter}`` of the stage."""
+
+    def state_pieces(self, named) -> Pieces:
+        """The flat ranges of each parameter this rank updates, with their live state tensors."""
+
+    def load_state_pieces(self, named, pieces: Pieces) -> None:
+        """Set those ranges from ``pieces`` (same names and ranges); collective over dp."""
+
+    def scalar_state(self) -> dict:
+        """Counters, loss scaler and schedule position as plain numbers."""
+
+    def load_scalar_state(self, scalars: dict) -> None:
+        """Inverse of :meth:`scalar_state`."""
 
 
 @dataclass
@@ -31,52 +47,25 @@ class OptimizerEntries:
     """DCP entries of the optimizer state and how to hand what was read back to the optimizer."""
 
     entries: dict
-    """{optimizer.<name>.<key>: DTensor | checkpointable tensor}."""
-    whole: dict | None
-    """Whole-tensor way: ``param_states``' {name: {key: tensor}}, the entries' local tensors."""
-    pieces: dict | None
-    """Pieces way: {name: ([(first, end)], {key: buffer}, [placement])}."""
+    """{optimizer.<name>.<key>: checkpointable tensor}."""
+    pieces: dict
+    """{name: ([(first, end)], {key: buffer}, [placement])}."""
 
 
-def uses_pieces(optimizer) -> bool:
-    """True for an optimizer with ZeRO-1 sharding that can give its own pieces."""
-    return bool(getattr(optimizer, "sharded", False)) and hasattr(optimizer, "state_pieces")
-
-
-def optimizer_entries(optimizer, tensors: dict, state, *, for_save: bool) -> OptimizerEntries:
+def optimizer_entries(optimizer: CheckpointableOptimizer, tensors: dict, state, *,
+                      for_save: bool) -> OptimizerEntries:
     """The optimizer state's DCP entries (``tensors``: :func:`model_tensors` of the stage). For a
-    save they hold the current values; for a load, buffers to read into (then
-    :func:`hand_back`). Whole tensors: collective over dp (``param_states`` gathers)."""
-    named = parameters_by_name(tensors)
-    if uses_pieces(optimizer):
-        return _piece_entries(optimizer.state_pieces(named), tensors, state, for_save)
-    states = optimizer.param_states(named)
-    entries = {}
-    tp_mesh = state.mesh["tp"]
-    for name, per_param in states.items():
-        param, layout = _checked(name, tensors)
-        for key, value in per_param.items():
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"optimizer state {name}.{key} has shape {tuple(value.shape)}"
-                                      f", its parameter {tuple(param.shape)}")
-            entries[optimizer_key(name, key)] = global_view(value, layout, tp_mesh)
-    return OptimizerEntries(entries, states, None)
+    save they hold the current values; for a load, buffers to read into (then :func:`hand_back`)."""
+    return _piece_entries(optimizer.state_pieces(parameters_by_name(tensors)), tensors, state, for_save)
 
 
-def hand_back(optimizer, tensors: dict, read: OptimizerEntries) -> None:
+def hand_back(optimizer: CheckpointableOptimizer, tensors: dict, read: OptimizerEntries) -> None:
     """Give the optimizer the state DCP read into ``read``'s entries (collective over dp)."""
-    named = parameters_by_name(tensors)
-    if read.pieces is None:
-        for name, per_param in read.whole.items():
-            for value in per_param.values():
-                zero_padding(value, tensors[name][1])
-        optimizer.load_param_states(named, read.whole)
-        return
     pieces = {name: [(first, end, {key: piece_of(buffer, placement, first, end)
                                    for key, buffer in buffers.items()})
                      for (first, end), placement in zip(ranges, placements)]
               for name, (ranges, buffers, placements) in read.pieces.items()}
-    optimizer.load_state_pieces(named, pieces)
+    optimizer.load_state_pieces(parameters_by_name(tensors), pieces)
 
 
 def _checked(name: str, tensors: dict) -> tuple:
@@ -116,7 +105,7 @@ def _piece_entries(pieces: dict, tensors: dict, state, for_save: bool) -> Optimi
                 entries[optimizer_key(name, key)] = pieces_view(buffer, ranges, placements, shape, layout,
                                                                 tp_rank, tp_size)
         read[name] = (ranges, buffers, placements)
-    return OptimizerEntries(entries, None, read)
+    return OptimizerEntries(entries, read)
 
 
-__all__ = ["OptimizerEntries", "hand_back", "optimizer_entries", "uses_pieces"]
+__all__ = ["CheckpointableOptimizer", "OptimizerEntries", "Pieces", "hand_back", "optimizer_entries"]

@@ -4,7 +4,7 @@ What one checkpoint holds (keys of the DCP state dict):
 
     model.<name>                    every parameter / persistent buffer, as its global tensor
     optimizer.<name>.<key>          the optimizer's per-parameter fp32 tensors, sharded like <name>
-                                    (with ZeRO-1, each dp rank writes its own pieces: optimizer_state)
+                                    (each rank writes the pieces it updates: optimizer_state)
     optimizer_scalar                optimizer.scalar_state(): loss scaler, LR schedule, step counts
     extra                           the trainer's dict (data-sampler position, ...), from rank 0
     rng.rank<r>                     rank r's RNG streams (see ``m6_engine.checkpoint.rng``)
@@ -81,8 +81,7 @@ def save_checkpoint(ckpt_dir, step: int, *, model: nn.Module, state: ParallelSta
     """Save ``ckpt_dir/step_<step>`` (collective: every rank calls it) and return its path.
 
     ``model``: this rank's stage (a DataParallel wrapper is unwrapped), parameters named by
-    global names; ``optimizer``: implements ``param_states`` / ``scalar_state`` (see the package
-    doc); ``extra``: the trainer's resume state; ``config``: recorded in the manifest;
+    global names; ``optimizer``: a ``CheckpointableOptimizer`` (see the package doc); ``extra``: the trainer's resume state; ``config``: recorded in the manifest;
     ``keep_last``: delete all but the newest K complete checkpoints once this one is published;
     ``inputs``: recorded in the manifest (what the model reads: ``m6_engine.data.model_inputs``);
     ``attachments``: small files ({name: content}, given on rank 0) stored beside the shards and

@@ -177,7 +177,9 @@ class MixedPrecisionOptimizer:
 
     def param_states(self, named_params) -> dict[str, dict[str, torch.Tensor]]:
         """{name: {"master", "exp_avg", "exp_avg_sq"}}: fp32 tensors shaped like the (local tp
-        shard of the) parameter, fresh copies. With ZeRO-1 collective on "dp" (all-gathers)."""
+        shard of the) parameter, fresh copies, for inspection and comparisons (checkpoints save
+        :meth:`state_pieces` instead, and never gather). With ZeRO-1 collective on "dp"
+        (all-gathers)."""
         pairs = self._indices(named_params)
         values = self._piece_values()
         if self.sharded:
@@ -187,38 +189,12 @@ class MixedPrecisionOptimizer:
         params = self.model.params
         return {name: {k: full[k][i].view(params[i].shape) for k in STATE_KEYS} for name, i in pairs}
 
-    def load_param_states(self, named_params, states: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Inverse of :meth:`param_states`: sets masters, moments and the parameters (rounded
-        from the masters). Each dp rank takes its own pieces; no communication."""
-        pairs = self._indices(named_params)
-        params = self.model.params
-        full = {}
-        for name, i in pairs:
-            if name not in states or set(states[name]) != set(STATE_KEYS):
-                raise KeyError(f"states[{name!r}] must hold {STATE_KEYS}, got "
-                               f"{sorted(states.get(name, {}))}")
-            for k in STATE_KEYS:
-                if tuple(states[name][k].shape) != tuple(params[i].shape):
-                    raise ValueError(f"states[{name!r}][{k!r}] has shape {tuple(states[name][k].shape)}, "
-                                     f"the parameter {tuple(params[i].shape)}")
-            full[i] = {k: states[name][k].detach().reshape(-1).to(torch.float32) for k in STATE_KEYS}
-        with torch.no_grad():
-            for name, i in pairs:
-                params[i].copy_(full[i]["master"].view(params[i].shape))
-            for master, (i, lo, hi) in zip(self._masters, self._pieces):
-                master.copy_(full[i]["master"][lo:hi])
-        if self._adam is not None:
-            piece_of = {id(m): k for k, m in enumerate(self._masters)}
-            ranges = [self._pieces[piece_of[id(t)]] for t in self._adam.tensors]   # Adam's order
-            self._adam.load(self.steps, [(full[i]["exp_avg"][lo:hi], full[i]["exp_avg_sq"][lo:hi])
-                                         for i, lo, hi in ranges])
-
     def state_pieces(self, named_params) -> dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]]:
         """{name: [(first, end, {"master" | "exp_avg" | "exp_avg_sq": fp32 tensor of end - first
         elements}), ...]}: the flat element ranges of the (local tp shard of the) parameter that
         this rank updates, in order, with their live state tensors (no copies, no communication).
-        With ZeRO-1 these are this dp rank's pieces only: what a sharded checkpoint saves and
-        loads, instead of :meth:`param_states`' gathered whole tensors."""
+        With ZeRO-1 these are this dp rank's pieces only, without it whole parameters: what a
+        checkpoint saves and loads (``m6_engine.checkpoint.optimizer_state``)."""
         pairs = self._indices(named_params)
         name_of = {i: name for name, i in pairs}
         values = self._piece_values()
