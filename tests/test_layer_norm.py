@@ -244,6 +244,15 @@ def test_bad_input_raises(name, args, message):
         ops.layer_norm(*args)
 
 
+@pytest.mark.parametrize("eps", [-1e-5, float("nan"), float("inf")])
+@pytest.mark.parametrize("device", ["cpu", "meta"])   # the kernel, and the fake kernel (compile, meta)
+def test_bad_eps_raises(eps, device):
+    x, w, b = (t.to(device) for t in _inputs((3, 8)))
+    with pytest.raises(RuntimeError, match=rf"layer_norm: eps must be a finite number >= 0, got {eps}"):
+        ops.layer_norm(x, w, b, eps)
+    ops.layer_norm(x, w, b, 0.0)   # zero is allowed (rows are then only safe when not constant)
+
+
 def test_bad_backward_input_raises():
     x, w, b = _inputs((3, 8))
     y, mean, rstd = torch.ops.m6.layer_norm(x, w, b, EPS)

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "../common/dtypes.h"
@@ -31,6 +32,12 @@ inline void check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK(t->device() == x.device(), "layer_norm: ", name, " must be on x's device ",
                 x.device(), ", got ", t->device());
   }
+}
+
+// Forward only: eps is added to the variance under the square root. Negative or non-finite values
+// would give NaN or silently wrong statistics (torch's F.layer_norm takes them without a word).
+inline void check_layer_norm_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "layer_norm: eps must be a finite number >= 0, got ", eps);
 }
 
 // dtype of the per-row mean and rstd: float64 for float64 x (the exact path), else float32.

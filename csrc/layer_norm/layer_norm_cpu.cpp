@@ -314,6 +314,7 @@ void sum_partials(const float* part, float* out, int64_t chunks, int64_t n) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                               const at::Tensor& bias, double eps) {
   check_layer_norm_args(x_in, weight, bias);
+  check_layer_norm_eps(eps);
   const at::Tensor x = x_in.contiguous();                  // (..., N)
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;

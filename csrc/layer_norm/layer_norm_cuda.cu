@@ -772,6 +772,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cuda(const at::Tensor&
                                                                const at::Tensor& weight,
                                                                const at::Tensor& bias, double eps) {
   check_layer_norm_args(x, weight, bias);
+  check_layer_norm_eps(eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();                // (rows, N) viewed flat
   const at::Tensor w = weight.contiguous();            // (N,)

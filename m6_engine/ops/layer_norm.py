@@ -10,6 +10,8 @@ Shapes:   x (..., N) fp32 | fp16 | bf16, or fp64 on the CPU (the exact path, e.g
           with rows = x.numel() / N.
 """
 
+import math
+
 import torch
 
 from m6_engine.ops._dtypes import kernel_dtype_ok, kernel_dtypes_text, stats_dtype
@@ -42,6 +44,7 @@ def _check_meta(x, *params):
 
 def _fake_forward(x, weight, bias, eps):
     _check_meta(x, weight, bias)
+    torch._check(math.isfinite(eps) and eps >= 0, lambda: f"layer_norm: eps must be a finite number >= 0, got {eps}")
     rows = x.numel() // x.shape[-1]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     stats = x.new_empty((rows,), dtype=stats_dtype(x.dtype))
