@@ -38,6 +38,7 @@ from m6_engine.checkpoint import (
     CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint,
 )
 from m6_engine.config import ConfigError, JobConfig
+from m6_engine.data.batch import MicroBatch
 from m6_engine.data.model_inputs import VOCAB_FILE
 from m6_engine.metrics import (
     IntervalTotals, ScalarLog, empty_parts, format_line, interval_scalars, loss_parts, losses_of,
@@ -63,9 +64,9 @@ class CountingIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
-        batch = next(self.source)
-        self.tokens += int(batch["valid_len"].sum())
+    def __next__(self) -> MicroBatch:
+        batch = next(self.source)   # still on the CPU: counting here reads no device memory
+        self.tokens += int(batch.valid_len.sum())
         self.forward_flops += batch_forward_flops(self.config, batch)
         return batch
 

@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from m6_engine.config import ModelConfig
+from m6_engine.data.batch import MicroBatch
 from megatron_ext.attention import prefix_lengths
 from megatron_ext.spec import block_spec, m6_layer_spec
 
@@ -136,14 +137,14 @@ class M6McoreModel(LanguageModule):
         return self.compute_language_model_loss(labels, logits)                         # (B, S)
 
 
-def batch_inputs(batch: dict, model: ModelConfig) -> dict:
+def batch_inputs(batch: MicroBatch, model: ModelConfig) -> dict:
     """The keyword arguments of :meth:`M6McoreModel.forward` from a collated M6 micro-batch."""
-    inputs = {k: batch[k] for k in ("tokens", "position_ids", "prefix_len", "valid_len", "labels")}
+    inputs = {k: getattr(batch, k) for k in ("tokens", "position_ids", "prefix_len", "valid_len", "labels")}
     if model.num_segments:
-        inputs["segment_ids"] = batch["segment_ids"]
-    if model.num_patches and "patches" in batch:
-        inputs["patches"] = batch["patches"]
-        inputs["num_image_patches"] = batch["num_image_patches"]
+        inputs["segment_ids"] = batch.segment_ids
+    if model.num_patches and batch.patches is not None:
+        inputs["patches"] = batch.patches
+        inputs["num_image_patches"] = batch.num_image_patches
     return inputs
 
 
@@ -159,8 +160,8 @@ def m6_forward_step(model_config: ModelConfig):
     """The ``forward_step_func`` of ``get_forward_backward_func()`` for an M6McoreModel stage."""
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = next(data_iterator).to(next(model.parameters()).device)   # moved once, here
         output = model(**batch_inputs(batch, model_config))
-        return output, functools.partial(masked_token_mean, batch["loss_mask"])
+        return output, functools.partial(masked_token_mean, batch.loss_mask)
 
     return forward_step

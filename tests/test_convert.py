@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from m6_engine.config import ConfigError, model_preset
+from m6_engine.data.batch import MicroBatch
 from m6_engine.convert import (
     bert_word_embeddings, full_state_dict, gpt2_model_config, gpt2_to_m6, load_full_state_dict,
     m6_to_gpt2,
@@ -42,9 +43,9 @@ def _gpt2(name: str, seed: int = 0):
 
 def _causal_batch(tokens, valid_len=None):
     b, s = tokens.shape
-    return {"tokens": tokens, "position_ids": torch.arange(s).expand(b, s),
-            "prefix_len": torch.zeros(b, dtype=torch.long),
-            "valid_len": torch.full((b,), s) if valid_len is None else valid_len}
+    return MicroBatch(tokens=tokens, position_ids=torch.arange(s).expand(b, s),
+                      prefix_len=torch.zeros(b, dtype=torch.long),
+                      valid_len=torch.full((b,), s) if valid_len is None else valid_len)
 
 
 def _m6_from_gpt2(state, hf_config, hf_model, fused: bool):

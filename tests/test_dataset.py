@@ -1,5 +1,6 @@
 """PretrainDataset: the four tasks from a preprocessed corpus, epochs, dp sharding, resume, stop, vocab checks."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -51,14 +52,14 @@ def _take(ds, n):
 
 def _rows(batch):
     """Per-sample tuples of every field, for comparing streams."""
-    keys = sorted(batch)
-    return [tuple(batch[k][i].numpy().tobytes() for k in keys) for i in range(len(batch["tokens"]))]
+    fields = [f.name for f in dataclasses.fields(batch) if getattr(batch, f.name) is not None]
+    return [tuple(getattr(batch, k)[i].numpy().tobytes() for k in fields) for i in range(batch.batch_size)]
 
 
 def _complete_text(batch, i):
     """Token ids of sample i's complete text between [CLS] and [SEP]."""
-    p, v = int(batch["prefix_len"][i]), int(batch["valid_len"][i])
-    return batch["tokens"][i, p + 1:v - 1].tolist()
+    p, v = int(batch.prefix_len[i]), int(batch.valid_len[i])
+    return batch.tokens[i, p + 1:v - 1].tolist()
 
 
 def _rows_of_texts_starting(pairs, ids):
@@ -80,19 +81,19 @@ def test_samples_are_the_tasks_of_the_mixer(corpus):
     mixer = TaskMixer({t: 1.0 for t in TASKS}, 3)
     seen = set()
     for batch in _take(ds, 20):
-        for i, g in enumerate(batch["sample_index"].tolist()):
-            task = TASKS[int(batch["task_ids"][i])]
+        for i, g in enumerate(batch.sample_index.tolist()):
+            task = TASKS[int(batch.task_ids[i])]
             seen.add(task)
             assert task == mixer.task_of(g)
             complete = _complete_text(batch, i)
             has_image = task in ("image_to_text", "multimodal_to_text")
-            assert int(batch["num_image_patches"][i]) == (16 if has_image else 0)
+            assert int(batch.num_image_patches[i]) == (16 if has_image else 0)
             if not has_image:  # a window of a text document
                 assert any(complete == doc[k:k + len(complete)] for doc in text_docs for k in range(len(doc)))
                 if task == "language_modelling":
-                    assert int(batch["prefix_len"][i]) == 0
+                    assert int(batch.prefix_len[i]) == 0
                 continue
-            masked = batch["tokens"][i, 16:int(batch["prefix_len"][i])].tolist()
+            masked = batch.tokens[i, 16:int(batch.prefix_len[i])].tolist()
             if task == "image_to_text":  # captions only: never a question-answer text
                 assert masked == [] and complete[:2] != tok.encode("问：")
                 rows = _rows_of_texts_starting(pairs, complete)
@@ -102,7 +103,7 @@ def test_samples_are_the_tasks_of_the_mixer(corpus):
             else:  # a caption with one span masked
                 assert masked.count(tok.mask_id) == 1
                 rows = _rows_of_texts_starting(pairs, complete)
-            assert rows and any(np.array_equal(batch["patches"][i].numpy(), images[r].astype(np.float32)) for r in rows)
+            assert rows and any(np.array_equal(batch.patches[i].numpy(), images[r].astype(np.float32)) for r in rows)
     assert seen == set(TASKS)
 
 
@@ -198,7 +199,7 @@ def test_configuration_errors(corpus, tmp_path):
     with pytest.raises(DatasetError, match=r"task image_to_text has weight 1.0 but corpus .* no caption \(image, no answer marker\)"):
         PretrainDataset(DatasetConfig(str(tmp_path / "t")), _layout(tok), tok)
     ds = PretrainDataset(DatasetConfig(str(tmp_path / "t"), task_weights={"language_modelling": 1}), _layout(tok), tok)
-    assert next(ds)["tokens"].shape == (1, 16 + 32)
+    assert next(ds).tokens.shape == (1, 16 + 32)
     with pytest.raises(DatasetError, match="exhausted"):
         DatasetConfig(prefix, exhausted="never")
     with pytest.raises(DatasetError, match="dp_rank 2"):
@@ -212,7 +213,7 @@ def test_configuration_errors(corpus, tmp_path):
 
 def test_batch_tensors(corpus):
     batch = next(_dataset(corpus, micro_batch_size=6, seed=2))
-    assert batch["tokens"].shape == (6, 48) and batch["tokens"].dtype == torch.int64
-    assert batch["patches"].shape == (6, 16, 2048) and batch["patches"].dtype == torch.float32
-    assert (batch["valid_len"] <= 48).all() and (batch["prefix_len"] < batch["valid_len"]).all()
-    assert batch["loss_mask"].sum(dim=1).gt(0).all()
+    assert batch.tokens.shape == (6, 48) and batch.tokens.dtype == torch.int64
+    assert batch.patches.shape == (6, 16, 2048) and batch.patches.dtype == torch.float32
+    assert (batch.valid_len <= 48).all() and (batch.prefix_len < batch.valid_len).all()
+    assert batch.loss_mask.sum(dim=1).gt(0).all()

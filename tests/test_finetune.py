@@ -290,21 +290,21 @@ def test_matching_samples(corpus):
 
     first, again = batches(5), batches(5)
     for a, b in zip(first, again):                                      # deterministic
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a["itm_labels"], b["itm_labels"]) for a, b in zip(first, batches(6)))
-    labels = torch.cat([b["itm_labels"] for b in first])
+        assert all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    assert not all(torch.equal(a.itm_labels, b.itm_labels) for a, b in zip(first, batches(6)))
+    labels = torch.cat([b.itm_labels for b in first])
     assert 0.4 <= labels.float().mean().item() <= 0.6, labels.float().mean()        # ~1:1 of 200
     for batch in first:
-        assert torch.equal(batch["prefix_len"], batch["valid_len"])     # all prefix
-        assert (batch["task_ids"] == ALL_TASK_IDS["image_text_matching"]).all()
-        assert batch["loss_mask"].sum() == 0 and (batch["num_image_patches"] == 16).all()
-        for i, label in enumerate(batch["itm_labels"].tolist()):
-            v = int(batch["valid_len"][i])
-            text = batch["tokens"][i, 16:v].tolist()
+        assert torch.equal(batch.prefix_len, batch.valid_len)     # all prefix
+        assert (batch.task_ids == ALL_TASK_IDS["image_text_matching"]).all()
+        assert batch.loss_mask.sum() == 0 and (batch.num_image_patches == 16).all()
+        for i, label in enumerate(batch.itm_labels.tolist()):
+            v = int(batch.valid_len[i])
+            text = batch.tokens[i, 16:v].tolist()
             assert text[-1] == tok.sep_id and tok.sep_id not in text[:-1]
             said = [colour_ids[t] for t in text if t in colour_ids]
             # The square's colour, from the patch features: red is high in R, blue in B.
-            rgb = batch["patches"][i, :, :588].reshape(16, 3, 196).mean(dim=(0, 2))
+            rgb = batch.patches[i, :, :588].reshape(16, 3, 196).mean(dim=(0, 2))
             shown = "红" if rgb[0] > rgb[2] else "蓝"
             assert said == [shown] if label == 1 else said != [shown], (label, said, shown)
 

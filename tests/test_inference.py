@@ -377,12 +377,12 @@ def test_pack_prompts_layout():
     packed = pack_prompts(mixed_prompts(), LAYOUT.num_patches, LAYOUT.patch_feature_dim)
     assert packed.prefix_len.tolist() == [7, 9, 4, 2, 0]
     assert packed.valid_len.tolist() == [8, 10, 5, 5, 1]
-    batch = packed.batch
-    assert batch["num_image_patches"].tolist() == [4, 0, 4, 0, 0]
-    assert batch["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
-    assert batch["segment_ids"][3, :5].tolist() == [1, 1, 2, 2, 2]
-    assert batch["tokens"][3, :5].tolist() == [40, 41, 1, 20, 21]
+    batch = packed
+    assert batch.num_image_patches.tolist() == [4, 0, 4, 0, 0]
+    assert batch.position_ids[0, :8].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
+    assert batch.segment_ids[3, :5].tolist() == [1, 1, 2, 2, 2]
+    assert batch.tokens[3, :5].tolist() == [40, 41, 1, 20, 21]
     # The same layout as a training sample of the same parts.
     sample = pack(LAYOUT, "multimodal_to_text", [5, 6, 7], [], _patches(0).numpy())
-    assert batch["position_ids"][0, :8].tolist() == sample.position_ids[:8].tolist()
-    assert batch["segment_ids"][0, :8].tolist() == sample.segment_ids[:8].tolist()
+    assert batch.position_ids[0, :8].tolist() == sample.position_ids[:8].tolist()
+    assert batch.segment_ids[0, :8].tolist() == sample.segment_ids[:8].tolist()

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install '.[megatron]')")
 
 from m6_engine.config import ModelConfig  # noqa: E402
+from m6_engine.data.batch import MicroBatch  # noqa: E402
 from megatron_ext import convert  # noqa: E402
 from tests.distributed import Checks, assert_checks, init_state, run_ranks  # noqa: E402
 
@@ -41,9 +42,9 @@ def _m6_batches():
 def _gpt_batch():
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, GPT.vocab_size, (MB, GPT.max_text_positions), generator=gen)
-    return {"tokens": tokens, "position_ids": torch.arange(GPT.max_text_positions).expand(MB, -1),
-            "prefix_len": torch.zeros(MB, dtype=torch.long),
-            "valid_len": torch.full((MB,), GPT.max_text_positions)}
+    return MicroBatch(tokens=tokens, position_ids=torch.arange(GPT.max_text_positions).expand(MB, -1),
+                      prefix_len=torch.zeros(MB, dtype=torch.long),
+                      valid_len=torch.full((MB,), GPT.max_text_positions))
 
 
 def _full_grads(model):
@@ -77,7 +78,7 @@ def _pipeline_hidden(stage_forward, pp_prev, pp_next, spec_shape):
 
 def _our_logits(model, state, batch):
     """Full-vocabulary logits (B, S, V) of our pipelined model, on the last stage (None elsewhere)."""
-    shape = (batch["tokens"].shape[0], batch["tokens"].shape[1], model.config.hidden_size)
+    shape = (batch.tokens.shape[0], batch.tokens.shape[1], model.config.hidden_size)
     if state.is_last_stage:
         forward = lambda h: model.logits(batch, h)  # noqa: E731
     else:
@@ -217,7 +218,7 @@ def _check_gpt_logits(state, gpt_ours, gpt_full, m6_norm):
                       pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                       share_embeddings_and_output_weights=True)
     convert.load_full_into_mcore(module, gpt_full, GPT, padded_vocab_size=padded)
-    logits = _mcore_logits(module, lambda: module(batch["tokens"], batch["position_ids"], None),
+    logits = _mcore_logits(module, lambda: module(batch.tokens, batch.position_ids, None),
                            GPT.max_text_positions, GPT.vocab_size)
     _compare_on_last_ranks(reference, logits)
 

@@ -99,11 +99,11 @@ def _check_mask_observable(state, fused):
     batch = task_batch(TINY, ["multimodal_to_text", "language_modelling", "text_denoising"])
     base = model.hidden_states(batch)
     unchanged_tol, changed_tol = 1e-6, 1e-5
-    prefix, valid = batch["prefix_len"].tolist(), batch["valid_len"].tolist()
+    prefix, valid = batch.prefix_len.tolist(), batch.valid_len.tolist()
 
     def edit(sample, key, position, fn):
-        edited = {k: v.clone() for k, v in batch.items()}
-        fn(edited[key][sample], position)
+        edited = dataclasses.replace(batch, **{key: getattr(batch, key).clone()})
+        fn(getattr(edited, key)[sample], position)
         out = model.hidden_states(edited)
         others = [i for i in range(len(prefix)) if i != sample]
         assert (out[others] - base[others]).abs().max() <= unchanged_tol, "another sample changed"
@@ -120,7 +120,7 @@ def _check_mask_observable(state, fused):
         if p > 0:                                     # a prefix token reaches every valid position
             changed = edit(sample, "tokens", p - 1, new_token)
             assert changed == [True] * v, (sample, changed)
-        if v + 1 < batch["tokens"].shape[1]:          # a pad token reaches none
+        if v + 1 < batch.tokens.shape[1]:          # a pad token reaches none
             changed = edit(sample, "tokens", v + 1, new_token)
             assert changed == [False] * v, (sample, changed)
     # A patch feature (sample 0 has an image) reaches every valid position.
@@ -155,16 +155,16 @@ def _check_loss_outputs(state):
     batch = mixed_batch(TINY, 20, 6)
     model = M6Model(TINY, state, seed=1).eval()
     out = model(batch)
-    mask = batch["loss_mask"]
+    mask = batch.loss_mask
     assert out.num_tokens.item() == mask.sum().item()
     assert abs(out.loss.item() - out.loss_sum.item() / out.num_tokens.item()) < 1e-6
     assert torch.allclose(out.task_loss_sum.sum(), out.loss_sum)
     for task, i in TASK_IDS.items():
-        rows = batch["task_ids"] == i
+        rows = batch.task_ids == i
         assert out.task_num_tokens[i].item() == mask[rows].sum().item(), task
     # The per-token loss equals a plain cross entropy over the full logits.
     logits = model.logits(batch)
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="none")
     want = (ce * mask.flatten()).sum() / mask.sum()
     assert abs(out.loss.item() - want.item()) <= 1e-5 * want.item(), (out.loss, want)
     assert 0.9 * torch.log(torch.tensor(21128.0)) < out.loss < 1.1 * torch.log(torch.tensor(21128.0))
@@ -174,7 +174,7 @@ def _check_loss_outputs(state):
     assert torch.equal(returned, 8.0 * out.loss) and torch.equal(step.outputs[0].loss, out.loss)
     # A text-only batch may leave out the patch inputs.
     text = task_batch(TINY, ["language_modelling", "text_denoising"])
-    without = {k: v for k, v in text.items() if k not in ("patches", "num_image_patches")}
+    without = dataclasses.replace(text, patches=None, num_image_patches=None)
     assert torch.equal(model(text).loss, model(without).loss)
 
 

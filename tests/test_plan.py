@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from m6_engine.config import ConfigError, ModelConfig, job_config_from_dict, load_yaml, model_preset
+from m6_engine.data.batch import MicroBatch
 from m6_engine.model import M6Model, batch_forward_flops, parameter_count
 from m6_engine.parallel import seed_parallel_rng
 from m6_engine.plan import (
@@ -60,7 +61,7 @@ def _batch(config, first: int, size: int) -> dict:
 
 
 def _loss_tokens(batch) -> int:
-    return int(batch["loss_mask"].ne(0).sum())
+    return int(batch.loss_mask.ne(0).sum())
 
 
 # --------------------------------------------------------------------------- checks in one rank
@@ -74,7 +75,7 @@ def _check_activation_predictions(state):
                               device="cpu")
         model = M6Model(config, rank, recompute=recompute, rng_tracker=seed_parallel_rng(0, rank)).train()
         batch = _batch(config, 0, 2)
-        seq_length = batch["tokens"].shape[1]
+        seq_length = batch.tokens.shape[1]
         input_tensor = None if stage == 0 else torch.randn(2, seq_length, config.hidden_size,
                                                            requires_grad=True)
         saved = SavedActivations(model)
@@ -160,7 +161,7 @@ def _ranks_1f1b_activations(num_microbatches: int) -> dict:
             peaks.append(saved.live)
             return result
 
-        seq_length = batches[0]["tokens"].shape[1]
+        seq_length = batches[0].tokens.shape[1]
         forward_backward("1f1b", forward_step=forward_step, data_iterator=iter(batches), model=model,
                          num_microbatches=num_microbatches, state=state,
                          tensor_spec=model.activation_spec(2, seq_length))
@@ -239,9 +240,11 @@ def test_model_flops_use_the_trainer_formula(task):
     s = seq.seq_length
     loss_mask = torch.zeros(3, s)
     loss_mask[:, seq.prefix_len:seq.prefix_len + seq.loss_tokens] = 1
-    batch = {"loss_mask": loss_mask, "prefix_len": torch.full((3,), seq.prefix_len),
-             "valid_len": torch.full((3,), seq.valid_len),
-             "num_image_patches": torch.full((3,), seq.image_patches)}
+    tokens = torch.zeros(3, s, dtype=torch.long)
+    batch = MicroBatch(tokens=tokens, position_ids=tokens, labels=tokens, loss_mask=loss_mask,
+                       prefix_len=torch.full((3,), seq.prefix_len), valid_len=torch.full((3,), seq.valid_len),
+                       patches=torch.zeros(3, SMALL.num_patches, SMALL.patch_feature_dim),
+                       num_image_patches=torch.full((3,), seq.image_patches))
     assert model_flops_per_step(SMALL, seq, 3) == 3 * batch_forward_flops(SMALL, batch)
 
 

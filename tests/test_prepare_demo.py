@@ -52,7 +52,7 @@ def test_prepare_small_demo(tmp_path):
     layout = SampleLayout(16, 2048, 64, tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id)
     for split in prepare_demo.SPLITS:
         ds = PretrainDataset(DatasetConfig(manifest["corpora"][split], micro_batch_size=4), layout, tok)
-        assert next(ds)["tokens"].shape == (4, 16 + 64)
+        assert next(ds).tokens.shape == (4, 16 + 64)
         assert indexed.open_patches(f"{manifest['corpora'][split]}_image", 16, 2048)[0].dtype == np.float16
 
 

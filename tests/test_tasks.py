@@ -72,10 +72,10 @@ def test_bad_inputs_are_named():
 def test_collate_shapes_and_patch_counts():
     batch = tasks.collate([tasks.image_to_text(LAYOUT, _patches(), [5]),
                            tasks.language_modelling(LAYOUT, [5, 6])], LAYOUT)
-    assert batch["tokens"].shape == (2, 12) and batch["patches"].shape == (2, 2, 3)
-    assert batch["num_image_patches"].tolist() == [2, 0]
-    assert batch["prefix_len"].tolist() == [2, 0] and batch["valid_len"].tolist() == [5, 4]
-    assert torch.equal(batch["patches"][1], torch.zeros(2, 3))
+    assert batch.tokens.shape == (2, 12) and batch.patches.shape == (2, 2, 3)
+    assert batch.num_image_patches.tolist() == [2, 0]
+    assert batch.prefix_len.tolist() == [2, 0] and batch.valid_len.tolist() == [5, 4]
+    assert torch.equal(batch.patches[1], torch.zeros(2, 3))
 
 
 def test_task_mixer_is_deterministic_and_follows_weights():

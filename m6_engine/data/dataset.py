@@ -56,6 +56,7 @@ iteration before the first *step* (``num_microbatches`` micro-batches) that woul
 document beyond its first epoch, the same step on every rank, so no rank is left waiting.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
@@ -247,9 +248,8 @@ class PretrainDataset:
                 samples.append(self.sample(g, task, self.sources[source].document(draw)))
                 indices.append(g)
         self.position += global_batch
-        batch = tasks.collate(samples, self.layout)
-        batch["sample_index"] = torch.tensor(indices, dtype=torch.int64)
-        return batch
+        return dataclasses.replace(tasks.collate(samples, self.layout),
+                                   sample_index=torch.tensor(indices, dtype=torch.int64))
 
     def _substitute(self, doc: int, ids: np.ndarray, rng: np.random.Generator) -> int:
         """A caption document whose image and text both differ from ``doc``'s: uniform draws

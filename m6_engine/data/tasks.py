@@ -24,6 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from m6_engine.data.batch import MicroBatch
+
 # Segment ids: one learned segment embedding per part.
 SEGMENT_IMAGE, SEGMENT_MASKED, SEGMENT_COMPLETE = 0, 1, 2
 
@@ -195,14 +197,10 @@ def image_text_matching(layout: SampleLayout, patches, text_ids, label: int) -> 
                         task_id=ALL_TASK_IDS[IMAGE_TEXT_MATCHING], itm_label=int(label))
 
 
-def collate(samples: list, layout: SampleLayout) -> dict:
-    """Stack packed samples into a micro-batch of tensors.
-
-    tokens, position_ids, segment_ids, labels (B, S) int64; loss_mask (B, S) fp32;
-    patches (B, num_patches, feature_dim) fp32 (zeros where a sample has no image);
-    num_image_patches, prefix_len, valid_len, task_ids, itm_labels (B,) int64 (itm_labels -1 where
-    a sample is not an image-text matching one).
-    """
+def collate(samples: list, layout: SampleLayout) -> MicroBatch:
+    """Stack packed samples into a :class:`~m6_engine.data.batch.MicroBatch` (its fields say the
+    shapes); patches are zeros where a sample has no image, itm_labels -1 where a sample is not an
+    image-text matching one."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     b = len(samples)
@@ -217,16 +215,12 @@ def collate(samples: list, layout: SampleLayout) -> dict:
     def ints(values):
         return torch.tensor(values, dtype=torch.int64)
 
-    return {
-        "tokens": stack("tokens"), "position_ids": stack("position_ids"),
-        "segment_ids": stack("segment_ids"), "labels": stack("labels"), "loss_mask": stack("loss_mask"),
-        "patches": torch.from_numpy(patches),
-        "num_image_patches": ints([layout.num_patches if s.patches is not None else 0 for s in samples]),
-        "prefix_len": ints([s.prefix_len for s in samples]),
-        "valid_len": ints([s.valid_len for s in samples]),
-        "task_ids": ints([s.task_id for s in samples]),
-        "itm_labels": ints([s.itm_label for s in samples]),
-    }
+    return MicroBatch(
+        tokens=stack("tokens"), position_ids=stack("position_ids"), segment_ids=stack("segment_ids"),
+        labels=stack("labels"), loss_mask=stack("loss_mask"), patches=torch.from_numpy(patches),
+        num_image_patches=ints([layout.num_patches if s.patches is not None else 0 for s in samples]),
+        prefix_len=ints([s.prefix_len for s in samples]), valid_len=ints([s.valid_len for s in samples]),
+        task_ids=ints([s.task_id for s in samples]), itm_labels=ints([s.itm_label for s in samples]))
 
 
 def check_task_weights(weights: dict) -> None:

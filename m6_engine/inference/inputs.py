@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from m6_engine.data.batch import MicroBatch
+
 from m6_engine.data.tasks import SEGMENT_COMPLETE, SEGMENT_IMAGE, SEGMENT_MASKED, SampleLayout
 
 
@@ -62,21 +64,11 @@ def complete_text(layout: SampleLayout, ids: Sequence[int]) -> tuple:
     return (layout.cls_id, *ids, layout.sep_id)
 
 
-@dataclass(frozen=True)
-class PackedPrompts:
-    """Left-aligned rows of prompts, ready for the first forward pass."""
-
-    batch: dict
-    """tokens, position_ids, segment_ids (R, T) int64; patches (R, n, F) and num_image_patches (R,)
-    when some row has an image (``m6_engine.model.M6Embeddings`` reads these)."""
-    prefix_len: torch.Tensor
-    """(R,) patches + masked text of each row."""
-    valid_len: torch.Tensor
-    """(R,) filled length of each row: prefix + complete-text opening."""
-
-
-def pack_prompts(prompts: Sequence[Prompt], num_patches: int, patch_feature_dim: int) -> PackedPrompts:
-    """Lay prompts out as rows ``[patches][masked][complete][pad]`` (module docstring).
+def pack_prompts(prompts: Sequence[Prompt], num_patches: int, patch_feature_dim: int) -> MicroBatch:
+    """Lay prompts out as rows ``[patches][masked][complete][pad]`` (module docstring): a
+    micro-batch without training targets, ready for the first forward pass. ``prefix_len`` (R,) is
+    each row's patches + masked text, ``valid_len`` (R,) its filled length (prefix + complete-text
+    opening); patches and num_image_patches only when some row has an image.
 
     ``num_patches`` = 0 (e.g. an imported GPT-2) allows no patches. Pad slots hold token 0; they
     are beyond ``valid_len`` and never attended.
@@ -107,14 +99,14 @@ def pack_prompts(prompts: Sequence[Prompt], num_patches: int, patch_feature_dim:
             if ids is not None:
                 tokens[b, start:end] = torch.tensor(ids, dtype=torch.long)
             start = end
-    batch = {"tokens": tokens, "position_ids": position_ids, "segment_ids": segment_ids}
+    patches = num_image_patches = None
     if any(p.patches is not None for p in prompts):   # text-only rows may be shorter than the patches
         patches = torch.zeros(rows, num_patches, patch_feature_dim)
         for b, p in enumerate(prompts):
             if p.patches is not None:
                 patches[b] = p.patches
-        batch["patches"] = patches
-        batch["num_image_patches"] = torch.tensor([n for n, _, _ in lengths], dtype=torch.long)
-    prefix_len = torch.tensor([n + m for n, m, _ in lengths], dtype=torch.long)
-    valid_len = torch.tensor([sum(parts) for parts in lengths], dtype=torch.long)
-    return PackedPrompts(batch, prefix_len, valid_len)
+        num_image_patches = torch.tensor([n for n, _, _ in lengths], dtype=torch.long)
+    return MicroBatch(tokens=tokens, position_ids=position_ids, segment_ids=segment_ids,
+                      prefix_len=torch.tensor([n + m for n, m, _ in lengths], dtype=torch.long),
+                      valid_len=torch.tensor([sum(parts) for parts in lengths], dtype=torch.long),
+                      patches=patches, num_image_patches=num_image_patches)

@@ -27,6 +27,8 @@ the context product probs @ V still multiplies them by that 0. The block arithme
 
 import torch
 
+from m6_engine.data.batch import MicroBatch
+
 from m6_engine.parallel.mappings import gather_from_tp
 
 
@@ -105,21 +107,22 @@ def mask_args(start: torch.Tensor, new_len: torch.Tensor, new_prefix_len: torch.
 
 
 @torch.no_grad()
-def extend(model, cache: KVCache, batch: dict, new_len: torch.Tensor,
-           new_prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+def extend(model, cache: KVCache, batch: MicroBatch) -> torch.Tensor:
     """Run T new tokens per row (``batch``: tokens, position_ids, segment_ids (R, T), optionally
     patches) through ``model``'s blocks with ``cache``; return the final-norm hidden (R, T, d).
 
-    Row r keeps ``new_len[r]`` of the T tokens (the rest is pad); the first
-    ``new_prefix_len[r]`` of them are bidirectional (a first pass over prompts), else none are.
+    The batch's lengths are those of its new tokens: row r keeps ``valid_len[r]`` of the T tokens
+    (the rest is pad), and the first ``prefix_len[r]`` of them are bidirectional (a first pass
+    over prompts; 0 for decode steps and scored continuations).
     """
     check_decodable(model)
-    t = batch["tokens"].shape[1]
+    batch = batch.to(cache.lengths.device)
+    new_len, new_prefix_len = batch.valid_len, batch.prefix_len
+    t = batch.seq_length
     start = cache.lengths
     if int(start.max()) + t > cache.capacity:
         raise ValueError(f"the cache holds {cache.capacity} positions; rows at {int(start.max())} "
                          f"cannot take {t} more")
-    new_len = new_len.to(start.device)
     prefix_len, valid_len, q_offset = mask_args(start, new_len, new_prefix_len, t)
     keys_needed = int(valid_len.max())
     h = model.embedding(batch)                                                   # (R, T, d)
@@ -146,13 +149,13 @@ def vocab_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(model, packed, capacity: int) -> tuple[KVCache, torch.Tensor]:
-    """First pass over packed prompts (``inputs.PackedPrompts``): a cache of ``capacity`` slots
+    """First pass over packed prompts (``inputs.pack_prompts``): a cache of ``capacity`` slots
     per row holding every prompt position, and the final-norm hidden state (R, d) of each row's
     last filled position (the one that predicts its next token)."""
-    rows, width = packed.batch["tokens"].shape
+    rows, width = packed.tokens.shape
     if capacity < width:
         raise ValueError(f"cache capacity {capacity} is shorter than the prompts ({width})")
     cache = KVCache(model, rows, capacity)
-    hidden = extend(model, cache, packed.batch, packed.valid_len, packed.prefix_len)  # (R, T, d)
+    hidden = extend(model, cache, packed)                                        # (R, T, d)
     last = (packed.valid_len - 1).to(hidden.device)
     return cache, hidden[torch.arange(rows, device=hidden.device), last]

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from m6_engine.data.batch import MicroBatch
 from m6_engine.data.tasks import SEGMENT_COMPLETE
 from m6_engine.inference.inputs import Prompt, pack_prompts
 from m6_engine.inference.kv_cache import KVCache, check_decodable, extend
@@ -52,7 +53,7 @@ def _prefix_cache(model, prefix: Prompt | None, rows: int, capacity_after: int) 
     packed = pack_prompts([prefix], config.num_patches, config.patch_feature_dim)
     length = int(packed.valid_len[0])
     cache = KVCache(model, 1, length)
-    extend(model, cache, packed.batch, packed.valid_len, packed.prefix_len)
+    extend(model, cache, packed)
     cache.reorder(torch.zeros(rows, dtype=torch.long), capacity=length + capacity_after)
     return cache
 
@@ -81,10 +82,11 @@ def score(model, prefix: Prompt | None, candidates: Sequence[Sequence[int]]) -> 
     tokens = torch.zeros(n, width, dtype=torch.long)
     for i, c in enumerate(candidates):
         tokens[i, :len(c)] = torch.tensor(list(c), dtype=torch.long)
-    batch = {"tokens": tokens, "position_ids": torch.arange(width).expand(n, width),
-             "segment_ids": torch.full((n, width), SEGMENT_COMPLETE, dtype=torch.long)}
     new_len = torch.tensor(lengths, dtype=torch.long)
-    hidden = extend(model, cache, batch, new_len)                                   # (N, T, d)
+    batch = MicroBatch(tokens=tokens, position_ids=torch.arange(width).expand(n, width),
+                       segment_ids=torch.full((n, width), SEGMENT_COMPLETE, dtype=torch.long),
+                       prefix_len=torch.zeros(n, dtype=torch.long), valid_len=new_len)   # no bidirectional part
+    hidden = extend(model, cache, batch)                                            # (N, T, d)
     device = hidden.device
     # As the training loss: logits of the predicting positions only (no pad rows).
     predicting = torch.arange(width, device=device)[None, :] < (new_len - 1).to(device)[:, None]

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from m6_engine.data.batch import MicroBatch
 from m6_engine.data.tasks import SEGMENT_COMPLETE
 from m6_engine.inference.inputs import Prompt, pack_prompts
 from m6_engine.inference.kv_cache import check_decodable, extend, prefill, vocab_logits
@@ -32,17 +33,18 @@ class CachedStepper:
     def start(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         config = self.model.config
         packed = pack_prompts(prompts, config.num_patches, config.patch_feature_dim)
-        capacity = packed.batch["tokens"].shape[1] + self.max_new_tokens
+        capacity = packed.seq_length + self.max_new_tokens
         self.cache, hidden = prefill(self.model, packed, capacity)
         self.prefix_len = packed.prefix_len.to(self.cache.lengths.device)
         return vocab_logits(self.model, hidden)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         cursor = self.cache.lengths                                        # (R,) slot of the new token
-        batch = {"tokens": tokens.view(-1, 1),
-                 "position_ids": (cursor - self.prefix_len).view(-1, 1),   # complete-text position
-                 "segment_ids": torch.full_like(cursor, SEGMENT_COMPLETE).view(-1, 1)}
-        hidden = extend(self.model, self.cache, batch, torch.ones_like(cursor))   # (R, 1, d)
+        batch = MicroBatch(tokens=tokens.view(-1, 1).to(cursor.device),
+                           position_ids=(cursor - self.prefix_len).view(-1, 1),   # complete-text position
+                           segment_ids=torch.full_like(cursor, SEGMENT_COMPLETE).view(-1, 1),
+                           prefix_len=torch.zeros_like(cursor), valid_len=torch.ones_like(cursor))
+        hidden = extend(self.model, self.cache, batch)                    # (R, 1, d)
         return vocab_logits(self.model, hidden[:, 0])
 
     def select(self, rows: torch.Tensor) -> None:
@@ -62,9 +64,8 @@ class RecomputeStepper:
     def _logits(self) -> torch.Tensor:
         config = self.model.config
         packed = pack_prompts(self.prompts, config.num_patches, config.patch_feature_dim)
-        batch = {**packed.batch, "prefix_len": packed.prefix_len, "valid_len": packed.valid_len}
         with torch.no_grad():
-            hidden = self.model.final_ln(self.model.hidden_states(batch))      # (R, T, d)
+            hidden = self.model.final_ln(self.model.hidden_states(packed.to(self.model.device)))  # (R, T, d)
         last = (packed.valid_len - 1).to(hidden.device)
         return vocab_logits(self.model, hidden[torch.arange(len(self.prompts)), last])
 

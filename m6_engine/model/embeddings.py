@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m6_engine.config import ModelConfig
+from m6_engine.data.batch import MicroBatch
 from m6_engine.model.common import ParamInit, ReplicatedEmbedding, ReplicatedLinear
 from m6_engine.parallel.layers import VocabParallelEmbedding
 from m6_engine.parallel.state import ParallelState
@@ -58,33 +59,35 @@ class M6Embeddings(nn.Module):
         self.patch = (ReplicatedLinear(config.patch_feature_dim, d, init, "embedding.patch")
                       if config.num_patches else None)
 
-    def _patch_inputs(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
+    def _patch_inputs(self, x: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
         """Replace the first ``num_image_patches[b]`` slots of sample b by projected patches."""
         n = self.config.num_patches
-        patches = batch["patches"].to(device=x.device, dtype=x.dtype)             # (B, n, F)
+        patches = batch.patches.to(dtype=x.dtype)                                   # (B, n, F)
         if patches.shape[1] != n or patches.shape[2] != self.config.patch_feature_dim:
-            raise ValueError(f"batch['patches'] must be (B, {n}, {self.config.patch_feature_dim}), "
+            raise ValueError(f"MicroBatch.patches must be (B, {n}, {self.config.patch_feature_dim}), "
                              f"got {tuple(patches.shape)}")
         if x.shape[1] < n:
             raise ValueError(f"sequence length {x.shape[1]} is shorter than num_patches = {n}")
-        count = batch["num_image_patches"].to(x.device)                             # (B,)
+        count = batch.num_image_patches                                             # (B,)
         is_patch = torch.arange(n, device=x.device).unsqueeze(0) < count.unsqueeze(1)   # (B, n)
         head = torch.where(is_patch.unsqueeze(-1), self.patch(patches), x[:, :n])   # (B, n, d)
         return torch.cat([head, x[:, n:]], dim=1)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """batch -> (B, S, d) in the parameters' dtype. Reads tokens, position_ids, segment_ids
-        (when num_segments > 0), and patches with num_image_patches (when num_patches > 0; a batch
-        without them is text only)."""
+    def forward(self, batch: MicroBatch) -> torch.Tensor:
+        """batch (on the parameters' device) -> (B, S, d) in the parameters' dtype. Reads tokens,
+        position_ids, segment_ids (when num_segments > 0), and patches with num_image_patches (when
+        num_patches > 0; a batch without them is text only)."""
         if self.word_only:
             raise RuntimeError("this stage holds only the tied word embedding of the output head")
-        device = self.word.weight.device
-        x = self.word(batch["tokens"].to(device))                                  # (B, S, d)
-        if self.patch is not None and "patches" in batch:   # no patches: a text-only batch
+        x = self.word(batch.tokens)                                                 # (B, S, d)
+        if self.patch is not None and batch.patches is not None:   # none: a text-only batch
             x = self._patch_inputs(x, batch)
-        x = x + self.position(batch["position_ids"].to(device))
+        x = x + self.position(batch.position_ids)
         if self.segment is not None:
-            x = x + self.segment(batch["segment_ids"].to(device))
+            if batch.segment_ids is None:
+                raise ValueError(f"the model has {self.config.num_segments} segment embeddings: the "
+                                 "micro-batch needs segment_ids")
+            x = x + self.segment(batch.segment_ids)
         # x is replicated over tp, so its dropout mask comes from the default stream, which is
         # seeded identically on every tp rank.
         return F.dropout(x, self.config.hidden_dropout, self.training)

@@ -27,6 +27,7 @@ MFU = model FLOPs / (time x peak).
 """
 
 from m6_engine.config import ModelConfig
+from m6_engine.data.batch import MicroBatch
 
 
 def parameter_count(config: ModelConfig, *, tp: int = 1) -> int:
@@ -61,19 +62,19 @@ def forward_flops(config: ModelConfig, *, prefix_len: int, valid_len: int, loss_
     return config.num_layers * (linear + attention) + head + patch
 
 
-def batch_forward_flops(config: ModelConfig, batch: dict, *, dense: bool = False, tp: int = 1) -> int:
+def batch_forward_flops(config: ModelConfig, batch: MicroBatch, *, dense: bool = False, tp: int = 1) -> int:
     """Forward FLOPs of a collated micro-batch, summed over the whole model (all tp ranks and
     stages): model FLOPs, or with ``dense`` the FLOPs the matmuls execute (vocabulary padded for
     ``tp``). Reads prefix_len, valid_len, loss_mask and num_image_patches (if present)."""
-    b, s = batch["loss_mask"].shape
-    loss_tokens = batch["loss_mask"].ne(0).sum(dim=1).tolist()
+    b, s = batch.loss_mask.shape
+    loss_tokens = batch.loss_mask.ne(0).sum(dim=1).tolist()
     if dense:
         d, f = config.hidden_size, config.ffn_size
         per_layer = 2 * b * s * (4 * d * d + 2 * d * f) + 4 * d * b * s * s
         head = 2 * sum(loss_tokens) * d * config.padded_vocab_size(tp)
-        patch = 2 * b * config.num_patches * config.patch_feature_dim * d if "patches" in batch else 0
+        patch = 2 * b * config.num_patches * config.patch_feature_dim * d if batch.patches is not None else 0
         return config.num_layers * per_layer + head + patch
-    images = batch["num_image_patches"].tolist() if "num_image_patches" in batch else [0] * b
+    images = batch.num_image_patches.tolist() if batch.num_image_patches is not None else [0] * b
     return sum(forward_flops(config, prefix_len=p, valid_len=t, loss_tokens=n, image_patches=i)
-               for p, t, n, i in zip(batch["prefix_len"].tolist(), batch["valid_len"].tolist(),
+               for p, t, n, i in zip(batch.prefix_len.tolist(), batch.valid_len.tolist(),
                                      loss_tokens, images))

@@ -35,6 +35,7 @@ from torch import nn
 
 from m6_engine import ops as m6_ops
 from m6_engine.config import ModelConfig
+from m6_engine.data.batch import MicroBatch, check_on_device
 from m6_engine.data.tasks import TASKS
 from m6_engine.model.block import TransformerBlock, check_recompute, run_blocks
 from m6_engine.model.common import LayerNorm, ParamInit
@@ -145,8 +146,10 @@ class M6Model(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def hidden_states(self, batch: dict, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """This stage's blocks on the embedded batch (first stage) or on ``input_tensor``: (B, S, d)."""
+    def hidden_states(self, batch: MicroBatch, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's blocks on the embedded batch (first stage) or on ``input_tensor``: (B, S, d).
+        ``batch`` must be on this stage's device (MicroBatch.to)."""
+        check_on_device(batch, self.device, f"pipeline stage {self.state.pp_rank}")
         if self.pre_process:
             h = self.embedding(batch)
         elif input_tensor is None:
@@ -154,13 +157,10 @@ class M6Model(nn.Module):
                              "activation as input_tensor")
         else:
             h = input_tensor
-        device = h.device
-        prefix_len = batch["prefix_len"].to(device)
-        valid_len = batch["valid_len"].to(device)
-        return run_blocks(self.layers.values(), h, prefix_len, valid_len, self.recompute,
+        return run_blocks(self.layers.values(), h, batch.prefix_len, batch.valid_len, self.recompute,
                           self.rng_tracker)
 
-    def forward(self, batch: dict, input_tensor: torch.Tensor | None = None):
+    def forward(self, batch: MicroBatch, input_tensor: torch.Tensor | None = None):
         """(B, S, d) activation on a stage that is not the last, else the micro-batch's M6Loss."""
         h = self.hidden_states(batch, input_tensor)
         return self.loss(h, batch) if self.post_process else h
@@ -169,29 +169,31 @@ class M6Model(nn.Module):
         if not self.post_process:
             raise RuntimeError(f"{what} runs on the last pipeline stage only (post_process=True)")
 
-    def loss(self, hidden: torch.Tensor, batch: dict) -> M6Loss:
+    def loss(self, hidden: torch.Tensor, batch: MicroBatch) -> M6Loss:
         """Final norm, tied head and vocab-parallel cross entropy on the loss tokens."""
         self._require_head("the loss")
+        if batch.labels is None:
+            raise ValueError("the loss needs a micro-batch with labels and loss_mask (collate makes them)")
         device = hidden.device
-        weights = batch["loss_mask"].to(device=device, dtype=torch.float32)        # (B, S)
+        weights = batch.loss_mask.to(dtype=torch.float32)                           # (B, S)
         rows = weights.nonzero(as_tuple=True)                                       # (N,), (N,)
         logits = self.embedding.word.logits(self.final_ln(hidden[rows]))            # (N, V/t)
         # The logits are this call's own fresh head output, read by nothing after the loss: the CE
         # may turn them into its saved softmax numerator in place instead of a 4 B/logit copy.
-        token_loss = vocab_parallel_cross_entropy(logits, batch["labels"].to(device)[rows], self.state,
+        token_loss = vocab_parallel_cross_entropy(logits, batch.labels[rows], self.state,
                                                   overwrite_logits=True)
         w = weights[rows]
         weighted = token_loss * w                                                   # (N,) fp32
         loss_sum, num_tokens = weighted.sum(), w.sum()
         task_loss_sum = task_num_tokens = None
-        if "task_ids" in batch:
-            task_of_token = batch["task_ids"].to(device)[rows[0]]                   # (N,)
+        if batch.task_ids is not None:
+            task_of_token = batch.task_ids[rows[0]]                                 # (N,)
             zeros = torch.zeros(len(TASKS), dtype=torch.float32, device=device)
             task_loss_sum = zeros.index_add(0, task_of_token, weighted.detach())
             task_num_tokens = zeros.index_add(0, task_of_token, w)
         loss = loss_sum / num_tokens.clamp(min=1.0)
         if self.itm_head is None:
-            if "itm_labels" in batch and bool((batch["itm_labels"] >= 0).any()):
+            if batch.itm_labels is not None and bool((batch.itm_labels >= 0).any()):
                 raise ValueError("the batch holds image-text matching samples but the model has no "
                                  "matching head: set model.itm_head: true")
             return M6Loss(loss, loss_sum.detach(), num_tokens, task_loss_sum, task_num_tokens)
@@ -199,18 +201,18 @@ class M6Model(nn.Module):
         return M6Loss(loss + itm_sum / itm_count.clamp(min=1.0), loss_sum.detach(), num_tokens,
                       task_loss_sum, task_num_tokens, itm_sum.detach(), itm_correct, itm_count)
 
-    def _matching_terms(self, hidden: torch.Tensor, batch: dict):
+    def _matching_terms(self, hidden: torch.Tensor, batch: MicroBatch):
         """(summed matching loss with its graph, correct predictions, matching samples) over the
         samples with ``itm_labels >= 0``; zeros, still connected to the head, when there are none."""
         device = hidden.device
-        labels = batch["itm_labels"].to(device) if "itm_labels" in batch else \
+        labels = batch.itm_labels if batch.itm_labels is not None else \
             torch.full((hidden.shape[0],), -1, dtype=torch.int64, device=device)
         rows = (labels >= 0).nonzero(as_tuple=True)[0]                              # (M,)
-        z = self.final_ln(last_valid_states(hidden, batch["valid_len"].to(device), rows))  # (M, d)
+        z = self.final_ln(last_valid_states(hidden, batch.valid_len, rows))        # (M, d)
         per_sample, correct = matching_loss(self.itm_head(z), labels[rows])
         return per_sample.sum(), correct, torch.tensor(float(rows.numel()), device=device)
 
-    def logits(self, batch: dict, input_tensor: torch.Tensor | None = None, *,
+    def logits(self, batch: MicroBatch, input_tensor: torch.Tensor | None = None, *,
                gather: bool = True) -> torch.Tensor:
         """Logits of every position: (B, S, vocab_size) gathered over tp, or with ``gather=False``
         this rank's vocab-parallel shard (B, S, V/t) with padding columns at -inf."""
@@ -221,7 +223,7 @@ class M6Model(nn.Module):
             return logits
         return gather_from_tp(logits, self.state.group("tp"))[..., :self.config.vocab_size]
 
-    def match_logits(self, batch: dict, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    def match_logits(self, batch: MicroBatch, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
         """Image-text matching logits (B, 2) of every sample of ``batch`` (last stage, with the
         head): class 1 scores "this text belongs to this image"."""
         self._require_head("match_logits")
@@ -229,7 +231,7 @@ class M6Model(nn.Module):
             raise RuntimeError("match_logits needs the matching head (model.itm_head: true)")
         h = self.hidden_states(batch, input_tensor)
         rows = torch.arange(h.shape[0], device=h.device)
-        return self.itm_head(self.final_ln(last_valid_states(h, batch["valid_len"].to(h.device), rows)))
+        return self.itm_head(self.final_ln(last_valid_states(h, batch.valid_len, rows)))
 
 
 class ForwardStep:
@@ -246,7 +248,8 @@ class ForwardStep:
         self.outputs: list[M6Loss] = []
 
     def __call__(self, data_iterator, model, input_tensor):
-        output = model(next(data_iterator), input_tensor)
+        batch = next(data_iterator).to(next(model.parameters()).device)   # moved once, here
+        output = model(batch, input_tensor)
         if not isinstance(output, M6Loss):
             return output
         self.outputs.append(output.detach())

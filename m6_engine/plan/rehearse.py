@@ -76,7 +76,7 @@ def metered_forwards(module: torch.nn.Module, meter: SavedActivations):
 
     def before(_module, args):
         batch = args[0]
-        open_hooks.append((meter.hooks(), batch["tokens"].shape[1], int(batch["loss_mask"].ne(0).sum())))
+        open_hooks.append((meter.hooks(), batch.seq_length, int(batch.loss_mask.ne(0).sum())))
         open_hooks[-1][0].__enter__()
 
     def after(_module, _args, _output):

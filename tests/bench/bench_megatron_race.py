@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from m6_engine.data.batch import MicroBatch
 from tests.bench.common import out_dir_main, print_table, write_json
 from tests.distributed import init_state, run_ranks
 
@@ -67,11 +68,11 @@ def microbatches(step: int) -> list[dict]:
         start = torch.randint(0, 2000, (MICRO_BATCH, 1), generator=gen)
         stride = torch.randint(1, 4, (MICRO_BATCH, 1), generator=gen)
         seq = 104 + (start + stride * torch.arange(SEQ + 1)) % 2000          # (B, S + 1)
-        out.append({"tokens": seq[:, :-1].contiguous(), "labels": seq[:, 1:].contiguous(),
-                    "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ).contiguous(),
-                    "loss_mask": torch.ones(MICRO_BATCH, SEQ),
-                    "prefix_len": torch.zeros(MICRO_BATCH, dtype=torch.long),
-                    "valid_len": torch.full((MICRO_BATCH,), SEQ, dtype=torch.long)})
+        out.append(MicroBatch(tokens=seq[:, :-1].contiguous(), labels=seq[:, 1:].contiguous(),
+                              position_ids=torch.arange(SEQ).expand(MICRO_BATCH, SEQ).contiguous(),
+                              loss_mask=torch.ones(MICRO_BATCH, SEQ),
+                              prefix_len=torch.zeros(MICRO_BATCH, dtype=torch.long),
+                              valid_len=torch.full((MICRO_BATCH,), SEQ, dtype=torch.long)))
     return out
 
 
@@ -122,8 +123,8 @@ def _gpt_forward_step(data_iterator, model):
     from megatron_ext.model import masked_token_mean
 
     batch = next(data_iterator)
-    loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])   # (B, S)
-    return loss, partial(masked_token_mean, batch["loss_mask"])
+    loss = model(batch.tokens, batch.position_ids, None, labels=batch.labels)   # (B, S)
+    return loss, partial(masked_token_mean, batch.loss_mask)
 
 
 def _timed(fn):

@@ -173,18 +173,18 @@ class PlainM6(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Mean cross entropy over the micro-batch's loss tokens."""
-        x = self.word(batch["tokens"])                                             # (B, S, d)
+        x = self.word(batch.tokens)                                             # (B, S, d)
         n = self.num_patches
-        is_patch = (torch.arange(n).unsqueeze(0) < batch["num_image_patches"].unsqueeze(1)).unsqueeze(-1)
-        x = torch.cat([torch.where(is_patch, self.patch(batch["patches"].float()), x[:, :n]), x[:, n:]], 1)
-        h = x + self.position(batch["position_ids"]) + self.segment(batch["segment_ids"])
-        mask = self.mask(batch["prefix_len"], batch["valid_len"], h.shape[1])
+        is_patch = (torch.arange(n).unsqueeze(0) < batch.num_image_patches.unsqueeze(1)).unsqueeze(-1)
+        x = torch.cat([torch.where(is_patch, self.patch(batch.patches.float()), x[:, :n]), x[:, n:]], 1)
+        h = x + self.position(batch.position_ids) + self.segment(batch.segment_ids)
+        mask = self.mask(batch.prefix_len, batch.valid_len, h.shape[1])
         for block in self.blocks:
             h = block(h, mask)
-        weights = batch["loss_mask"].float()
+        weights = batch.loss_mask.float()
         rows = weights.nonzero(as_tuple=True)
         logits = self.final_ln(h[rows]) @ self.word.weight.t()                    # (N, V)
-        losses = F.cross_entropy(logits, batch["labels"][rows].long(), reduction="none")
+        losses = F.cross_entropy(logits, batch.labels[rows].long(), reduction="none")
         return (losses * weights[rows]).sum() / weights[rows].sum()
 
 
@@ -264,7 +264,7 @@ def bench_throughput(corpus, state, iters: int) -> dict:
     job = tiny_job(corpus)
     n = job.train.num_microbatches(1)
     batches = _fixed_batches(job, state, 4 * n)                # 4 different global batches, cycled
-    tokens = statistics.mean(sum(int(b["valid_len"].sum()) for b in batches[i:i + n])
+    tokens = statistics.mean(sum(int(b.valid_len.sum()) for b in batches[i:i + n])
                              for i in range(0, len(batches), n))
     trainer = Trainer(job, state, itertools.cycle(batches), log_rank_output=False)
     plain = PlainLoop(job, itertools.cycle(batches))
