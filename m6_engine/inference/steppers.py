@@ -42,7 +42,8 @@ class CachedStepper:
         batch = {"tokens": tokens.view(-1, 1),
                  "position_ids": (cursor - self.prefix_len).view(-1, 1),   # complete-text position
                  "segment_ids": torch.full_like(cursor, SEGMENT_COMPLETE).view(-1, 1)}
-        hidden = extend(self.model, self.cache, batch, torch.ones_like(cursor))   # (R, 1, d)
+        # The prompt's own prefix_len: the new token's query row is its row of the training mask.
+        hidden = extend(self.model, self.cache, batch, torch.ones_like(cursor), self.prefix_len)  # (R, 1, d)
         return vocab_logits(self.model, hidden[:, 0])
 
     def select(self, rows: torch.Tensor) -> None:
