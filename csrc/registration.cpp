@@ -12,17 +12,18 @@
 
 TORCH_LIBRARY(m6, m) {
   // scores (B, H, Sq, Sk) fp32|fp16|bf16, or fp64 on the CPU (csrc/common/dtypes.h);
-  // prefix_len, valid_len (B,) int32|int64 on scores' device.
-  // Query row i sits at absolute position q_offset + i and may attend key j iff
-  //   j < valid_len[b] and (j < prefix_len[b] or j <= q_offset + i).
+  // prefix_len, valid_len, q_offset (B,) int32|int64 on scores' device, q_offset >= 0.
+  // Query row i of sample b sits at absolute position q_offset[b] + i (per sample, so one decode
+  // step places rows whose next tokens sit at different positions) and may attend key j iff
+  //   j < valid_len[b] and (j < prefix_len[b] or j <= q_offset[b] + i).
   // out = softmax(scale * scores) over the allowed keys, zeros elsewhere; rows with
-  // q_offset + i >= valid_len[b] are all zeros. Math in fp32 (fp64 for fp64), out in scores' dtype.
+  // q_offset[b] + i >= valid_len[b] are all zeros. Math in fp32 (fp64 for fp64), out in scores' dtype.
   m.def("masked_softmax(Tensor scores, Tensor prefix_len, Tensor valid_len, float scale, "
-        "SymInt q_offset) -> Tensor");
+        "Tensor q_offset) -> Tensor");
   // grad_scores = scale * out * (grad_out - sum(grad_out * out, -1)), from the saved output.
-  // The lengths only let the kernel skip keys a row never sees (out is zero there).
+  // The lengths and offsets only let the kernel skip keys a row never sees (out is zero there).
   m.def("masked_softmax_backward(Tensor grad_out, Tensor out, Tensor prefix_len, "
-        "Tensor valid_len, float scale, SymInt q_offset) -> Tensor");
+        "Tensor valid_len, float scale, Tensor q_offset) -> Tensor");
   // x (..., N) fp32|fp16|bf16, or fp64 on the CPU; weight, bias (N,) of x's dtype. Returns y (x's
   // shape and dtype) and the per-row mean and rstd = 1/sqrt(var + eps), each of shape
   // (rows,) = x.numel() / N, in fp32 (fp64 for fp64 x).

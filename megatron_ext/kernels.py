@@ -78,7 +78,7 @@ def _backward_4d(dy: torch.Tensor, y: torch.Tensor, scale) -> torch.Tensor:
     m6_ops.require_extension()
     full = _lengths(y.shape[0], y.shape[-1], y.device)
     return torch.ops.m6.masked_softmax_backward(dy.contiguous(), y.contiguous(), full, full,
-                                                 _scale(scale), 0)
+                                                 _scale(scale), torch.zeros_like(full))
 
 
 # ---- scaled_upper_triang_masked_softmax_cuda: causal, x (attn_batches, Sq, Sk) ---------------

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import m6_engine.ops as ops
+from m6_engine.ops.masked_softmax import q_offset_tensor
 from m6_engine.ops.reference import masked_softmax_backward_reference, masked_softmax_reference, prefix_lm_mask
 from tests.conftest import DEVICES, nan_filled_empty
 from tests.test_layer_norm import EPS
@@ -83,8 +84,9 @@ def test_softmax_backward_fp32_and_cpu_kernel(sq, sk, q_offset):
     _check_backward(*_on_cuda(scores, prefix, valid), q_offset)
     y = ops.masked_softmax(scores, prefix, valid, SCALE, q_offset)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
-    cpu = torch.ops.m6.masked_softmax_backward(dy, y, prefix, valid, SCALE, q_offset)
-    gpu = torch.ops.m6.masked_softmax_backward(*_on_cuda(dy, y, prefix, valid), SCALE, q_offset)
+    offsets = q_offset_tensor(q_offset, y)
+    cpu = torch.ops.m6.masked_softmax_backward(dy, y, prefix, valid, SCALE, offsets)
+    gpu = torch.ops.m6.masked_softmax_backward(*_on_cuda(dy, y, prefix, valid), SCALE, offsets.to(CUDA))
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
 
 
@@ -158,9 +160,11 @@ def test_softmax_extreme_scores_and_scales():
     scores = 50 * _scores(5, 1, 40, 600, device=CUDA)
     for scale in (1.0, -0.5, 0.0):
         _check_forward(scores, prefix, valid, 560, scale)
-    # A huge q_offset: every row is past valid_len, so everything is padding.
-    out = ops.masked_softmax(scores, prefix, valid, 1.0, 2**40)
-    assert torch.all(out == 0)
+    # A huge q_offset: every row is past valid_len, so everything is padding; 2^63 - 1 would
+    # overflow q_offset + i without the kernels' clamp.
+    for huge in (2**40, 2**63 - 1):
+        out = ops.masked_softmax(scores, prefix, valid, 1.0, huge)
+        assert torch.all(out == 0)
 
 
 @pytest.mark.cuda
@@ -210,7 +214,7 @@ def test_softmax_and_layer_norm_on_a_second_gpu():
 _BAD_LENGTHS_SCRIPT = """
 import sys, torch
 import m6_engine.ops as ops
-prefix, valid = (torch.tensor(v, device="cuda", dtype=torch.int64) for v in ({prefix}, {valid}))
+prefix, valid, q_offset = (torch.tensor(v, device="cuda", dtype=torch.int64) for v in ({prefix}, {valid}, {q_offset}))
 scores = torch.randn(2, 2, 3, 8, device="cuda")
 out = {call}
 torch.cuda.synchronize()
@@ -218,32 +222,37 @@ print("NO ERROR")
 """
 
 
-@pytest.mark.parametrize("op,prefix,valid", [
-    ("forward", [4, 0], [3, 3]), ("forward", [0, 0], [9, 3]), ("forward", [-1, 0], [3, 3]),
-    ("forward", [0, -2], [0, -1]), ("backward", [0, 0], [3, 9])],
-    ids=["prefix>valid", "valid>Sk", "negative prefix", "negative valid", "backward valid>Sk"])
+@pytest.mark.parametrize("op,prefix,valid,q_offset", [
+    ("forward", [4, 0], [3, 3], [0, 0]), ("forward", [0, 0], [9, 3], [0, 0]), ("forward", [-1, 0], [3, 3], [0, 0]),
+    ("forward", [0, -2], [0, -1], [0, 0]), ("forward", [0, 0], [3, 3], [0, -1]),
+    ("backward", [0, 0], [3, 9], [0, 0]), ("backward", [0, 0], [3, 3], [-5, 0])],
+    ids=["prefix>valid", "valid>Sk", "negative prefix", "negative valid", "negative q_offset",
+         "backward valid>Sk", "backward negative q_offset"])
 @pytest.mark.cuda
-def test_softmax_bad_length_values_raise(op, prefix, valid):
-    # Length values are not copied to the host on CUDA: they are clamped for memory safety and
-    # checked by an asynchronous device assert, which fails at the next synchronisation and leaves
-    # the CUDA context unusable, hence a subprocess.
-    call = ("ops.masked_softmax(scores, prefix, valid, 1.0, 0)" if op == "forward" else
-            "torch.ops.m6.masked_softmax_backward(scores, scores, prefix, valid, 1.0, 0)")
-    script = _BAD_LENGTHS_SCRIPT.format(prefix=prefix, valid=valid, call=call)
+def test_softmax_bad_length_values_raise(op, prefix, valid, q_offset):
+    # Length and offset values are not copied to the host on CUDA: they are clamped for memory
+    # safety and checked by an asynchronous device assert, which fails at the next synchronisation
+    # and leaves the CUDA context unusable, hence a subprocess.
+    call = ("ops.masked_softmax(scores, prefix, valid, 1.0, q_offset)" if op == "forward" else
+            "torch.ops.m6.masked_softmax_backward(scores, scores, prefix, valid, 1.0, q_offset)")
+    script = _BAD_LENGTHS_SCRIPT.format(prefix=prefix, valid=valid, q_offset=q_offset, call=call)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
                             timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "NO ERROR" not in output, output[-2000:]
-    assert "device-side assert" in output or "masked_softmax: lengths out of range" in output, output[-2000:]
+    assert "device-side assert" in output or "masked_softmax: lengths or q_offset out of range" in output, \
+        output[-2000:]
 
 
 @pytest.mark.cuda
 def test_softmax_good_edge_lengths_do_not_assert():
-    # The edges of the valid range: prefix == valid == Sk, prefix == valid == 0.
+    # The edges of the valid range: prefix == valid == Sk, prefix == valid == 0, q_offset 0 and
+    # far past valid_len.
     prefix, valid = _lengths([(8, 8), (0, 0), (0, 8), (3, 3)], device=CUDA)
     scores = _scores(4, 2, 3, 8, device=CUDA)
     _check_forward(scores, prefix, valid, 5)
+    _check_forward(scores, prefix, valid, torch.tensor([0, 2**63 - 1, 7, 2], device=CUDA))
     torch.cuda.synchronize()
 
 
@@ -254,32 +263,38 @@ def test_softmax_bad_inputs_raise_on_cuda():
     # float64 is the CPU kernels' exact path; the CUDA kernels compute in fp32 and refuse it.
     with pytest.raises(RuntimeError, match="scores must be " + NO_FP64):
         ops.masked_softmax(x.double(), p, v)
+    zero = q_offset_tensor(0, x)
     with pytest.raises(RuntimeError, match="out must be " + NO_FP64):
-        torch.ops.m6.masked_softmax_backward(x.double(), x.double(), p, v, 1.0, 0)
+        torch.ops.m6.masked_softmax_backward(x.double(), x.double(), p, v, 1.0, zero)
     with pytest.raises(RuntimeError, match=r"scores must be 4-D \(B, H, Sq, Sk\), got 3-D"):
         ops.masked_softmax(x[0], p, v)
     with pytest.raises(RuntimeError, match="valid_len must be on scores's device"):
         ops.masked_softmax(x, p, v.cpu())
     with pytest.raises(RuntimeError, match=r"prefix_len must have shape \(B,\)"):
         ops.masked_softmax(x, p[:1], v)
-    with pytest.raises(RuntimeError, match="q_offset must be >= 0"):
-        ops.masked_softmax(x, p, v, 1.0, -1)
+    with pytest.raises(RuntimeError, match="q_offset must be on scores's device"):
+        ops.masked_softmax(x, p, v, 1.0, zero.cpu())
+    with pytest.raises(RuntimeError, match=r"q_offset must have shape \(B,\)"):
+        ops.masked_softmax(x, p, v, 1.0, zero[:1])
+    with pytest.raises(RuntimeError, match="q_offset must be int32 or int64"):
+        ops.masked_softmax(x, p, v, 1.0, zero.float())
     out = ops.masked_softmax(x, p, v)
     with pytest.raises(RuntimeError, match="grad_out must have out's dtype"):
-        torch.ops.m6.masked_softmax_backward(out.half(), out, p, v, 1.0, 0)
+        torch.ops.m6.masked_softmax_backward(out.half(), out, p, v, 1.0, zero)
     with pytest.raises(RuntimeError, match="grad_out must have out's shape"):
-        torch.ops.m6.masked_softmax_backward(out[..., :3], out, p, v, 1.0, 0)
+        torch.ops.m6.masked_softmax_backward(out[..., :3], out, p, v, 1.0, zero)
 
 
 @pytest.mark.cuda
 def test_softmax_opcheck_and_compile_on_cuda():
     prefix, valid = _lengths([(1, 4), (0, 3), (0, 0)], torch.int32, CUDA)
+    q_offset = torch.tensor([1, 0, 2], dtype=torch.int32, device=CUDA)
     scores = _scores(3, 2, 5, 4, device=CUDA).requires_grad_()
-    torch.library.opcheck(torch.ops.m6.masked_softmax.default, (scores, prefix, valid, 0.5, 1))
-    out = ops.masked_softmax(scores.detach(), prefix, valid, 0.5, 1)
+    torch.library.opcheck(torch.ops.m6.masked_softmax.default, (scores, prefix, valid, 0.5, q_offset))
+    out = ops.masked_softmax(scores.detach(), prefix, valid, 0.5, q_offset)
     torch.library.opcheck(torch.ops.m6.masked_softmax_backward.default,
-                          (torch.randn_like(out), out, prefix, valid, 0.5, 1))
-    fn = lambda x: ops.masked_softmax(x * 2, prefix, valid, SCALE, 1) * 3  # noqa: E731
+                          (torch.randn_like(out), out, prefix, valid, 0.5, q_offset))
+    fn = lambda x: ops.masked_softmax(x * 2, prefix, valid, SCALE, q_offset) * 3  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(scores.detach()), fn(scores.detach()), atol=0, rtol=0)
 
@@ -560,11 +575,14 @@ def test_softmax_backward_nonfinite_grad_out(device, dtype, sk):
 def test_softmax_fully_masked_rows_are_zero(device, dtype, sk):
     # Sample 0 has valid_len 0; samples 1 and 2 end 3 and 5 keys early (their rows past valid_len are
     # padding); sample 3 is complete. q_offset moves rows past valid_len: sk - 6 pads some rows, sk - 3
-    # every row of samples 0-2, sk and 2^40 every row. Outputs are NaN-poisoned and every score the mask
-    # hides is NaN: a kernel that reads one, or leaves an output unwritten, fails. (One head on the CPU.)
+    # every row of samples 0-2, sk and 2^40 every row; per sample, sk - 4 and sk - 6 leave samples 1
+    # and 2 one row each, and 2^63 - 1 (q_offset + i past int64) pads all of sample 3. Outputs are
+    # NaN-poisoned and every score the mask hides is NaN: a kernel that reads one, or leaves an output
+    # unwritten, fails. (One head on the CPU.)
     sq, heads = 6, 2 if device == CUDA else 1
     prefix, valid = _lengths([(0, 0), (sk // 2, sk - 3), (0, sk - 5), (sk, sk)], device=device)
-    for q_offset in (sk - sq, sk - 3, sk, 2**40):
+    per_sample = torch.tensor([0, sk - 4, sk - 6, 2**63 - 1], device=device)
+    for q_offset in (sk - sq, sk - 3, sk, 2**40, per_sample):
         allowed = prefix_lm_mask(prefix, valid, sq, sk, q_offset).expand(4, heads, sq, sk)
         scores = _scores(4, heads, sq, sk, device=device).masked_fill(~allowed, NAN).to(dtype)
         out = _check_forward(scores, prefix, valid, q_offset, poison=True)
@@ -627,7 +645,7 @@ def _check_softmax_past(elements, sk, device, dtype=torch.bfloat16):
     x_rows = scores.view(rows, sk)[picked]
     del scores
     grad_out = torch.empty_like(out).normal_(generator=gen)
-    grad = torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, SCALE, q_offset)
+    grad = torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, SCALE, q_offset_tensor(q_offset, out))
     y_rows, dy_rows, dx_rows = (t.view(rows, sk)[picked] for t in (out, grad_out, grad))
     del out, grad_out, grad
     _check_softmax_rows(x_rows, y_rows, dy_rows, dx_rows, [r // (heads * sq) for r in picked],
@@ -741,11 +759,11 @@ DECODE_MODES = ["Sq=1 q_offset=Sk-1", "Sq=3 q_offset=Sk-3", "Sq=1 per-sample cur
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_softmax_decode_shapes(device, dtype, sk, mode):
     if mode == "Sq=1 per-sample cursors":
-        # The engine's decode step (docs/architecture.md): q_offset 0 and prefix_len = valid_len =
-        # cursor + 1, one cursor per sample; the last sample is padding.
-        sq, q_offset = 1, 0
-        pairs = [(c + 1, c + 1) for c in (sk - 1, sk - 2, sk // 2, 7, 0)] + [(0, 0)]
-        length_dtype = torch.int32
+        # The engine's decode step (docs/architecture.md): q_offset = cursor, valid_len = cursor + 1
+        # and the prompt's prefix_len, one cursor per sample; the last sample is padding.
+        sq, cursors = 1, [sk - 1, sk - 2, sk // 2, 7, 0, 0]
+        pairs = [(min(c, 5), c + 1) for c in cursors[:-1]] + [(0, 0)]
+        q_offset, length_dtype = torch.tensor(cursors, dtype=torch.int32, device=device), torch.int32
     else:  # the last Sq rows of a KV cache of Sk keys
         sq = int(mode[3])
         q_offset, pairs, length_dtype = sk - sq, _mixed_lengths(sk), torch.int64
@@ -783,7 +801,8 @@ def _check_backward_op(grad_out, out, prefix, valid, q_offset, scale=SCALE):
     contiguous ones), three ways: the float64 formula on the same out, torch's softmax backward in
     out's dtype. out must be a forward output (0 at masked positions)."""
     with nan_filled_empty():
-        kernel = torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, scale, q_offset)
+        kernel = torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, scale,
+                                                      q_offset_tensor(q_offset, out))
     assert kernel.shape == out.shape and kernel.dtype == out.dtype and kernel.is_contiguous()
     exact = masked_softmax_backward_reference(grad_out.double(), out.double(), scale)
     composite = torch._softmax_backward_data(grad_out, out, -1, out.dtype) * scale
@@ -894,7 +913,8 @@ def test_softmax_bitwise_deterministic(device, dtype):
     grad_out = torch.randn(scores.shape, generator=torch.Generator().manual_seed(14)).to(scores)
     def both():
         out = ops.masked_softmax(scores, prefix, valid, SCALE, 0)
-        return out, torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, SCALE, 0)
+        return out, torch.ops.m6.masked_softmax_backward(grad_out, out, prefix, valid, SCALE,
+                                                         q_offset_tensor(0, out))
 
     runs = _two_calls(both, device)
     assert torch.equal(runs[0][0], runs[1][0]), "forward differs between two calls"

@@ -1,4 +1,5 @@
-"""m6_engine.inference: KV-cache decoding equals recomputation, batches equal one-by-one runs,
+"""m6_engine.inference: KV-cache decoding equals recomputation (also several new tokens per row at
+cursors that differ between rows), batches equal one-by-one runs,
 Hugging Face GPT-2 ``generate`` parity (greedy, beam search), scoring equals the training loss,
 tp = 2 equals tp = 1, and the ``python -m m6_engine.generate`` CLI on a checkpoint saved with pp = 2.
 
@@ -16,10 +17,12 @@ import pytest
 import torch
 
 from m6_engine.config import ModelConfig
-from m6_engine.data.tasks import SampleLayout, collate, pack
+from m6_engine.data.batch import MicroBatch
+from m6_engine.data.tasks import SEGMENT_COMPLETE, SampleLayout, collate, pack
 from m6_engine.inference import (
     GenerationConfig, Prompt, complete_text, generate, m6_prompt, pack_prompts, score,
 )
+from m6_engine.inference.kv_cache import extend, vocab_logits
 from m6_engine.inference.loading import recorded_config
 from m6_engine.inference.processors import ban_repeated_ngrams, keep_top_k, keep_top_p
 from m6_engine.inference.steppers import CachedStepper, RecomputeStepper
@@ -96,6 +99,29 @@ def _check_stepper_logits(state, fused):
         worst = max(worst, (a - b).abs().max().item())
     FIGURES[f"cache vs recompute max |logit diff| fused={fused}"] = worst
     assert worst <= 1e-4, worst
+
+
+def _check_multi_token_extend(state, fused):
+    """Three new tokens per row in one pass, at cursors that differ between rows (the op's
+    per-sample q_offset places them), equal three one-token steps: logits and cache."""
+    model, prompts = _model(state, fused), mixed_prompts()
+    once, stepped = CachedStepper(model, 3), CachedStepper(model, 3)
+    once.start(prompts)
+    stepped.start(prompts)
+    assert len(set(once.cache.lengths.tolist())) > 1, once.cache.lengths
+    tokens = torch.randint(4, 300, (len(prompts), 3), generator=torch.Generator().manual_seed(5))
+    step_logits = [stepped.step(tokens[:, j]) for j in range(3)]
+    cursor = once.cache.lengths
+    batch = MicroBatch(tokens=tokens, position_ids=(cursor - once.prefix_len)[:, None] + torch.arange(3),
+                       segment_ids=torch.full_like(tokens, SEGMENT_COMPLETE),
+                       prefix_len=torch.zeros_like(cursor), valid_len=torch.full_like(cursor, 3))  # causal
+    hidden = extend(model, once.cache, batch)                                      # (R, 3, d)
+    worst = max((vocab_logits(model, hidden[:, j]) - step_logits[j]).abs().max().item() for j in range(3))
+    FIGURES[f"3-token extend vs 3 steps max |logit diff| fused={fused}"] = worst
+    assert worst <= 1e-4, worst
+    assert torch.equal(once.cache.lengths, stepped.cache.lengths)
+    for layer in once.cache.keys:
+        torch.testing.assert_close(once.cache.keys[layer], stepped.cache.keys[layer], atol=1e-5, rtol=0)
 
 
 def _check_bf16(state):
@@ -254,6 +280,7 @@ CHECKS = {
     **{f"stepper logits fused={f}": (lambda s, f=f: _check_stepper_logits(s, f)) for f in (True, False)},
     **{f"cache equals recompute fused={f}": (lambda s, f=f: _check_cache_equals_recompute(s, f))
        for f in (True, False)},
+    **{f"multi-token extend fused={f}": (lambda s, f=f: _check_multi_token_extend(s, f)) for f in (True, False)},
     "bf16": _check_bf16,
     "batched equals single": _check_batched_equals_single,
     "sampling": _check_sampling,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import m6_engine.ops as ops
+from m6_engine.ops.masked_softmax import q_offset_tensor
 from m6_engine.ops.reference import masked_softmax_reference, prefix_lm_mask
 from tests.conftest import DEVICES, nan_filled_empty
 
@@ -182,7 +183,8 @@ def test_every_element_written(device):
     with nan_filled_empty():
         assert torch.empty(16, device=device).isnan().all(), "poisoning is not active"
         out = ops.masked_softmax(scores, prefix, valid, SCALE, 0)
-        grad = torch.ops.m6.masked_softmax_backward(torch.ones_like(out), out, prefix, valid, SCALE, 0)
+        grad = torch.ops.m6.masked_softmax_backward(torch.ones_like(out), out, prefix, valid, SCALE,
+                                                    q_offset_tensor(0, out))
     exact = masked_softmax_reference(scores.double(), prefix, valid, SCALE, 0)
     assert not out.isnan().any() and not grad.isnan().any()
     torch.testing.assert_close(out.double(), exact, atol=1e-6, rtol=0)
@@ -229,6 +231,69 @@ def test_fp64_long_rows_match_reference():
     _check_backward(scores, prefix, valid, 4089, poison=True)
 
 
+# Per-sample q_offset: one call places every sample's query rows at their own positions. The
+# samples of _mixed_lengths(sk) (causal, bidirectional, prefix-LM, prefix-LM + pad, all pad) get
+# offsets 0, Sk - 1, one that pads the last half of the rows, one past valid_len (all rows padding)
+# and a middle one.
+def _per_sample_offsets(sk, sq, dtype=torch.int64):
+    return torch.tensor([0, sk - 1, sk - (sq + 1) // 2, sk - sk // 3 + 1, sk // 2], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sq,sk", [(1, 17), (6, 17), (8, 528)])
+@pytest.mark.parametrize("offset_dtype", [torch.int64, torch.int32])
+def test_per_sample_q_offset(dtype, sq, sk, offset_dtype):
+    prefix, valid = _lengths(_mixed_lengths(sk))
+    q_offset = _per_sample_offsets(sk, sq, offset_dtype)
+    scores = _scores(5, 2, sq, sk, dtype)
+    out = _check_forward(scores, prefix, valid, q_offset, poison=True)
+    _check_backward(scores, prefix, valid, q_offset, poison=True)
+    # Each sample as its own call with an int offset: the per-sample tensor changes nothing else.
+    for b in range(5):
+        alone = ops.masked_softmax(scores[b:b + 1], prefix[b:b + 1], valid[b:b + 1], SCALE, int(q_offset[b]))
+        torch.testing.assert_close(out[b:b + 1], alone, atol=0, rtol=0)
+    assert torch.all(out[3] == 0)  # sample 3's offset lies past its valid_len
+
+
+def test_gradcheck_per_sample_q_offset():
+    prefix, valid = _lengths(_mixed_lengths(7))
+    scores = _scores(5, 2, 3, 7, torch.float64).requires_grad_()
+    q_offset = _per_sample_offsets(7, 3)
+    assert torch.autograd.gradcheck(lambda x: ops.masked_softmax(x, prefix, valid, SCALE, q_offset), (scores,))
+
+
+def test_q_offset_int_or_tensor():
+    # An int is the same offset for every sample; a (B,) tensor of int32 or int64 gives the same
+    # result, and so does the reference (the model's unfused path) with either form.
+    prefix, valid = _lengths(_mixed_lengths(17))
+    scores = _scores(5, 2, 4, 17)
+    by_int = ops.masked_softmax(scores, prefix, valid, SCALE, 9)
+    for dtype in (torch.int64, torch.int32):
+        by_tensor = ops.masked_softmax(scores, prefix, valid, SCALE, torch.full((5,), 9, dtype=dtype))
+        torch.testing.assert_close(by_tensor, by_int, atol=0, rtol=0)
+    torch.testing.assert_close(masked_softmax_reference(scores, prefix, valid, SCALE, 9),
+                               masked_softmax_reference(scores, prefix, valid, SCALE, torch.full((5,), 9)))
+    torch.testing.assert_close(ops.masked_softmax(scores, prefix, valid, SCALE),
+                               ops.masked_softmax(scores, prefix, valid, SCALE, torch.zeros(5, dtype=torch.int32)),
+                               atol=0, rtol=0)
+    offsets = q_offset_tensor(9, scores)
+    assert offsets.shape == (5,) and offsets.dtype == torch.int64 and torch.all(offsets == 9)
+
+
+@pytest.mark.parametrize("huge", [2**62, 2**63 - 1])
+def test_huge_q_offset_is_padding(huge):
+    # q_offset + i would overflow int64: the kernel clamps the offset to valid_len first (a row at or
+    # past valid_len is padding either way), so every row of that sample is zeros, and the others
+    # are unaffected; the reference clamps alike.
+    prefix, valid = _lengths([(2, 9), (0, 9)])
+    scores = _scores(2, 1, 5, 9, torch.float64)
+    q_offset = torch.tensor([huge, 3])
+    out = _check_forward(scores, prefix, valid, q_offset, poison=True)
+    _check_backward(scores, prefix, valid, q_offset, poison=True)
+    assert torch.all(out[0] == 0) and torch.all(out[1].sum(-1)[:, :5] > 0.99)
+    assert torch.all(prefix_lm_mask(prefix, valid, 5, 9, q_offset)[0] == 0)
+
+
 @pytest.mark.parametrize("name,pairs,sq,sk,q_offset,scale", FP64_CASES, ids=FP64_IDS)
 def test_gradcheck_fp64(name, pairs, sq, sk, q_offset, scale):
     # gradcheck at its default (float64) step and tolerances: masked keys and padded rows have
@@ -253,7 +318,7 @@ def test_meta_and_fake_tensors():
     scores = torch.empty(2, 3, 5, 4, dtype=torch.bfloat16, device="meta")
     out = ops.masked_softmax(scores, prefix, valid, 0.5, 1)
     assert out.shape == scores.shape and out.dtype == torch.bfloat16 and out.device.type == "meta"
-    grad = torch.ops.m6.masked_softmax_backward(out, out, prefix, valid, 0.5, 1)
+    grad = torch.ops.m6.masked_softmax_backward(out, out, prefix, valid, 0.5, q_offset_tensor(1, out))
     assert grad.shape == scores.shape and grad.device.type == "meta"
     assert ops.masked_softmax(scores.double(), prefix, valid, 0.5, 1).dtype == torch.float64
 
@@ -284,13 +349,15 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
+@pytest.mark.parametrize("offset_dtype", [torch.int32, torch.int64])
+def test_opcheck(dtype, offset_dtype):
     prefix, valid = _lengths([(1, 4), (0, 3), (0, 0)], torch.int32)
+    q_offset = torch.tensor([1, 0, 2], dtype=offset_dtype)
     scores = _scores(3, 2, 5, 4, dtype).requires_grad_()
-    torch.library.opcheck(torch.ops.m6.masked_softmax.default, (scores, prefix, valid, 0.5, 1))
-    out = ops.masked_softmax(scores.detach(), prefix, valid, 0.5, 1)
+    torch.library.opcheck(torch.ops.m6.masked_softmax.default, (scores, prefix, valid, 0.5, q_offset))
+    out = ops.masked_softmax(scores.detach(), prefix, valid, 0.5, q_offset)
     torch.library.opcheck(torch.ops.m6.masked_softmax_backward.default,
-                          (torch.randn_like(out), out, prefix, valid, 0.5, 1))
+                          (torch.randn_like(out), out, prefix, valid, 0.5, q_offset))
 
 
 def _good():
@@ -315,7 +382,14 @@ def _bad_inputs():
         ("valid > Sk", (x, p, long([4, 5]), 0), "valid_len must be <= Sk = 4"),
         ("negative prefix", (x, long([-1, 0]), v, 0), "lengths must be >= 0"),
         ("negative valid", (x, long([0, -2]), long([0, -1]), 0), "lengths must be >= 0"),
-        ("negative q_offset", (x, p, v, -1), "q_offset must be >= 0"),
+        ("negative q_offset", (x, p, v, -1), r"q_offset must be >= 0, got q_offset\[0\] = -1"),
+        ("negative q_offset of one sample", (x, p, v, long([0, -3])),
+         r"q_offset must be >= 0, got q_offset\[1\] = -3"),
+        ("q_offset of wrong length", (x, p, v, long([0, 1, 2])), r"q_offset must have shape \(B,\) = \(2,\)"),
+        ("2-D q_offset", (x, p, v, long([0, 1]).view(2, 1)), r"q_offset must have shape \(B,\)"),
+        ("float q_offset", (x, p, v, torch.zeros(2)), "q_offset must be int32 or int64, got Float"),
+        ("q_offset on another device", (x, p, v, long([0, 1]).to("meta")), "q_offset must be on scores's device"),
+        ("q_offset past int64", (x, p, v, 2**63), "q_offset must fit in int64"),
     ]
 
 
@@ -329,11 +403,16 @@ def test_bad_input_raises(name, args, message):
 def test_bad_backward_input_raises():
     x, p, v = _good()
     out = ops.masked_softmax(x, p, v)
+    zero = q_offset_tensor(0, out)
     with pytest.raises(RuntimeError, match="grad_out must have out's shape"):
-        torch.ops.m6.masked_softmax_backward(out[..., :3], out, p, v, 1.0, 0)
+        torch.ops.m6.masked_softmax_backward(out[..., :3], out, p, v, 1.0, zero)
     with pytest.raises(RuntimeError, match="grad_out must have out's dtype"):
-        torch.ops.m6.masked_softmax_backward(out.half(), out, p, v, 1.0, 0)
+        torch.ops.m6.masked_softmax_backward(out.half(), out, p, v, 1.0, zero)
     with pytest.raises(RuntimeError, match="grad_out must have out's dtype Double, got Float"):
-        torch.ops.m6.masked_softmax_backward(out, out.double(), p, v, 1.0, 0)
+        torch.ops.m6.masked_softmax_backward(out, out.double(), p, v, 1.0, zero)
     with pytest.raises(RuntimeError, match="valid_len must be <= Sk"):
-        torch.ops.m6.masked_softmax_backward(out, out, p, v + 2, 1.0, 0)
+        torch.ops.m6.masked_softmax_backward(out, out, p, v + 2, 1.0, zero)
+    with pytest.raises(RuntimeError, match=r"q_offset must be >= 0, got q_offset\[1\] = -1"):
+        torch.ops.m6.masked_softmax_backward(out, out, p, v, 1.0, torch.tensor([0, -1]))
+    with pytest.raises(RuntimeError, match="q_offset must be int32 or int64"):
+        torch.ops.m6.masked_softmax_backward(out, out, p, v, 1.0, zero.double())

@@ -8,33 +8,36 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "../common/dtypes.h"
 
 namespace m6 {
 
-// Number of keys query row `q_abs` (absolute position) may attend: keys [0, count) are visible,
-// since the allowed set {j < valid and (j < prefix or j <= q_abs)} is always a prefix of the row.
-// Zero for padded rows (q_abs >= valid).
-C10_HOST_DEVICE inline int64_t visible_keys(int64_t q_abs, int64_t prefix, int64_t valid) {
+// Number of keys query row i of a sample may attend: keys [0, count) are visible, since the
+// allowed set {j < valid and (j < prefix or j <= q_offset + i)} is always a prefix of the row.
+// Zero for padded rows (q_offset + i >= valid). q_offset is clamped to valid first: a row at or
+// past valid is padded either way, and q_offset + i can then not overflow for any q_offset.
+C10_HOST_DEVICE inline int64_t visible_keys(int64_t q_offset, int64_t i, int64_t prefix, int64_t valid) {
+  const int64_t q_abs = std::min(q_offset, valid) + i;
   if (q_abs >= valid) return 0;
   const int64_t causal_end = q_abs + 1;
   return std::min(valid, std::max(prefix, causal_end));
 }
 
 // Shape, dtype and device checks common to forward and backward. `what` names the tensor whose
-// (B, H, Sq, Sk) shape the lengths refer to.
+// (B, H, Sq, Sk) shape the per-sample tensors refer to.
 inline void check_masked_softmax_args(const at::Tensor& scores, const at::Tensor& prefix_len,
-                                      const at::Tensor& valid_len, int64_t q_offset,
+                                      const at::Tensor& valid_len, const at::Tensor& q_offset,
                                       const char* what) {
   TORCH_CHECK(scores.dim() == 4, "masked_softmax: ", what, " must be 4-D (B, H, Sq, Sk), got ",
               scores.dim(), "-D");
   TORCH_CHECK(kernel_dtype_ok(scores.scalar_type(), scores.device()), "masked_softmax: ", what, " must be ",
               kernel_dtypes_text(scores.device()), ", got ", scores.scalar_type());
-  TORCH_CHECK(q_offset >= 0, "masked_softmax: q_offset must be >= 0, got ", q_offset);
   const int64_t batch = scores.size(0);
-  for (const auto* t : {&prefix_len, &valid_len}) {
-    const char* name = (t == &prefix_len) ? "prefix_len" : "valid_len";
+  const std::pair<const at::Tensor*, const char*> per_sample[] = {
+      {&prefix_len, "prefix_len"}, {&valid_len, "valid_len"}, {&q_offset, "q_offset"}};
+  for (const auto& [t, name] : per_sample) {
     TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong,
                 "masked_softmax: ", name, " must be int32 or int64, got ", t->scalar_type());
     TORCH_CHECK(t->dim() == 1 && t->size(0) == batch, "masked_softmax: ", name,
@@ -54,10 +57,11 @@ inline void check_masked_softmax_backward_args(const at::Tensor& grad_out, const
               out.device(), ", got ", grad_out.device());
 }
 
-// Value checks on host copies of the lengths (int64, contiguous, CPU):
-// 0 <= prefix_len <= valid_len <= Sk for every sample.
-inline void check_length_values(const int64_t* prefix, const int64_t* valid, int64_t batch,
-                                int64_t sk) {
+// Value checks on host copies of the per-sample tensors (int64, contiguous, CPU):
+// 0 <= prefix_len <= valid_len <= Sk and q_offset >= 0 for every sample (q_offset may lie past
+// valid_len: those rows are padding).
+inline void check_length_values(const int64_t* prefix, const int64_t* valid, const int64_t* q_offset,
+                                int64_t batch, int64_t sk) {
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(prefix[b] >= 0 && valid[b] >= 0, "masked_softmax: lengths must be >= 0, got "
                 "prefix_len[", b, "] = ", prefix[b], ", valid_len[", b, "] = ", valid[b]);
@@ -65,6 +69,8 @@ inline void check_length_values(const int64_t* prefix, const int64_t* valid, int
                 "prefix_len[", b, "] = ", prefix[b], " > valid_len[", b, "] = ", valid[b]);
     TORCH_CHECK(valid[b] <= sk, "masked_softmax: valid_len must be <= Sk = ", sk, ", got valid_len[",
                 b, "] = ", valid[b]);
+    TORCH_CHECK(q_offset[b] >= 0, "masked_softmax: q_offset must be >= 0, got q_offset[", b, "] = ",
+                q_offset[b]);
   }
 }
 

@@ -1,9 +1,10 @@
 // CPU kernels of m6::masked_softmax and m6::masked_softmax_backward (schema: csrc/registration.cpp).
 //
 // Shapes: scores, out, grad (B, H, Sq, Sk) fp32 | fp16 | bf16 | fp64, contiguous inside the kernel;
-// prefix_len, valid_len (B,) int32 | int64, copied to int64 on the host.
-// Row r = ((b * H) + h) * Sq + i sees keys [0, n) with n = visible_keys(q_offset + i, prefix, valid)
-// (the allowed set is always a prefix of the row). Per row, forward:
+// prefix_len, valid_len, q_offset (B,) int32 | int64, copied to int64 on the host.
+// Row r = ((b * H) + h) * Sq + i sees keys [0, n) with
+// n = visible_keys(q_offset[b], i, prefix_len[b], valid_len[b]) (the allowed set is always a prefix
+// of the row). Per row, forward:
 //   m = max_j<n scale*x_j;  e_j = exp(scale*x_j - m);  y_j = e_j / sum_j<n e_j;  y_j = 0 for j >= n
 // backward (from the saved y only; y = 0 past n, so those dx are 0 without reading anything):
 //   dx_j = scale * y_j * (dy_j - sum_k<n dy_k * y_k)
@@ -188,19 +189,25 @@ void softmax_backward_row_fp64(const double* dy, const double* y, double* dx, in
   cpu::zero_row(dx + n, len - n);
 }
 
+// The per-sample tensors as host int64 arrays of B values.
+struct HostLengths {
+  const int64_t* prefix;
+  const int64_t* valid;
+  const int64_t* q_offset;
+};
+
 // Number of visible keys of row r (see the file comment).
-inline int64_t row_keys(int64_t r, const Dims& d, const int64_t* prefix, const int64_t* valid,
-                        int64_t q_offset) {
+inline int64_t row_keys(int64_t r, const Dims& d, const HostLengths& lens) {
   const int64_t b = r / (d.heads * d.sq);
   const int64_t i = r % d.sq;
-  return visible_keys(q_offset + i, prefix[b], valid[b]);
+  return visible_keys(lens.q_offset[b], i, lens.prefix[b], lens.valid[b]);
 }
 
 inline int64_t rows_per_task(int64_t sk) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(sk, 1)); }
 
 template <typename T>
-void forward_rows(const T* x, T* y, int64_t rows, const Dims& d, const int64_t* prefix,
-                  const int64_t* valid, double scale_fp64, int64_t q_offset, bool stream) {
+void forward_rows(const T* x, T* y, int64_t rows, const Dims& d, const HostLengths& lens,
+                  double scale_fp64, bool stream) {
   constexpr bool kFp64 = std::is_same_v<T, double>;
   const float scale = static_cast<float>(scale_fp64);
   at::parallel_for(0, rows, rows_per_task(d.sk), [&](int64_t begin, int64_t end) {
@@ -209,8 +216,8 @@ void forward_rows(const T* x, T* y, int64_t rows, const Dims& d, const int64_t* 
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * d.sk;
       T* yr = y + r * d.sk;
-      const int64_t n = row_keys(r, d, prefix, valid, q_offset);
-      if (r + 1 < end) cpu::prefetch_row(xr + d.sk, sizeof(T) * row_keys(r + 1, d, prefix, valid, q_offset));
+      const int64_t n = row_keys(r, d, lens);
+      if (r + 1 < end) cpu::prefetch_row(xr + d.sk, sizeof(T) * row_keys(r + 1, d, lens));
       if constexpr (kFp64) {
         softmax_row_fp64(xr, yr, n, d.sk, scale_fp64);
       } else if constexpr (std::is_same_v<T, float>) {
@@ -231,17 +238,17 @@ void forward_rows(const T* x, T* y, int64_t rows, const Dims& d, const int64_t* 
 }
 
 template <typename T>
-void backward_rows(const T* dy, const T* y, T* dx, int64_t rows, const Dims& d, const int64_t* prefix,
-                   const int64_t* valid, double scale_fp64, int64_t q_offset, bool stream) {
+void backward_rows(const T* dy, const T* y, T* dx, int64_t rows, const Dims& d, const HostLengths& lens,
+                   double scale_fp64, bool stream) {
   constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;  // no fp32 copies
   const float scale = static_cast<float>(scale_fp64);
   at::parallel_for(0, rows, rows_per_task(d.sk), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(kWide ? 0 : 2 * d.sk);  // fp32 dy and y rows
     for (int64_t r = begin; r < end; ++r) {
       const int64_t offset = r * d.sk;
-      const int64_t n = row_keys(r, d, prefix, valid, q_offset);
+      const int64_t n = row_keys(r, d, lens);
       if (r + 1 < end) {
-        const int64_t next_bytes = sizeof(T) * row_keys(r + 1, d, prefix, valid, q_offset);
+        const int64_t next_bytes = sizeof(T) * row_keys(r + 1, d, lens);
         cpu::prefetch_row(dy + offset + d.sk, next_bytes);
         cpu::prefetch_row(y + offset + d.sk, next_bytes);
       }
@@ -267,26 +274,31 @@ void backward_rows(const T* dy, const T* y, T* dx, int64_t rows, const Dims& d, 
   });
 }
 
-// Host int64 copy of a length tensor (no copy for contiguous int64 CPU lengths).
+// Host int64 copy of a per-sample tensor (no copy for contiguous int64 CPU tensors).
 at::Tensor host_lengths(const at::Tensor& lengths) {
   return lengths.to(at::kCPU, at::kLong).contiguous();
 }
 
-// Validates everything and returns the host int64 copies of (prefix_len, valid_len).
-std::pair<at::Tensor, at::Tensor> checked_lengths(const at::Tensor& scores, const at::Tensor& prefix_len,
-                                                  const at::Tensor& valid_len, int64_t q_offset,
-                                                  const char* what) {
-  check_masked_softmax_args(scores, prefix_len, valid_len, q_offset, what);
-  at::Tensor prefix = host_lengths(prefix_len);
-  at::Tensor valid = host_lengths(valid_len);
-  check_length_values(prefix.data_ptr<int64_t>(), valid.data_ptr<int64_t>(), scores.size(0),
-                      scores.size(3));
-  return {prefix, valid};
-}
+// The validated host int64 copies of prefix_len, valid_len and q_offset; `lens` points into them.
+struct CheckedLengths {
+  at::Tensor prefix, valid, q_offset;
+  HostLengths lens;
+
+  CheckedLengths(const at::Tensor& scores, const at::Tensor& prefix_len, const at::Tensor& valid_len,
+                 const at::Tensor& q_offset_in, const char* what) {
+    check_masked_softmax_args(scores, prefix_len, valid_len, q_offset_in, what);
+    prefix = host_lengths(prefix_len);
+    valid = host_lengths(valid_len);
+    q_offset = host_lengths(q_offset_in);
+    lens = HostLengths{prefix.const_data_ptr<int64_t>(), valid.const_data_ptr<int64_t>(),
+                       q_offset.const_data_ptr<int64_t>()};
+    check_length_values(lens.prefix, lens.valid, lens.q_offset, scores.size(0), scores.size(3));
+  }
+};
 
 at::Tensor masked_softmax_cpu(const at::Tensor& scores, const at::Tensor& prefix_len,
-                              const at::Tensor& valid_len, double scale, int64_t q_offset) {
-  const auto [prefix, valid] = checked_lengths(scores, prefix_len, valid_len, q_offset, "scores");
+                              const at::Tensor& valid_len, double scale, const at::Tensor& q_offset) {
+  const CheckedLengths lengths(scores, prefix_len, valid_len, q_offset, "scores");
   const at::Tensor x = scores.contiguous();                       // (B, H, Sq, Sk)
   at::Tensor out = cpu::empty_output(x.sizes(), x.options());     // (B, H, Sq, Sk)
   const Dims d{x.size(1), x.size(2), x.size(3)};
@@ -294,17 +306,16 @@ at::Tensor masked_softmax_cpu(const at::Tensor& scores, const at::Tensor& prefix
   cpu::dispatch_storage_type(x.scalar_type(), "masked_softmax", [&](auto tag) {
     using scalar_t = decltype(tag);
     forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, d,
-                           prefix.const_data_ptr<int64_t>(), valid.const_data_ptr<int64_t>(), scale,
-                           q_offset, cpu::use_streaming_stores(out.nbytes()));
+                           lengths.lens, scale, cpu::use_streaming_stores(out.nbytes()));
   });
   return out;
 }
 
 at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out,
                                        const at::Tensor& prefix_len, const at::Tensor& valid_len,
-                                       double scale, int64_t q_offset) {
+                                       double scale, const at::Tensor& q_offset) {
   check_masked_softmax_backward_args(grad_out, out);
-  const auto [prefix, valid] = checked_lengths(out, prefix_len, valid_len, q_offset, "out");
+  const CheckedLengths lengths(out, prefix_len, valid_len, q_offset, "out");
   const at::Tensor dy = grad_out.contiguous();                    // (B, H, Sq, Sk)
   const at::Tensor y = out.contiguous();                          // (B, H, Sq, Sk)
   at::Tensor dx = cpu::empty_output(y.sizes(), y.options());      // (B, H, Sq, Sk)
@@ -313,8 +324,7 @@ at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad_out, const at::Ten
   cpu::dispatch_storage_type(y.scalar_type(), "masked_softmax_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
     backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                            dx.mutable_data_ptr<scalar_t>(), rows, d, prefix.const_data_ptr<int64_t>(),
-                            valid.const_data_ptr<int64_t>(), scale, q_offset,
+                            dx.mutable_data_ptr<scalar_t>(), rows, d, lengths.lens, scale,
                             cpu::use_streaming_stores(dx.nbytes()));
   });
   return dx;

@@ -1,10 +1,11 @@
 // CUDA kernels of m6::masked_softmax and m6::masked_softmax_backward (schema: csrc/registration.cpp).
 //
 // Shapes: scores, out, grads (B, H, Sq, Sk) fp32 | fp16 | bf16, contiguous inside the kernels, seen
-// as rows = B * H * Sq rows of Sk keys; prefix_len, valid_len (B,) int32 | int64 on the same device.
-// Row r = ((b * H) + h) * Sq + i is query i of sample b, at absolute position q_offset + i; it sees
-// keys [0, n) with n = visible_keys(q_offset + i, prefix_len[b], valid_len[b]). Keys past n are
-// never read and are written as zeros (padded rows, n = 0, are all zeros).
+// as rows = B * H * Sq rows of Sk keys; prefix_len, valid_len, q_offset (B,) int32 | int64 on the
+// same device. Row r = ((b * H) + h) * Sq + i is query i of sample b, at absolute position
+// q_offset[b] + i; it sees keys [0, n) with n = visible_keys(q_offset[b], i, prefix_len[b],
+// valid_len[b]). Keys past n are never read and are written as zeros (padded rows, n = 0, are all
+// zeros).
 //   forward:  y_j = exp(scale * x_j - m) / sum_{k<n} exp(scale * x_k - m),  m = max_{k<n} scale * x_k
 //   backward: dx_j = scale * y_j * (dy_j - sum_{k<n} dy_k * y_k)
 // Math in fp32; the 16-bit forwards exponentiate with the hardware 2^x (MUFU.EX2) on logits pre-scaled
@@ -77,7 +78,6 @@ struct RowGeom {
   int64_t rows;             // B * H * Sq
   int64_t rows_per_sample;  // H * Sq
   int64_t sq;
-  int64_t q_offset;
   int64_t batch;
   double inv_rows_per_sample;  // 1 / (H * Sq), 0 when there are no rows
   double inv_sq;               // 1 / Sq, 0 when Sq = 0
@@ -135,22 +135,26 @@ __device__ __forceinline__ void store_chunk(T* __restrict__ row, int j0, int end
 
 // ---- Length values.
 //
-// The CPU kernel checks length values on the host. Here that would cost a device-to-host copy and
-// a stream synchronisation on every call (and break CUDA-graph capture), so the values never reach
-// the host. The kernels read the caller's length tensors directly and clamp each value (valid into
-// [0, Sk], prefix into [0, valid]), so any value is memory-safe; block 0 of each kernel also checks
-// that every value is in range and, if one is not, stops the kernel with a device-side assert
+// The CPU kernel checks length and offset values on the host. Here that would cost a
+// device-to-host copy and a stream synchronisation on every call (and break CUDA-graph capture),
+// so the values never reach the host. The kernels read the caller's per-sample tensors directly and
+// clamp each value (valid into [0, Sk], prefix into [0, valid], q_offset into [0, valid]: rows at or
+// past valid are padding either way), so any value is memory-safe and no position arithmetic can
+// overflow; block 0 of each kernel also checks that every value is in range and, if one is not,
+// stops the kernel with a device-side assert
 // (CUDA_KERNEL_ASSERT_MSG, active in release builds too) reported at the next synchronisation. A
 // bad value thus fails loudly rather than silently using another mask, with no allocation and no
 // extra launch per call. Like any device-side assert it leaves the CUDA context unusable, the
 // contract of torch's own CUDA indexing kernels for an out-of-range index.
 
-// The lengths as the kernels see them: (B,) int32 or int64 each, contiguous.
+// The per-sample tensors as the kernels see them: (B,) int32 or int64 each, contiguous.
 struct Lengths {
   const void* prefix;
   const void* valid;
+  const void* q_offset;
   bool prefix_is_long;
   bool valid_is_long;
+  bool q_offset_is_long;
 };
 
 __device__ __forceinline__ int64_t load_length(const void* p, bool is_long, int64_t b) {
@@ -174,12 +178,13 @@ __device__ __forceinline__ int64_t row_visible_keys(int64_t row, const RowGeom& 
   const int64_t i = row - floor_div(row, g.sq, g.inv_sq) * g.sq;
   const int64_t v = load_length(lens.valid, lens.valid_is_long, b);
   const int64_t p = load_length(lens.prefix, lens.prefix_is_long, b);
+  const int64_t o = load_length(lens.q_offset, lens.q_offset_is_long, b);
   const int64_t valid = v < 0 ? 0 : (v > g.sk ? g.sk : v);
   const int64_t prefix = p < 0 ? 0 : (p > valid ? valid : p);
-  return visible_keys(g.q_offset + i, prefix, valid);  // in [0, valid], whatever q_offset is
+  return visible_keys(o < 0 ? 0 : o, i, prefix, valid);  // in [0, valid]; clamps o to valid itself
 }
 
-// Asserts that every length is in range. Every thread of block 0 calls it, before any row.
+// Asserts that every length and offset is in range. Every thread of block 0 calls it, before any row.
 __device__ __forceinline__ void check_lengths_in_range(const RowGeom& g, const Lengths& lens) {
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int threads = blockDim.x * blockDim.y;
@@ -189,11 +194,12 @@ __device__ __forceinline__ void check_lengths_in_range(const RowGeom& g, const L
   for (int b = tid; b < static_cast<int>(g.batch); b += threads) {
     const int64_t p = load_length(lens.prefix, lens.prefix_is_long, b);
     const int64_t v = load_length(lens.valid, lens.valid_is_long, b);
-    ok &= static_cast<int>(p >= 0 && p <= v && v <= g.sk);  // p >= 0 and p <= v imply v >= 0
+    const int64_t o = load_length(lens.q_offset, lens.q_offset_is_long, b);
+    ok &= static_cast<int>(p >= 0 && p <= v && v <= g.sk && o >= 0);  // p >= 0 and p <= v imply v >= 0
   }
   ok = __syncthreads_and(ok);
-  CUDA_KERNEL_ASSERT_MSG(ok, "masked_softmax: lengths out of range: need 0 <= prefix_len <= valid_len <= Sk "
-                             "for every sample");
+  CUDA_KERNEL_ASSERT_MSG(ok, "masked_softmax: lengths or q_offset out of range: need 0 <= prefix_len <= "
+                             "valid_len <= Sk and q_offset >= 0 for every sample");
 }
 
 // ---- Forward.
@@ -668,40 +674,41 @@ void with_vector_width(RowGeom& g, std::initializer_list<const void*> ptrs, F&& 
   }
 }
 
-RowGeom row_geom(const at::Tensor& t, int64_t q_offset) {  // t (B, H, Sq, Sk)
+RowGeom row_geom(const at::Tensor& t) {  // t (B, H, Sq, Sk)
   TORCH_CHECK(t.size(0) < INT_MAX, "masked_softmax: B = ", t.size(0), " samples is more than the CUDA kernels "
               "index (", INT_MAX - 1, ")");
   TORCH_CHECK(t.size(3) <= kMaxKeys, "masked_softmax: Sk = ", t.size(3), " keys per row is more than the CUDA "
               "kernels index (", kMaxKeys, ")");
   const int64_t rows_per_sample = t.size(1) * t.size(2);
   const auto inverse = [](int64_t d) { return d > 0 ? 1.0 / static_cast<double>(d) : 0.0; };
-  return RowGeom{t.size(0) * rows_per_sample, rows_per_sample, t.size(2), q_offset, t.size(0),
+  return RowGeom{t.size(0) * rows_per_sample, rows_per_sample, t.size(2), t.size(0),
                  inverse(rows_per_sample), inverse(t.size(2)), static_cast<int>(t.size(3)), 0};
 }
 
-// The caller's length tensors as the kernels read them (contiguous (B,): no copy when they are).
+// The caller's per-sample tensors as the kernels read them (contiguous (B,): no copy when they are).
 struct DeviceLengths {
-  at::Tensor prefix, valid;
+  at::Tensor prefix, valid, q_offset;
 
-  DeviceLengths(const at::Tensor& prefix_len, const at::Tensor& valid_len)
-      : prefix(prefix_len.contiguous()), valid(valid_len.contiguous()) {}
+  DeviceLengths(const at::Tensor& prefix_len, const at::Tensor& valid_len, const at::Tensor& q_offset_in)
+      : prefix(prefix_len.contiguous()), valid(valid_len.contiguous()), q_offset(q_offset_in.contiguous()) {}
 
   Lengths view() const {
-    return Lengths{prefix.const_data_ptr(), valid.const_data_ptr(), prefix.scalar_type() == at::kLong,
-                   valid.scalar_type() == at::kLong};
+    return Lengths{prefix.const_data_ptr(), valid.const_data_ptr(), q_offset.const_data_ptr(),
+                   prefix.scalar_type() == at::kLong, valid.scalar_type() == at::kLong,
+                   q_offset.scalar_type() == at::kLong};
   }
 };
 
 at::Tensor masked_softmax_cuda(const at::Tensor& scores, const at::Tensor& prefix_len,
-                               const at::Tensor& valid_len, double scale, int64_t q_offset) {
+                               const at::Tensor& valid_len, double scale, const at::Tensor& q_offset) {
   check_masked_softmax_args(scores, prefix_len, valid_len, q_offset, "scores");
   const c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor x = scores.contiguous();            // (B, H, Sq, Sk)
   at::Tensor out = at::empty(x.sizes(), x.options());  // (B, H, Sq, Sk)
   if (x.size(0) == 0) return out;                      // no sample, no lengths
-  const DeviceLengths lengths(prefix_len, valid_len);
+  const DeviceLengths lengths(prefix_len, valid_len, q_offset);
   const Lengths lens = lengths.view();
-  RowGeom g = row_geom(x, q_offset);
+  RowGeom g = row_geom(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Launched even when there are no rows (H, Sq or Sk of 0): block 0 still checks the lengths.
   M6_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "masked_softmax", [&] {
@@ -717,7 +724,7 @@ at::Tensor masked_softmax_cuda(const at::Tensor& scores, const at::Tensor& prefi
 
 at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out,
                                         const at::Tensor& prefix_len, const at::Tensor& valid_len,
-                                        double scale, int64_t q_offset) {
+                                        double scale, const at::Tensor& q_offset) {
   check_masked_softmax_backward_args(grad_out, out);
   check_masked_softmax_args(out, prefix_len, valid_len, q_offset, "out");
   const c10::cuda::CUDAGuard guard(out.device());
@@ -725,9 +732,9 @@ at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad_out, const at::Te
   const at::Tensor y = out.contiguous();              // (B, H, Sq, Sk)
   at::Tensor dx = at::empty(y.sizes(), y.options());  // (B, H, Sq, Sk)
   if (y.size(0) == 0) return dx;                      // no sample, no lengths
-  const DeviceLengths lengths(prefix_len, valid_len);
+  const DeviceLengths lengths(prefix_len, valid_len, q_offset);
   const Lengths lens = lengths.view();
-  RowGeom g = row_geom(y, q_offset);
+  RowGeom g = row_geom(y);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   M6_DISPATCH_FLOAT_HALF_BF16(y.scalar_type(), "masked_softmax_backward", [&] {
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();

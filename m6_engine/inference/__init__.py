@@ -6,9 +6,10 @@
 
 ``model`` is a whole (pp = 1) ``M6Model`` in eval mode, with any tp; ``loading`` builds one from
 a checkpoint of any layout. Modules: ``inputs`` (prompts and their packed rows), ``kv_cache`` (the
-cache and the cached forward), ``steppers`` (cached vs recomputed next-token logits),
-``processors`` (n-gram ban, temperature, top-k, top-p), ``decode`` (greedy, sampling), ``beam``
-(beam search), ``score`` (log-likelihood, perplexity), ``loading`` (checkpoint, tokenizer, image).
+cache's storage, and the model's own blocks run with it), ``steppers`` (cached vs recomputed
+next-token logits), ``processors`` (n-gram ban, temperature, top-k, top-p), ``decode`` (greedy,
+sampling), ``beam`` (beam search), ``score`` (log-likelihood, perplexity), ``loading`` (checkpoint,
+tokenizer, image).
 """
 
 from m6_engine.inference.common import GenerationConfig, Generated

@@ -1,34 +1,30 @@
-"""KV-cache forward passes of an M6 stage (pp = 1, any tp) under the prefix-LM mask.
+"""KV-cache storage and the cached forward of an M6 stage (pp = 1, any tp) under the prefix-LM mask.
 
 The cache holds, for every block, this rank's keys and values of every position seen so far:
-K, V (R, H/t, capacity, hd), row r filled up to ``lengths[r]`` (its cursor). :func:`extend` runs
-T new tokens per row through the blocks, writes their K / V at slots ``lengths[r] .. + T - 1`` and
-attends over the cached keys with the fused ``masked_softmax`` op. A new token may see every
-cached key (each is an earlier position, in the prefix or causally before it), so the op's two
-lengths and its ``q_offset`` follow from the cursors alone:
+K, V (R, H/t, capacity, hd), row r filled up to ``lengths[r]`` (its cursor c_r). :func:`extend` runs
+T new tokens per row through the model's own blocks (``TransformerBlock.forward`` with a
+``LayerKVCache``: the residuals, MLP, norms and attention op of training), which write their K / V
+at slots c_r .. c_r + T - 1 and attend over the cached keys. Row r's new tokens sit at absolute
+positions c_r + i, so the fused op's per-sample ``q_offset`` is the cursor. The micro-batch of
+new tokens gives its own lengths (n_r tokens kept, the first p_r of them bidirectional), and the
+op gets those of the whole row:
 
-* a block of T tokens at a common start s (the first pass over packed prompts with s = 0, or
-  candidate texts appended to a cached prefix): query i sits at absolute position s + i, so
+    q_offset = c_r,  valid_len = c_r + n_r,  prefix_len = c_r + p_r
 
-      q_offset = s,  prefix_len = s + (bidirectional part of the new tokens),  valid_len = s + n_r
-
-  which is the training mask of the whole row restricted to the new queries;
-* one token per row at per-row cursors c_r (a decoding step over prompts of different
-  lengths): one ``q_offset`` cannot place B different positions, but a single query row needs no
-  causal split: it sees exactly keys 0..c_r, i.e. ``prefix_len = valid_len = c_r + 1`` (the row
-  is "all prefix" up to and including itself) with ``q_offset = 0``. This is the causal row
-  c_r of the training mask.
+Each new query row is then exactly its row of the training mask: for the first pass over packed
+prompts c_r = 0 and p_r is the prompts' prefix; a decoding step (one token per row, cursors that
+differ between rows) and candidate texts appended to a cached prefix have p_r = 0, causal after
+every cached position (the prompt's prefix ends before c_r, so it is all visible either way).
 
 Slots past a row's cursor may hold stale K / V (pad of the first pass, dropped beams); they lie
 beyond ``valid_len`` and get probability 0. They are always finite (the cache starts zeroed), as
-the context product probs @ V still multiplies them by that 0. The block arithmetic mirrors
-``TransformerBlock.forward`` in eval mode (no dropout); the tests hold the two equal.
+the context product probs @ V still multiplies them by that 0.
 """
 
 import torch
 
 from m6_engine.data.batch import MicroBatch
-
+from m6_engine.model.attention import LayerKVCache
 from m6_engine.parallel.mappings import gather_from_tp
 
 
@@ -50,17 +46,9 @@ class KVCache:
     def rows(self) -> int:
         return self.lengths.shape[0]
 
-    def write(self, layer: str, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
-        """Store k, v (R, H/t, T, hd) at slots start[r] .. start[r] + T - 1 of each row."""
-        t = k.shape[2]
-        if t == 1:
-            rows = torch.arange(self.rows, device=k.device)
-            self.keys[layer][rows, :, start] = k[:, :, 0]          # (R, H/t, hd)
-            self.values[layer][rows, :, start] = v[:, :, 0]
-        else:
-            s = int(start[0])
-            self.keys[layer][:, :, s:s + t] = k
-            self.values[layer][:, :, s:s + t] = v
+    def layer(self, layer: str, attended: int) -> LayerKVCache:
+        """Block ``layer``'s cache for a step whose new tokens start at the rows' cursors."""
+        return LayerKVCache(self.keys[layer], self.values[layer], self.lengths, attended)
 
     def reorder(self, rows: torch.Tensor, capacity: int | None = None) -> None:
         """Keep rows ``rows`` (R',) in that order (beam reordering, dropping finished rows,
@@ -90,30 +78,15 @@ def check_decodable(model) -> None:
                            "would make every step random")
 
 
-def mask_args(start: torch.Tensor, new_len: torch.Tensor, new_prefix_len: torch.Tensor | None,
-              num_new: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(prefix_len, valid_len, q_offset) of ``num_new`` tokens appended at cursors ``start`` (R,),
-    row r keeping ``new_len[r]`` of them, the first ``new_prefix_len[r]`` bidirectional (module
-    docstring)."""
-    if num_new == 1:
-        visible = start + 1
-        return visible, visible, 0
-    s = int(start[0])
-    if not bool((start == s).all()):
-        raise ValueError("several new tokens per row need a common start (one q_offset); rows are "
-                         f"at {start.tolist()}")
-    prefix = start if new_prefix_len is None else start + new_prefix_len.to(start.device)
-    return prefix, start + new_len.to(start.device), s
-
-
 @torch.no_grad()
 def extend(model, cache: KVCache, batch: MicroBatch) -> torch.Tensor:
     """Run T new tokens per row (``batch``: tokens, position_ids, segment_ids (R, T), optionally
     patches) through ``model``'s blocks with ``cache``; return the final-norm hidden (R, T, d).
 
-    The batch's lengths are those of its new tokens: row r keeps ``valid_len[r]`` of the T tokens
-    (the rest is pad), and the first ``prefix_len[r]`` of them are bidirectional (a first pass
-    over prompts; 0 for decode steps and scored continuations).
+    The batch's lengths are those of its new tokens, counted from each row's cursor: row r keeps
+    ``valid_len[r]`` of the T tokens (the rest is pad), and the first ``prefix_len[r]`` of them
+    are bidirectional (a first pass over prompts; 0 for decode steps and scored continuations,
+    causal text after every cached position: module docstring).
     """
     check_decodable(model)
     batch = batch.to(cache.lengths.device)
@@ -123,19 +96,13 @@ def extend(model, cache: KVCache, batch: MicroBatch) -> torch.Tensor:
     if int(start.max()) + t > cache.capacity:
         raise ValueError(f"the cache holds {cache.capacity} positions; rows at {int(start.max())} "
                          f"cannot take {t} more")
-    prefix_len, valid_len, q_offset = mask_args(start, new_len, new_prefix_len, t)
-    keys_needed = int(valid_len.max())
+    valid_len = start + new_len                # absolute positions: the cursor is q_offset
+    prefix_len = start + new_prefix_len
+    attended = int(valid_len.max())
     h = model.embedding(batch)                                                   # (R, T, d)
     for layer, block in model.layers.items():
-        attention = block.attention
-        q, k, v = attention.project_qkv(block.ln1(h))                            # (R, H/t, T, hd)
-        cache.write(layer, k, v, start)
-        context = attention.core(q, cache.keys[layer][:, :, :keys_needed],
-                                 cache.values[layer][:, :, :keys_needed], prefix_len, valid_len,
-                                 q_offset)                                        # (R, H/t, T, hd)
-        h = h + attention.project_out(context)
-        h = h + block.mlp(block.ln2(h))
-    cache.lengths = start + new_len
+        h = block(h, prefix_len, valid_len, cache=cache.layer(layer, attended))  # (R, T, d)
+    cache.lengths = valid_len
     return model.final_ln(h)
 
 

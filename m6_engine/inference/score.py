@@ -9,7 +9,7 @@ A candidate is a whole complete text c_0 .. c_n (M6: ``[CLS] t_1 .. t_m [SEP]``,
 
 and -log_likelihood / n is exactly the training loss of the packed sample (prefix, candidate).
 The prefix is encoded once into a KV cache, then all candidates are appended to copies of it in
-one pass (a common start, so the fused op's ``q_offset`` places them); the token losses come from
+one pass (the cursors are the fused op's per-sample ``q_offset``); the token losses come from
 the training loss's own ``vocab_parallel_cross_entropy``.
 """
 

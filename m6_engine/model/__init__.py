@@ -5,7 +5,7 @@
 holds the parameter and FLOP formulas.
 """
 
-from m6_engine.model.attention import SelfAttention
+from m6_engine.model.attention import LayerKVCache, SelfAttention
 from m6_engine.model.block import RECOMPUTE_MODES, TransformerBlock, check_recompute
 from m6_engine.model.embeddings import WORD_EMBEDDING, M6Embeddings
 from m6_engine.model.flops import allowed_pairs, batch_forward_flops, forward_flops, parameter_count
@@ -14,7 +14,8 @@ from m6_engine.model.m6 import ForwardStep, M6Loss, M6Model, stage_layer_range
 from m6_engine.model.mlp import MLP
 
 __all__ = [
-    "ForwardStep", "M6Embeddings", "M6Loss", "M6Model", "MATCHING_HEAD_PREFIX", "MLP", "MatchingHead",
+    "ForwardStep", "LayerKVCache", "M6Embeddings", "M6Loss", "M6Model", "MATCHING_HEAD_PREFIX", "MLP",
+    "MatchingHead",
     "RECOMPUTE_MODES", "SelfAttention",
     "TransformerBlock", "WORD_EMBEDDING", "allowed_pairs", "batch_forward_flops", "check_recompute",
     "forward_flops",

@@ -10,15 +10,18 @@ With t = tp size, H heads of size hd = d / H, rank r holds heads [r H/t, (r+1) H
 
 The QKV weight's rows are ordered (head, q|k|v, hd), so a contiguous tp shard holds whole heads
 (Megatron's layout; ``m6_engine.convert`` permutes GPT-2's (q|k|v, head, hd) into it).
-Mask (``m6_engine.ops``): query i (absolute position q_offset + i) sees key j iff
+Mask (``m6_engine.ops``): query i of sample b (absolute position q_offset[b] + i) sees key j iff
 ``j < valid_len and (j < prefix_len or j <= q_offset + i)``; padded query rows give zeros.
 
-The three steps are separate methods so a KV-cache decoder can run ``project_qkv`` on new
-tokens, concatenate cached keys and values, and call ``core`` with ``q_offset``.
+With a :class:`LayerKVCache` (decoding and scoring, ``m6_engine.inference.kv_cache``) the same
+forward runs on new tokens after cached ones: their keys and values are written into the cache,
+the queries attend every cached slot up to ``valid_len``, and ``q_offset`` is each row's cursor
+(the new tokens' first position). Training passes no cache: q_offset = 0, keys = the queries' own.
 """
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,34 @@ from m6_engine.model.common import ParamInit
 from m6_engine.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from m6_engine.parallel.random import RNGTracker, checkpoint
 from m6_engine.parallel.state import ParallelState
+
+
+@dataclass(frozen=True)
+class LayerKVCache:
+    """One block's keys and values of the earlier positions, for one forward step.
+
+    ``keys``, ``values`` (B, H/t, capacity, hd) are the cache's storage for this block (written in
+    place); the step's T tokens of row b sit at positions ``start[b] .. start[b] + T - 1`` (``start``
+    (B,) int64: the row's cursor), and the step attends the first ``attended`` slots (at least
+    every row's valid_len: slots past it get probability 0).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: torch.Tensor
+    attended: int
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's k, v (B, H/t, T, hd) at their slots; return the attended keys and
+        values, (B, H/t, attended, hd) each."""
+        b, _, t, _ = k.shape
+        rows = torch.arange(b, device=k.device).view(b, 1)                     # (B, 1)
+        slots = self.start.view(b, 1) + torch.arange(t, device=k.device)       # (B, T)
+        # Advanced indices on dims 0 and 2 with a slice between them: the indexed view is
+        # (B, T, H/t, hd), the broadcast index dims first.
+        self.keys[rows, :, slots] = k.transpose(1, 2)
+        self.values[rows, :, slots] = v.transpose(1, 2)
+        return self.keys[:, :, :self.attended], self.values[:, :, :self.attended]
 
 
 class SelfAttention(nn.Module):
@@ -65,8 +96,9 @@ class SelfAttention(nn.Module):
         return contextlib.nullcontext()
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
-             valid_len: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-        """Masked attention of q (B, H/t, Sq, hd) over k, v (B, H/t, Sk, hd) -> (B, H/t, Sq, hd)."""
+             valid_len: torch.Tensor, q_offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """Masked attention of q (B, H/t, Sq, hd) over k, v (B, H/t, Sk, hd) -> (B, H/t, Sq, hd);
+        query i of row b at position q_offset (int, or (B,) per row) + i."""
         scores = torch.matmul(q, k.transpose(-1, -2))                                 # (B, H/t, Sq, Sk)
         probs = self.ops.masked_softmax(scores, prefix_len, valid_len, self.scale, q_offset)
         if self.training and self.dropout > 0:
@@ -80,12 +112,18 @@ class SelfAttention(nn.Module):
         return self.out(context.transpose(1, 2).reshape(b, s, self.heads_per_rank * self.head_dim))
 
     def forward(self, x: torch.Tensor, prefix_len: torch.Tensor, valid_len: torch.Tensor,
-                recompute_core: bool = False) -> torch.Tensor:
+                recompute_core: bool = False, cache: LayerKVCache | None = None) -> torch.Tensor:
         """x (B, S, d) -> (B, S, d). ``recompute_core`` (selective activation checkpointing) keeps
-        no scores / probabilities for backward: the core is rerun there, with the same dropout."""
+        no scores / probabilities for backward: the core is rerun there, with the same dropout.
+        ``cache``: x holds new tokens after the cached positions (module docstring); the lengths
+        are then absolute positions in the cache."""
         q, k, v = self.project_qkv(x)
+        q_offset = 0
+        if cache is not None:
+            k, v = cache.append(k, v)
+            q_offset = cache.start
         if recompute_core:
-            context = checkpoint(self.core, q, k, v, prefix_len, valid_len, tracker=self.rng_tracker)
+            context = checkpoint(self.core, q, k, v, prefix_len, valid_len, q_offset, tracker=self.rng_tracker)
         else:
-            context = self.core(q, k, v, prefix_len, valid_len)
+            context = self.core(q, k, v, prefix_len, valid_len, q_offset)
         return self.project_out(context)

@@ -4,7 +4,8 @@
     h = h + dropout(mlp(LN2(h)))
 
 h (B, S, d) is replicated over tp; the two dropouts act on replicated tensors and draw from the
-default RNG stream. Parameter names below ``layers.<global index>.``: ``ln1``, ``attention.qkv``,
+default RNG stream. Decoding and scoring run this same forward on new tokens with a
+``LayerKVCache`` (``m6_engine.model.attention``), in eval mode. Parameter names below ``layers.<global index>.``: ``ln1``, ``attention.qkv``,
 ``attention.out``, ``ln2``, ``mlp.fc1``, ``mlp.fc2`` (``.weight`` / ``.bias``).
 
 Recomputation (``recompute``): ``"none"`` keeps every activation; ``"selective"`` reruns only the
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m6_engine.config import ConfigError, ModelConfig
-from m6_engine.model.attention import SelfAttention
+from m6_engine.model.attention import LayerKVCache, SelfAttention
 from m6_engine.model.common import LayerNorm, ParamInit
 from m6_engine.model.mlp import MLP
 from m6_engine.parallel.random import RNGTracker, checkpoint
@@ -46,8 +47,8 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config, state, init, f"{prefix}mlp.")
 
     def forward(self, h: torch.Tensor, prefix_len: torch.Tensor, valid_len: torch.Tensor,
-                recompute_core: bool = False) -> torch.Tensor:
-        a = self.attention(self.ln1(h), prefix_len, valid_len, recompute_core)
+                recompute_core: bool = False, cache: LayerKVCache | None = None) -> torch.Tensor:
+        a = self.attention(self.ln1(h), prefix_len, valid_len, recompute_core, cache)
         h = h + F.dropout(a, self.dropout, self.training)
         return h + F.dropout(self.mlp(self.ln2(h)), self.dropout, self.training)
 

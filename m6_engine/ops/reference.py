@@ -12,26 +12,31 @@ def _math_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def prefix_lm_mask(prefix_len, valid_len, sq: int, sk: int, q_offset: int = 0):
+def prefix_lm_mask(prefix_len, valid_len, sq: int, sk: int, q_offset=0):
     """Boolean mask (B, 1, Sq, Sk), True where query i may attend key j.
 
-    Query i sits at absolute position ``q_offset + i``. It may attend key j iff
-    ``j < valid_len[b] and (j < prefix_len[b] or j <= q_offset + i)``; a padded query
-    (``q_offset + i >= valid_len[b]``) attends nothing.
+    Query i of sample b sits at absolute position ``q_offset[b] + i`` (``q_offset``: an int for
+    every sample, or a (B,) integer tensor). It may attend key j iff
+    ``j < valid_len[b] and (j < prefix_len[b] or j <= q_offset[b] + i)``; a padded query
+    (``q_offset[b] + i >= valid_len[b]``) attends nothing.
     """
     device = prefix_len.device
-    q = torch.arange(sq, device=device).view(1, sq, 1) + q_offset   # (1, Sq, 1)
-    k = torch.arange(sk, device=device).view(1, 1, sk)              # (1, 1, Sk)
     prefix = prefix_len.to(torch.long).view(-1, 1, 1)                # (B, 1, 1)
     valid = valid_len.to(torch.long).view(-1, 1, 1)                  # (B, 1, 1)
+    # Clamped to valid_len, which changes no row (at or past valid_len it is padding either way)
+    # and keeps q_offset + i inside int64 for any q_offset.
+    offset = torch.as_tensor(q_offset, dtype=torch.long, device=device).view(-1, 1, 1)  # (B or 1, 1, 1)
+    q = torch.arange(sq, device=device).view(1, sq, 1) + torch.minimum(offset, valid)  # (B, Sq, 1)
+    k = torch.arange(sk, device=device).view(1, 1, sk)              # (1, 1, Sk)
     allowed = (k < valid) & ((k < prefix) | (k <= q)) & (q < valid)  # (B, Sq, Sk)
     return allowed.unsqueeze(1)
 
 
-def masked_softmax_reference(scores, prefix_len, valid_len, scale: float = 1.0, q_offset: int = 0):
+def masked_softmax_reference(scores, prefix_len, valid_len, scale: float = 1.0, q_offset=0):
     """softmax(scale * scores) over the allowed keys, zeros elsewhere; math in fp32 (fp64 for fp64).
 
     scores (B, H, Sq, Sk); returns the same shape and dtype. Rows that attend nothing are zeros.
+    ``q_offset``: an int or a (B,) tensor, as for the fused op.
     """
     _, _, sq, sk = scores.shape
     allowed = prefix_lm_mask(prefix_len, valid_len, sq, sk, q_offset)      # (B, 1, Sq, Sk)
