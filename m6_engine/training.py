@@ -49,7 +49,9 @@ from m6_engine.model.flops import batch_forward_flops
 from m6_engine.model.heads import MATCHING_HEAD_PREFIX
 from m6_engine.model.m6 import ForwardStep
 from m6_engine.optim import MixedPrecisionOptimizer
-from m6_engine.parallel import DataParallel, ParallelState, forward_backward, seed_parallel_rng
+from m6_engine.parallel import (
+    DataParallel, ParallelState, forward_backward, model_grad_sync, seed_parallel_rng,
+)
 
 
 class CountingIterator:
@@ -130,7 +132,8 @@ class Trainer:
         counted = CountingIterator(data, self.job.model)
         forward_backward(self.job.parallel.schedule, forward_step=forward_step, data_iterator=counted,
                          model=self.model, num_microbatches=self.num_microbatches, state=self.state,
-                         tensor_spec=self.tensor_spec, forward_only=forward_only)
+                         tensor_spec=self.tensor_spec, forward_only=forward_only,
+                         **model_grad_sync(self.model, self.state))   # the Trainer owns the reduction
         return forward_step, counted
 
     def train_step(self) -> StepReport:

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from m6_engine.optim import MixedPrecisionOptimizer, OptimizerConfig
-from m6_engine.parallel import DataParallel, TensorSpec, forward_backward
+from m6_engine.parallel import DataParallel, TensorSpec, forward_backward, model_grad_sync
 from tests.toy_lm import ToyLMConfig, ToyLMStage, microbatches, ops_for_tests
 
 GLOBAL_BATCH, MICRO_BATCH = 8, 2
@@ -36,7 +36,7 @@ def backward_step(model, optimizer, cfg: ToyLMConfig, state, step: int) -> float
     spec = TensorSpec((MICRO_BATCH, cfg.seq_len, cfg.hidden), dtype)
     result = forward_backward("1f1b", forward_step=forward_step, data_iterator=iter(batches),
                               model=model, num_microbatches=len(batches), state=state,
-                              tensor_spec=spec)
+                              tensor_spec=spec, **model_grad_sync(model, state))
     if not state.is_last_stage:
         return None
     loss = result.loss.detach().double() / scale

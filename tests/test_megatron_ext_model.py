@@ -147,14 +147,14 @@ def _check_training(state, ours, full):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from m6_engine.model import ForwardStep
-    from m6_engine.parallel import forward_backward
+    from m6_engine.parallel import forward_backward, model_grad_sync
     from megatron_ext.model import m6_forward_step
     from megatron_ext.training import wrap_ddp
 
     batches = _m6_batches()
     result = forward_backward("1f1b", forward_step=ForwardStep(), data_iterator=iter(batches),
                               model=ours, num_microbatches=MICROBATCHES, state=state,
-                              tensor_spec=ours.activation_spec(MB, SEQ))
+                              tensor_spec=ours.activation_spec(MB, SEQ), **model_grad_sync(ours, state))
     our_grads = _full_grads(ours)
 
     module = _m6_mcore(CONFIG, 2, 2, full)

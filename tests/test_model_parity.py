@@ -16,7 +16,7 @@ import torch
 from m6_engine.config import model_preset
 from m6_engine.convert import full_state_dict, load_full_state_dict
 from m6_engine.model import ForwardStep, M6Model
-from m6_engine.parallel import DataParallel, forward_backward
+from m6_engine.parallel import DataParallel, forward_backward, model_grad_sync
 from tests.distributed import init_state, run_ranks
 from tests.m6_data import mixed_batch
 
@@ -58,7 +58,7 @@ def _train(tp, pp, recompute, reference_init=None):
         forward_step = ForwardStep()
         result = forward_backward("1f1b", forward_step=forward_step, data_iterator=iter(batches),
                                   model=model, num_microbatches=len(batches), state=state,
-                                  tensor_spec=spec)
+                                  tensor_spec=spec, **model_grad_sync(model, state))
         with torch.no_grad():
             for p in model.parameters():
                 p.sub_(p.main_grad, alpha=LR)

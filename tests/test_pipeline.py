@@ -1,5 +1,6 @@
 """Pipeline p2p and schedules: transfers, live activations of 1F1B vs GPipe, errors that do not hang."""
 
+import contextlib
 import itertools
 import time
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from m6_engine.parallel import P2PShapeError, PipeChannel, TensorSpec, forward_backward, initialize
+from m6_engine.parallel import (
+    P2PShapeError, PipeChannel, TensorSpec, forward_backward, initialize, model_grad_sync,
+)
 from tests.distributed import Checks, RankFailure, assert_checks, init_state, run_ranks
 from tests.toy_lm import ToyLMConfig, ToyLMStage, forward_step, microbatches, ops_for_tests
 
@@ -59,7 +62,7 @@ def _run_instrumented(state, stage, schedule, m):
     batches = microbatches(CFG, 0, m * MICRO_BATCH, MICRO_BATCH)
     result = forward_backward(schedule, forward_step=_instrumented_step(live, outputs),
                               data_iterator=iter(batches), model=stage, num_microbatches=m,
-                              state=state, tensor_spec=SPEC)
+                              state=state, tensor_spec=SPEC, **model_grad_sync(stage, state))
     released = [o.untyped_storage().nbytes() <= o.element_size() for o in outputs]
     return {"live_peak": live.peak, "schedule_peak": result.peak_live_microbatches,
             "released": all(released) if not state.is_last_stage else None,
@@ -87,7 +90,7 @@ def _check_schedules_with_shape_checks(state, stage, train_losses):
     for schedule in ("1f1b", "gpipe"):
         result = forward_backward(schedule, forward_step=forward_step, data_iterator=iter(batches),
                                   model=stage, num_microbatches=4, state=state, tensor_spec=SPEC,
-                                  check_shapes=True)
+                                  check_shapes=True, **model_grad_sync(stage, state))
         if state.is_last_stage:
             assert [x.item() for x in result.losses] == [x.item() for x in train_losses], schedule
 
@@ -197,7 +200,8 @@ def _ranks_wrong_stage_output():
         return input_tensor.sum()
 
     forward_backward("1f1b", forward_step=step, data_iterator=iter(range(4)), model=torch.nn.Module(),
-                     num_microbatches=4, state=state, tensor_spec=TensorSpec((2, 4)))
+                     num_microbatches=4, state=state, tensor_spec=TensorSpec((2, 4)),
+                     finalize_grads=lambda: None, no_sync=contextlib.nullcontext)
 
 
 def _ranks_disagreeing_specs():
@@ -245,3 +249,32 @@ def test_forward_backward_argument_errors():
     with pytest.raises(ValueError, match="tensor_spec .* is required"):
         forward_backward("1f1b", forward_step=None, data_iterator=None, model=None,
                          num_microbatches=2, state=state)
+    # Who reduces the gradients is the caller's to say; a training step without it is refused.
+    one_stage = type("Stage", (), {"pp_size": 1})()
+    with pytest.raises(ValueError, match="a training step needs finalize_grads and no_sync"):
+        forward_backward("1f1b", forward_step=None, data_iterator=None, model=None,
+                         num_microbatches=2, state=one_stage, finalize_grads=lambda: None)
+
+
+def test_the_caller_owns_the_gradient_reduction():
+    """no_sync wraps every backward but the last; finalize_grads runs once, after the last one."""
+    state = type("OneStage", (), {"pp_size": 1, "is_last_stage": True, "device": torch.device("cpu")})()
+    weight = torch.nn.Parameter(torch.ones(()))
+    events = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        events.append("no_sync")
+        yield
+
+    def forward_step(data_iterator, model, input_tensor):
+        return weight * next(data_iterator)
+
+    def finalize():
+        events.append(("finalize", weight.grad.item()))
+
+    result = forward_backward("1f1b", forward_step=forward_step, data_iterator=iter([1.0, 2.0, 3.0, 6.0]),
+                              model=None, num_microbatches=4, state=state, finalize_grads=finalize,
+                              no_sync=no_sync)
+    assert events == ["no_sync"] * 3 + [("finalize", 3.0)]   # mean of 1, 2, 3, 6: every backward done
+    assert result.timers.grad_sync_s >= 0 and len(result.losses) == 4

@@ -146,7 +146,7 @@ def _ranks_1f1b_activations(num_microbatches: int) -> dict:
     """Each rank: the most bytes its saved tensors hold after any forward of a real 1F1B step,
     against the plan's in-flight micro-batches x one micro-batch's activations."""
     from m6_engine.model import ForwardStep
-    from m6_engine.parallel import forward_backward
+    from m6_engine.parallel import forward_backward, model_grad_sync
 
     state = init_state(tp=2, pp=2)
     out = {}
@@ -164,7 +164,7 @@ def _ranks_1f1b_activations(num_microbatches: int) -> dict:
         seq_length = batches[0].tokens.shape[1]
         forward_backward("1f1b", forward_step=forward_step, data_iterator=iter(batches), model=model,
                          num_microbatches=num_microbatches, state=state,
-                         tensor_spec=model.activation_spec(2, seq_length))
+                         tensor_spec=model.activation_spec(2, seq_length), **model_grad_sync(model, state))
         per_microbatch = [stage_activation_bytes(
             SMALL, tp=2, pp=2, stage_id=state.pp_rank, micro_batch=2, seq_length=seq_length,
             loss_tokens=_loss_tokens(b), dtype=_fp32(), recompute=recompute) for b in batches]

@@ -23,7 +23,7 @@ from torch import nn
 import m6_engine.ops as ops_module
 from m6_engine.parallel import (
     ColumnParallelLinear, DataParallel, RowParallelLinear, TensorSpec, VocabParallelEmbedding,
-    broadcast_tied_weights, forward_backward, init_generator, mark_tied, normal_init,
+    broadcast_tied_weights, forward_backward, init_generator, mark_tied, model_grad_sync, normal_init,
     vocab_parallel_cross_entropy,
 )
 
@@ -188,7 +188,7 @@ def train(cfg: ToyLMConfig, state, *, schedule: str, steps: int, global_batch: i
         batches = microbatches(cfg, step, global_batch, micro_batch, state.dp_rank, state.dp_size)
         result = forward_backward(schedule, forward_step=forward_step, data_iterator=iter(batches),
                                   model=model, num_microbatches=len(batches), state=state,
-                                  tensor_spec=spec)
+                                  tensor_spec=spec, **model_grad_sync(model, state))
         with torch.no_grad():
             for p in model.parameters():
                 p.sub_(p.main_grad, alpha=lr)

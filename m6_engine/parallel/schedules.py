@@ -8,10 +8,11 @@ Every schedule has the same keyword-only signature (see :func:`forward_backward`
   tensor, not a view), or on the last stage the micro-batch's scalar loss (its mean over tokens).
 - The last stage backpropagates loss / num_microbatches, so gradients accumulate to those of the
   mean loss; ``StepResult.losses`` holds the micro-batch losses (last stage only).
-- ``model`` may be a :class:`~m6_engine.parallel.data_parallel.DataParallel` wrapper: every
-  backward but the last runs in its ``no_sync()``, and after the last one the data-parallel
-  gradients are finished once, then the tied embedding gradients are summed over first and last
-  stage (``parallel.tied``). ``forward_only`` (evaluation) runs forwards under ``no_grad``.
+- Gradient reduction belongs to the caller (``parallel.grad_sync``): every backward but the last
+  runs in ``no_sync()``, and ``finalize_grads()`` runs once after the last one (for an M6 stage:
+  ``**model_grad_sync(model, state)``: DataParallel's reduction, then the tied embedding's sum).
+  Both are required for a training step. ``forward_only`` (evaluation) runs forwards under
+  ``no_grad`` and needs neither.
 
 Schedules. ``"1f1b"`` (non-interleaved): stage ``k`` of ``pp`` runs ``w = min(pp - k - 1, m)``
 warm-up forwards, then alternates one forward / one backward, then ``w`` cool-down backwards, so it
@@ -26,12 +27,12 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 
 from m6_engine.parallel.p2p import PipeChannel, TensorSpec
 from m6_engine.parallel.state import ParallelState
-from m6_engine.parallel.tied import allreduce_tied_grads
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,21 @@ def _release_storage(output: torch.Tensor) -> None:
     output.data = torch.empty((), dtype=output.dtype, device=output.device).expand(output.shape)
 
 
+@dataclass(frozen=True)
+class _GradSync:
+    """The caller's gradient-reduction callables (``parallel.grad_sync``)."""
+
+    finalize_grads: Callable[[], None]
+    no_sync: Callable[[], ContextManager]
+
+
+def _grad_sync(forward_only: bool, finalize_grads, no_sync) -> _GradSync:
+    if not forward_only and (finalize_grads is None or no_sync is None):
+        raise ValueError("a training step needs finalize_grads and no_sync: who reduces the gradients "
+                         "(**m6_engine.parallel.model_grad_sync(model, state) for a stage)")
+    return _GradSync(finalize_grads or (lambda: None), no_sync or contextlib.nullcontext)
+
+
 @dataclass
 class _StageRunner:
     """One stage's micro-batch steps: timing, loss scaling, gradient-sync control, and the queue
@@ -119,6 +135,7 @@ class _StageRunner:
     state: ParallelState
     forward_only: bool
     channel: PipeChannel | None
+    grad_sync: _GradSync
     clock: _Clock = field(init=False)
     pending: deque = field(default_factory=deque)
     losses: list = field(default_factory=list)
@@ -158,8 +175,7 @@ class _StageRunner:
         sync enabled); returns the gradient of its input, None on the first stage."""
         input_tensor, output = self.pending.popleft()
         is_last = self.backwards_done == self.num_microbatches - 1
-        no_sync = getattr(self.model, "no_sync", None)
-        sync_mode = contextlib.nullcontext() if is_last or no_sync is None else no_sync()
+        sync_mode = contextlib.nullcontext() if is_last else self.grad_sync.no_sync()
         with self.clock.span("backward"), sync_mode:
             torch.autograd.backward(output, grad_tensors=output_grad)
         self.backwards_done += 1
@@ -184,10 +200,7 @@ class _StageRunner:
     def finish(self) -> StepResult:
         if not self.forward_only:
             with self.clock.span("grad_sync"):
-                finish = getattr(self.model, "finish_grad_sync", None)
-                if finish is not None:
-                    finish()
-                allreduce_tied_grads(self.model, self.state)
+                self.grad_sync.finalize_grads()
         self.total_span.__exit__(None, None, None)
         c = self.clock.seconds
         timers = ScheduleTimers(c("forward"), c("backward"), c("p2p"), c("grad_sync"), c("total"))
@@ -196,9 +209,11 @@ class _StageRunner:
 
 def forward_backward_no_pipelining(*, forward_step, data_iterator, model, num_microbatches: int,
                                    state: ParallelState, tensor_spec: TensorSpec | None = None,
-                                   forward_only: bool = False, check_shapes: bool = False) -> StepResult:
+                                   forward_only: bool = False, check_shapes: bool = False,
+                                   finalize_grads=None, no_sync=None) -> StepResult:
     """pp == 1: forward and backward each micro-batch in turn, accumulating gradients."""
-    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, None)
+    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, None,
+                       _grad_sync(forward_only, finalize_grads, no_sync))
     for _ in range(num_microbatches):
         run.forward(None)
         if not forward_only:
@@ -208,10 +223,12 @@ def forward_backward_no_pipelining(*, forward_step, data_iterator, model, num_mi
 
 def forward_backward_gpipe(*, forward_step, data_iterator, model, num_microbatches: int,
                            state: ParallelState, tensor_spec: TensorSpec | None = None,
-                           forward_only: bool = False, check_shapes: bool = False) -> StepResult:
+                           forward_only: bool = False, check_shapes: bool = False,
+                           finalize_grads=None, no_sync=None) -> StepResult:
     """All forwards, then all backwards in the same micro-batch order (holds m activations)."""
     channel = PipeChannel(state, tensor_spec, check_shapes)
-    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel)
+    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
+                       _grad_sync(forward_only, finalize_grads, no_sync))
     for _ in range(num_microbatches):
         run.receive_forward_send()
     while run.pending:
@@ -221,10 +238,12 @@ def forward_backward_gpipe(*, forward_step, data_iterator, model, num_microbatch
 
 def forward_backward_1f1b(*, forward_step, data_iterator, model, num_microbatches: int,
                           state: ParallelState, tensor_spec: TensorSpec | None = None,
-                          forward_only: bool = False, check_shapes: bool = False) -> StepResult:
+                          forward_only: bool = False, check_shapes: bool = False,
+                          finalize_grads=None, no_sync=None) -> StepResult:
     """Non-interleaved 1F1B: warm-up forwards, steady one-forward-one-backward, cool-down."""
     channel = PipeChannel(state, tensor_spec, check_shapes)
-    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel)
+    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
+                       _grad_sync(forward_only, finalize_grads, no_sync))
     warmup = min(state.pp_size - state.pp_rank - 1, num_microbatches)
     steady = num_microbatches - warmup
     for _ in range(warmup):
@@ -254,11 +273,15 @@ SCHEDULES = {"1f1b": forward_backward_1f1b, "gpipe": forward_backward_gpipe}
 
 def forward_backward(schedule: str, *, forward_step, data_iterator, model, num_microbatches: int,
                      state: ParallelState, tensor_spec: TensorSpec | None = None,
-                     forward_only: bool = False, check_shapes: bool = False) -> StepResult:
+                     forward_only: bool = False, check_shapes: bool = False,
+                     finalize_grads: Callable[[], None] | None = None,
+                     no_sync: Callable[[], ContextManager] | None = None) -> StepResult:
     """Run one step's micro-batches with ``schedule`` ("1f1b" or "gpipe"); see the module doc.
 
     ``tensor_spec`` (shape and dtype of the activation between stages) is required when pp > 1;
-    ``check_shapes`` exchanges shape metadata before every transfer (debugging).
+    ``check_shapes`` exchanges shape metadata before every transfer (debugging). A training step
+    (not ``forward_only``) needs ``finalize_grads`` and ``no_sync`` (``parallel.grad_sync``; for a
+    model with no gradient reduction, ``lambda: None`` and ``contextlib.nullcontext``).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -270,4 +293,5 @@ def forward_backward(schedule: str, *, forward_step, data_iterator, model, num_m
     run = forward_backward_no_pipelining if state.pp_size == 1 else SCHEDULES[schedule]
     return run(forward_step=forward_step, data_iterator=data_iterator, model=model,
                num_microbatches=num_microbatches, state=state, tensor_spec=tensor_spec,
-               forward_only=forward_only, check_shapes=check_shapes)
+               forward_only=forward_only, check_shapes=check_shapes, finalize_grads=finalize_grads,
+               no_sync=no_sync)

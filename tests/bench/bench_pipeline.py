@@ -33,7 +33,7 @@ WARMUP_STEPS, TIMED_STEPS = 1, 5
 
 
 def _bench_rank(pp: int) -> dict:
-    from m6_engine.parallel import TensorSpec, forward_backward
+    from m6_engine.parallel import TensorSpec, forward_backward, model_grad_sync
 
     state = init_state(tp=1, pp=pp)
     ops = ops_for_tests()
@@ -48,7 +48,7 @@ def _bench_rank(pp: int) -> dict:
         start, start_cpu = time.perf_counter(), time.thread_time()
         result = forward_backward("1f1b", forward_step=forward_step, data_iterator=iter(batches),
                                   model=stage, num_microbatches=MICROBATCHES, state=state,
-                                  tensor_spec=spec)
+                                  tensor_spec=spec, **model_grad_sync(stage, state))
         elapsed = time.perf_counter() - start
         if step >= WARMUP_STEPS:
             seconds.append(elapsed)
