@@ -40,6 +40,7 @@ from m6_engine.checkpoint import (
 from m6_engine.config import ConfigError, JobConfig
 from m6_engine.data.batch import MicroBatch
 from m6_engine.data.model_inputs import VOCAB_FILE
+from m6_engine.host_allocator import keep_freed_blocks_mapped
 from m6_engine.metrics import (
     IntervalTotals, ScalarLog, empty_parts, format_line, interval_scalars, loss_parts, losses_of,
     peak_memory_gib, peak_tflops,
@@ -96,6 +97,9 @@ class Trainer:
     def __init__(self, job: JobConfig, state: ParallelState, train_data, *, eval_data_factory=None,
                  log_rank_output: bool = True):
         self.job, self.state = job, state
+        # Before the first step allocates: large freed host blocks (the logits of each
+        # micro-batch) are then reused instead of faulted in afresh (m6_engine.host_allocator).
+        keep_freed_blocks_mapped()
         train, opt = job.train, job.optimizer
         job.model.check_layout(state.tp_size, state.pp_size)
         self.num_microbatches = train.num_microbatches(state.dp_size)

@@ -15,7 +15,6 @@ from m6_engine.parallel import (
     copy_to_tp, gather_from_tp, init_generator, reduce_from_tp, scatter_to_tp, seed_parallel_rng,
     vocab_parallel_cross_entropy,
 )
-from m6_engine.parallel.buffers import MIN_ADVISED_BYTES, ScratchPool
 from m6_engine.parallel.init import master_weight, normal_init
 from tests.distributed import Checks, assert_checks, init_state, run_ranks
 
@@ -192,13 +191,12 @@ def _check_cross_entropy_all_padding_shard(state):
     assert torch.isfinite(layer.weight.grad).all()
 
 
-def _check_head_buffers_across_microbatches(state, overwrite):
-    """The head's pooled logits buffers and the cross entropy's in-place path, run as a pipeline
-    does: two micro-batches in flight (forward, forward, backward, backward), then a third one
-    that must reuse a freed buffer. Losses and gradients match an unsharded reference."""
-    vocab, dim, tokens = 7000, 16, 1200           # logits >= MIN_ADVISED_BYTES on every rank
+def _check_head_microbatches_in_flight(state, overwrite):
+    """The head and the cross entropy (in place on the logits with ``overwrite``) run as a pipeline
+    does: two micro-batches in flight (forward, forward, backward, backward), then a third. Losses
+    and gradients match an unsharded reference: no micro-batch's saved tensors alias another's."""
+    vocab, dim, tokens = 1000, 16, 96
     layer = VocabParallelEmbedding(vocab, dim, state, generator=init_generator(7, "emb"))
-    assert tokens * layer.rows_per_rank * 4 >= MIN_ADVISED_BYTES
     full = master_weight((vocab, dim), init_generator(7, "emb"), normal_init())
     ref_weight = full.clone().requires_grad_()
     hiddens = [_randn(tokens, dim, seed=30 + i) for i in range(3)]
@@ -208,18 +206,13 @@ def _check_head_buffers_across_microbatches(state, overwrite):
     inputs = [h.clone().requires_grad_() for h in hiddens]
 
     def forward(i):
-        logits = layer.logits(inputs[i])
-        return logits.untyped_storage().data_ptr(), vocab_parallel_cross_entropy(
-            logits, targets[i], state, overwrite_logits=overwrite)
+        return vocab_parallel_cross_entropy(layer.logits(inputs[i]), targets[i], state,
+                                            overwrite_logits=overwrite)
 
-    (ptr0, loss0), (ptr1, loss1) = forward(0), forward(1)
-    # Overwritten logits stay in use until their backward; otherwise they are free again as soon
-    # as the cross entropy has read them, and the second micro-batch may take the same buffer.
-    assert ptr0 != ptr1 if overwrite else ptr0 == ptr1
+    loss0, loss1 = forward(0), forward(1)
     loss0.backward(grads[0])
     loss1.backward(grads[1])
-    ptr2, loss2 = forward(2)
-    assert ptr2 in (ptr0, ptr1), "a freed logits buffer was not reused"
+    loss2 = forward(2)
     loss2.backward(grads[2])
     for i, loss in enumerate((loss0, loss1, loss2)):
         h_ref = hiddens[i].clone().requires_grad_()
@@ -232,22 +225,25 @@ def _check_head_buffers_across_microbatches(state, overwrite):
     assert_close(layer.weight.grad, _chunk(expected, 0, state))
 
 
-def _check_sparse_embedding_grad_under_data_parallel(state):
-    """Wrapped in DataParallel the lookup's sparse gradient lands in main_grad, equal to the dense
-    one; unwrapped, .grad stays dense."""
+def _check_embedding_grad_under_data_parallel(state):
+    """Wrapped in DataParallel the lookup's gradient reaches main_grad dense, as it does unwrapped
+    and on every device (one gradient path), and equals the sum of the micro-batches' gradients."""
     vocab, dim = 100, 8
     ids = torch.randint(0, vocab, (3, 7), generator=torch.Generator().manual_seed(9))
     g = _randn(3, 7, dim, seed=10)
     plain = VocabParallelEmbedding(vocab, dim, state, generator=init_generator(7, "emb"))
     plain(ids).backward(g)
     assert plain.weight.grad.layout == torch.strided
-    wrapped = DataParallel(VocabParallelEmbedding(vocab, dim, state, generator=init_generator(7, "emb")),
-                           state)
+    inner = VocabParallelEmbedding(vocab, dim, state, generator=init_generator(7, "emb"))
+    layouts = []                 # registered before DataParallel's hook, which frees the grad
+    inner.weight.register_post_accumulate_grad_hook(lambda p: layouts.append(p.grad.layout))
+    wrapped = DataParallel(inner, state)
     wrapped.zero_grad_buffer()
     with wrapped.no_sync():                         # two micro-batches accumulate
         wrapped(ids).backward(g)
     wrapped(ids).backward(g)
     wrapped.finish_grad_sync()
+    assert layouts == [torch.strided, torch.strided]
     weight = wrapped.module.weight
     assert weight.grad is None
     assert_close(weight.main_grad, 2 * plain.weight.grad)
@@ -318,9 +314,9 @@ def _ranks_4():
         checks.run(f"cross entropy all-padding shard tp={tp}", _check_cross_entropy_all_padding_shard,
                    state)
         for overwrite in (False, True):
-            checks.run(f"head buffers overwrite={overwrite} tp={tp}",
-                       _check_head_buffers_across_microbatches, state, overwrite)
-        checks.run(f"sparse embedding grad tp={tp}", _check_sparse_embedding_grad_under_data_parallel,
+            checks.run(f"head in flight overwrite={overwrite} tp={tp}",
+                       _check_head_microbatches_in_flight, state, overwrite)
+        checks.run(f"embedding grad under dp tp={tp}", _check_embedding_grad_under_data_parallel,
                    state)
         checks.run(f"checkpointed dropout tp={tp}", _check_checkpointed_dropout, state)
         checks.run(f"rng streams tp={tp}", _check_rng_streams, state)
@@ -363,11 +359,11 @@ def test_vocab_parallel_cross_entropy(results, tp):
 @pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("check", [
     "cross entropy all-padding shard",          # a shard of padding only: m_r = -inf, s_r = 0
-    "head buffers overwrite=False",             # pooled logits, reused only once free
-    "head buffers overwrite=True",
-    "sparse embedding grad",                    # DataParallel's sparse main_grad accumulation
+    "head in flight overwrite=False",           # two micro-batches' logits alive at once
+    "head in flight overwrite=True",            # ... and the loss overwriting its logits
+    "embedding grad under dp",                  # dense into main_grad, as on every device
 ])
-def test_head_and_embedding_fast_paths(results, tp, check):
+def test_head_and_embedding_under_a_schedule(results, tp, check):
     assert_checks(results, f"{check} tp={tp}")
 
 
@@ -390,30 +386,3 @@ def test_bad_shapes_are_clear_errors():
         RowParallelLinear(8, 4, state, generator=init_generator(0, "x"))
     with pytest.raises(ValueError, match="must share leading dims"):
         vocab_parallel_cross_entropy(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long), state)
-
-
-def test_scratch_pool_reuses_a_buffer_only_once_free():
-    pool = ScratchPool(capacity=2)
-    shape = (MIN_ADVISED_BYTES // 4,)                        # the smallest size the pool keeps
-    a = pool.empty(shape, dtype=torch.float32, device="cpu")
-    a_ptr = a.data_ptr()
-    b = pool.empty(shape, dtype=torch.float32, device="cpu")
-    assert b.data_ptr() != a_ptr
-    view = a[:10]
-    del a
-    c = pool.empty(shape, dtype=torch.float32, device="cpu")
-    assert c.data_ptr() not in (a_ptr, b.data_ptr()), "reused while a view of it was alive"
-    del view, c
-    # Held by autograd only (saved for backward): still in use.
-    x = torch.ones(3, requires_grad=True)
-    d = pool.empty(shape, dtype=torch.float32, device="cpu").fill_(2.0)
-    assert d.data_ptr() == a_ptr and d._base is None
-    y = (x.sum() * d).sum()
-    del d
-    assert pool.empty(shape, dtype=torch.float32, device="cpu").data_ptr() != a_ptr
-    y.backward()
-    del y
-    assert pool.empty((shape[0] // 2, 2), dtype=torch.float32, device="cpu").data_ptr() == a_ptr
-    assert pool.kept_bytes == 2 * MIN_ADVISED_BYTES
-    small = pool.empty((4,), dtype=torch.float32, device="cpu")    # below the threshold: not kept
-    assert small.shape == (4,) and pool.kept_bytes == 2 * MIN_ADVISED_BYTES

@@ -13,16 +13,14 @@ with e_r = exp(z_r - m_r), which forward keeps; backward turns it into the gradi
 the scaling by exp(m_r - M) / S shares backward's one scaling pass. e_r is written over the logits
 when they are a fp32 copy made here (half logits) or when the caller allows it
 (``overwrite_logits``: the loss path, which never reads its logits again), else into one fresh
-(..., V/t) fp32 buffer (huge-page advised): a fresh buffer of that size costs more to fault in than
-to compute. Padding columns must hold -inf (``VocabParallelEmbedding.logits`` does this): they add
-nothing to s_r and get zero gradient; a shard that is all padding has m_r = -inf and s_r = 0.
-Targets must be real vocabulary ids (a padding id gives an infinite loss).
+(..., V/t) fp32 tensor. Padding columns must hold -inf (``VocabParallelEmbedding.logits`` does
+this): they add nothing to s_r and get zero gradient; a shard that is all padding has m_r = -inf
+and s_r = 0. Targets must be real vocabulary ids (a padding id gives an infinite loss).
 """
 
 import torch
 import torch.distributed as dist
 
-from m6_engine.parallel.buffers import empty_large
 from m6_engine.parallel.collectives import all_gather_single
 from m6_engine.parallel.state import ParallelState
 
@@ -49,7 +47,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local = local.masked_fill(outside, 0)
         target_logit = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
         own = z is not logits or overwrite_logits                       # z may be overwritten
-        exp = z if own else empty_large(z.shape, dtype=torch.float32, device=z.device)
+        exp = z if own else torch.empty_like(z)
         shift = m.masked_fill(m == float("-inf"), 0.0)                  # all-padding shard: e = 0
         torch.sub(z, shift.unsqueeze(-1), out=exp).exp_()               # (..., V/t) e_r
         tp_size = dist.get_world_size(group)   # size-1 groups skip the collective (tp = 1)

@@ -13,8 +13,7 @@ Layout (what an optimizer, or ZeRO-1 later, relies on):
 
 Flow of one optimizer step: ``zero_grad_buffer()``; backward of every micro-batch, all but the
 last inside ``no_sync()``. A post-accumulate-grad hook adds each ``param.grad`` into its
-``main_grad`` (in fp32, whatever the parameter's dtype; a sparse gradient, as the vocab-parallel
-embedding produces under this wrapper, into its rows only) and frees ``param.grad``. Outside
+``main_grad`` (in fp32, whatever the parameter's dtype) and frees ``param.grad``. Outside
 ``no_sync`` a bucket whose parameters all have their gradient is pre-divided by dp and its sum
 all-reduce launched asynchronously while backward continues; ``finish_grad_sync()`` launches what
 is left and waits, leaving the dp-mean gradient in ``main_grad``. Optimizers read ``main_grad``.
@@ -90,15 +89,6 @@ def layout_grad_buffer(numels: list[int], bucket_numel: int, dp_size: int,
     return BufferLayout(offset, tuple(param_ranges), tuple(bucket_ranges), tuple(members))
 
 
-def _accumulate(main_grad: torch.Tensor, grad: torch.Tensor) -> None:
-    """main_grad += grad in fp32; a sparse grad (an embedding lookup's rows) touches its rows only."""
-    if grad.is_sparse:
-        indices, values = grad._indices(), grad._values()        # (1, n), (n, dim): uncoalesced
-        main_grad.index_add_(0, indices[0], values.to(main_grad.dtype))
-    else:
-        main_grad.add_(grad)
-
-
 class DataParallel(nn.Module):
     """Wraps one model stage; its forward is the stage's. See the module docstring.
 
@@ -161,7 +151,7 @@ class DataParallel(nn.Module):
         if self._synced:
             raise RuntimeError("DataParallel: a gradient arrived after finish_grad_sync(); call "
                                "zero_grad_buffer() before the next step's backward")
-        _accumulate(param.main_grad, param.grad)
+        param.main_grad.add_(param.grad)                     # in fp32, whatever param's dtype
         param.grad = None
         if not self._sync:
             return

@@ -13,9 +13,9 @@ The two linear layers run as one autograd function each (:class:`_ColumnParallel
 :class:`_RowParallelLinear`, Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``
 design) rather than ``F.linear`` between the region operators of ``mappings``: the all-reduce of
 the column-parallel input gradient is launched asynchronously and overlaps the weight-gradient
-matmul, the row-parallel partial output is reduced in place (it is a fresh tensor), and large
-outputs are allocated with huge-page advice; the head's logits, the largest, come from a pool
-that reuses their buffers across micro-batches on the CPU (``parallel.buffers``).
+matmul and the row-parallel partial output is reduced in place (it is a fresh tensor). Outputs
+are plain ``torch.empty`` on every device: how the memory of large tensors is reused is the
+allocator's business, below the ops, never a branch of this Python path.
 """
 
 import torch
@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from m6_engine.parallel.buffers import ScratchPool, empty_large
 from m6_engine.parallel.init import InitMethod, master_weight, normal_init
 from m6_engine.parallel.mappings import gather_from_tp, reduce_from_tp, scatter_to_tp
 from m6_engine.parallel.state import ParallelState
@@ -51,16 +50,13 @@ def _bias(size: int, dtype, device, sharded: bool) -> nn.Parameter:
     return param
 
 
-def _matmul_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                pool: ScratchPool | None = None) -> torch.Tensor:
-    """x (..., in) W^T (+ b) -> (..., out) in a buffer of ``pool``, else a fresh one (huge-page
-    advised when large).
+def _matmul_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) W^T (+ b) -> (..., out) in a fresh tensor.
 
     The buffer itself is returned, not a view of it: outputs of an autograd function that are
     views cannot be modified in place afterwards (the head's padding fill does)."""
     shape, dtype = (*x.shape[:-1], weight.shape[0]), torch.result_type(x, weight)
-    out = (pool.empty(shape, dtype=dtype, device=x.device) if pool is not None
-           else empty_large(shape, dtype=dtype, device=x.device))
+    out = torch.empty(shape, dtype=dtype, device=x.device)
     x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])        # (M, in), (M, out)
     if bias is None:
         torch.mm(x2, weight.t(), out=out2)
@@ -81,10 +77,10 @@ class _ColumnParallelLinear(torch.autograd.Function):
     asynchronously while dW_r = dy_r^T x is computed. x (..., in), W_r (out/t, in), b_r (out/t,)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, tp_size, pool=None):
+    def forward(ctx, x, weight, bias, group, tp_size):
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.tp_size, ctx.has_bias = group, tp_size, bias is not None
-        return _matmul_out(x, weight, bias, pool)
+        return _matmul_out(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -98,7 +94,7 @@ class _ColumnParallelLinear(torch.autograd.Function):
         grad_w, grad_b = _weight_grads(ctx, grad2, x)
         if work is not None:
             work.wait()
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class _RowParallelLinear(torch.autograd.Function):
@@ -193,9 +189,8 @@ class VocabParallelEmbedding(nn.Module):
     Shapes:       ids (...) int, replicated on the tp group -> (..., dim), replicated.
     Forward:      e = all-reduce_tp(E_r[ids - r V/t] masked to zero where ids are not in shard r)
     Input grad:   none (integer input).
-    Weight grad:  dE_r[i] = sum of de over the positions whose id is i (local, no communication);
-                  sparse (those rows only) when DataParallel accumulates it into ``main_grad``
-                  on the CPU.
+    Weight grad:  dE_r[i] = sum of de over the positions whose id is i (local, no communication),
+                  dense (V/t, dim) on every device.
     """
 
     def __init__(self, vocab_size: int, dim: int, state: ParallelState, *,
@@ -218,20 +213,11 @@ class VocabParallelEmbedding(nn.Module):
         # Local vocabulary columns that are padding: a suffix of the shard, possibly empty.
         self.real_rows = min(max(vocab_size - self.vocab_start, 0), self.rows_per_rank)
         self.shard_has_padding = self.real_rows < self.rows_per_rank
-        # The logits (tokens, V/t) are the step's largest tensors: on the CPU their buffers are
-        # reused across micro-batches once free (parallel.buffers).
-        self.logits_pool = ScratchPool()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
-        # On the CPU under DataParallel (the weight has a main_grad) the lookup's gradient is
-        # produced sparse, the rows of the ids only, and added into main_grad by its hook: no dense
-        # (V/t, dim) zero-filled gradient per micro-batch. Elsewhere .grad stays dense, as
-        # optimizers expect (and on CUDA the dense path is cheap and deterministic).
-        sparse = (self.weight.device.type == "cpu"
-                  and getattr(self.weight, "main_grad", None) is not None)
-        e = F.embedding(local.masked_fill(outside, 0), self.weight, sparse=sparse)   # (..., dim)
+        e = F.embedding(local.masked_fill(outside, 0), self.weight)                 # (..., dim)
         # In place: e is fresh and the lookup's backward keeps the ids, not its output.
         e = e.masked_fill_(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(e, self.group, in_place=True)
@@ -243,8 +229,8 @@ class VocabParallelEmbedding(nn.Module):
         in a column-parallel linear, overlapped with the weight grad dE_r = dlogits_r^T hidden).
         Feed the result to ``vocab_parallel_cross_entropy``.
         """
-        logits = _ColumnParallelLinear.apply(hidden, self.weight, None, self.group, self.tp_size,
-                                             self.logits_pool)            # (..., V/t)
+        logits = _ColumnParallelLinear.apply(hidden, self.weight, None, self.group,
+                                             self.tp_size)                           # (..., V/t)
         if not self.shard_has_padding:
             return logits
         # In place and outside autograd: the matmul's backward keeps its inputs, not its output, and
