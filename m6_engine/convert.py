@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from m6_engine.config import ConfigError, ModelConfig
 from m6_engine.model.embeddings import WORD_EMBEDDING
+from m6_engine.parallel.roles import param_role
 
 _BERT_WORD_KEYS = ("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight")
 _GLOBAL_NAME = re.compile(r"^(embedding\.|final_ln\.|layers\.(\d+)\.)")
@@ -174,7 +175,7 @@ def m6_to_gpt2(m6_state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -
 # ---------------------------------------------------------------------------------------------
 
 def _shard_of(full: torch.Tensor, param: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
-    dim = getattr(param, "tensor_parallel_dim", None)
+    dim = param_role(param).tp_dim
     if dim is None:
         return full
     chunk = full.shape[dim] // tp_size
@@ -217,7 +218,7 @@ def load_full_state_dict(model, state_dict: Mapping[str, torch.Tensor]) -> None:
 
 
 def _gather_tp(param: torch.Tensor, group) -> torch.Tensor:
-    dim = getattr(param, "tensor_parallel_dim", None)
+    dim = param_role(param).tp_dim
     if dim is None or dist.get_world_size(group) == 1:
         return param.detach()
     parts = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]

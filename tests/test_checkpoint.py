@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from m6_engine.parallel.roles import param_role
 from m6_engine.checkpoint import (
     CheckpointError, CheckpointNotFoundError, latest_checkpoint, load_checkpoint,
     resolve_checkpoint, resume_seed, save_checkpoint,
@@ -61,7 +62,7 @@ def take_steps(model, optimizer, steps):
         optimizer.zero_grad()
         with torch.no_grad():
             for p in model.params:
-                p.main_grad.copy_(torch.sin(7.0 * p.float()) * 0.1)
+                param_role(p).main_grad.copy_(torch.sin(7.0 * p.float()) * 0.1)
         optimizer.step()
 
 
@@ -78,7 +79,7 @@ def local_state(model, optimizer, state):
     """This rank's tensors, with what is needed to assemble the global ones in the parent
     (collective over dp: ``param_states`` gathers ZeRO-1 shards)."""
     named = dict(model.module.named_parameters())
-    tp_dims = {n: getattr(p, "tensor_parallel_dim", None) for n, p in named.items()}
+    tp_dims = {n: param_role(p).tp_dim for n, p in named.items()}
     states = optimizer.param_states(named)
     flat_opt = {f"{n}.{k}": v.cpu() for n, s in states.items() for k, v in s.items()}
     tp_dims.update({f"{n}.{k}": tp_dims[n] for n, s in states.items() for k in s})

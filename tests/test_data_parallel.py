@@ -5,7 +5,10 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from m6_engine.parallel import DataParallel, layout_grad_buffer
+from m6_engine.parallel.roles import param_role
+from m6_engine.parallel import (
+    ColumnParallelLinear, DataParallel, RowParallelLinear, VocabParallelEmbedding, init_generator, layout_grad_buffer,
+)
 from m6_engine.parallel.data_parallel import Bucket
 from tests.distributed import Checks, assert_checks, init_state, run_ranks
 
@@ -93,9 +96,9 @@ def _backward_microbatches(model, state, sync_last=True):
 def _check_grads(model, expected):
     for name, p in model.module.named_parameters():
         assert p.grad is None, f"{name}: param.grad should be freed into main_grad"
-        assert p.main_grad.dtype == torch.float32
+        assert param_role(p).main_grad.dtype == torch.float32
         want = expected.get(name, torch.zeros_like(p))
-        assert_close(p.main_grad, want, msg=lambda m: f"{name}: {m}")
+        assert_close(param_role(p).main_grad, want, msg=lambda m: f"{name}: {m}")
 
 
 def _check_overlapped_step(state):
@@ -140,8 +143,68 @@ def _check_half_params_accumulate_in_fp32(state):
     model(x).float().sum().backward()
     model.finish_grad_sync()
     weight = model.module.weight
-    assert weight.main_grad.dtype == torch.float32 and weight.grad is None
-    assert_close(weight.main_grad, torch.full((4, 4), 3.0))     # mean over dp of 2 and 4
+    assert param_role(weight).main_grad.dtype == torch.float32 and weight.grad is None
+    assert_close(param_role(weight).main_grad, torch.full((4, 4), 3.0))     # mean over dp of 2 and 4
+
+
+class _TwoParallelLinears(nn.Module):
+    """A column- then a row-parallel linear (tp = 1 here: only their backward matters)."""
+
+    def __init__(self, state, dtype):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.fc1 = ColumnParallelLinear(4, 8, state, generator=gen, dtype=dtype)
+        self.fc2 = RowParallelLinear(8, 4, state, generator=gen, dtype=dtype)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _check_fused_weight_grads(state):
+    """fp32: the tp linears add dW into main_grad inside the matmul (no .grad), and their buckets
+    still launch during backward; bf16: the usual .grad and hook. Both give the plain gradient."""
+    for dtype, fused in ((torch.float32, True), (torch.bfloat16, False)):
+        module = _TwoParallelLinears(state, dtype)
+        got_grad = []   # registered before DataParallel's hook, so it sees what autograd produced
+        module.fc1.weight.register_post_accumulate_grad_hook(lambda p: got_grad.append(p.grad is not None))
+        model = DataParallel(module, state, bucket_numel=16)
+        plain = _TwoParallelLinears(state, torch.float32)
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(state.dp_rank))
+        launched = []
+        hook = model.module.fc1.weight.register_hook(lambda g: launched.append(model.buckets_in_flight))
+        model.zero_grad_buffer()
+        model(x.to(dtype)).float().square().sum().backward()
+        hook.remove()
+        in_flight = model.buckets_in_flight
+        model.finish_grad_sync()
+        plain(x).square().sum().backward()
+        for name, p in plain.named_parameters():
+            mine = param_role(dict(model.module.named_parameters())[name]).main_grad
+            torch.distributed.all_reduce(p.grad)
+            tol = dict(atol=1e-5, rtol=1e-5) if fused else dict(atol=0.05, rtol=0.05)
+            assert_close(mine, p.grad / state.dp_size, **tol, msg=lambda m: f"{dtype} {name}: {m}")
+        assert all(p.grad is None for p in model.module.parameters())
+        assert got_grad == [not fused], (dtype, got_grad)   # fused: no dW tensor was made
+        assert in_flight >= len(model.buckets) - 1, (dtype, in_flight, len(model.buckets))
+
+
+def _check_fused_embedding_grads(state):
+    """A single-use vocab-parallel embedding adds its rows into main_grad (no dense gradient);
+    the same lookups' gradient as the plain embedding's dense one, repeated ids included."""
+    ids = torch.tensor([[3, 5, 3, 0], [5, 5, 9, 1]]) + state.dp_rank
+    plain = VocabParallelEmbedding(12, 6, state, generator=init_generator(7, "emb"))
+    module = VocabParallelEmbedding(12, 6, state, generator=init_generator(7, "emb"), single_use=True)
+    got_grad = []
+    module.weight.register_post_accumulate_grad_hook(lambda p: got_grad.append(p.grad is not None))
+    model = DataParallel(module, state)
+    model.zero_grad_buffer()
+    weights = torch.arange(48.0).view(2, 4, 6)
+    (model(ids) * weights).sum().backward()
+    model.finish_grad_sync()
+    (plain(ids) * weights).sum().backward()
+    torch.distributed.all_reduce(plain.weight.grad)
+    assert got_grad == [False], got_grad
+    assert_close(param_role(module.weight).main_grad, plain.weight.grad / state.dp_size, atol=0, rtol=0)
 
 
 def _ranks_2():
@@ -151,6 +214,8 @@ def _ranks_2():
     checks.run("all no_sync", _check_all_no_sync, state)
     checks.run("missing zero", _check_missing_zero_is_an_error, state)
     checks.run("half params", _check_half_params_accumulate_in_fp32, state)
+    checks.run("fused weight grads", _check_fused_weight_grads, state)
+    checks.run("fused embedding grads", _check_fused_embedding_grads, state)
     return checks.results
 
 
@@ -159,6 +224,7 @@ def results():
     return run_ranks(_ranks_2, 2)
 
 
-@pytest.mark.parametrize("name", ["overlapped step", "all no_sync", "missing zero", "half params"])
+@pytest.mark.parametrize("name", ["overlapped step", "all no_sync", "missing zero", "half params",
+                                  "fused weight grads", "fused embedding grads"])
 def test_data_parallel(results, name):
     assert_checks(results, name)

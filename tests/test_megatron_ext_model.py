@@ -163,7 +163,7 @@ def _check_training(state, ours, full):
         forward_step_func=m6_forward_step(CONFIG), data_iterator=iter(batches), model=[ddp],
         num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MB, forward_only=False)
     mcore_grads = convert.mcore_full_state_dict(
-        {name: p.main_grad for name, p in module.named_parameters()}, CONFIG)
+        {name: p.main_grad for name, p in module.named_parameters()}, CONFIG)   # megatron-core DDP's attribute
     if state.is_last_stage:
         ours_l = torch.stack(result.losses)
         theirs_l = torch.stack([d["lm loss"] for d in losses])

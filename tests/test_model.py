@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from m6_engine.parallel.roles import param_role
 from m6_engine.config import ConfigError, ModelConfig, model_preset
 from m6_engine.data.tasks import TASK_IDS
 from m6_engine.model import (
@@ -50,7 +51,7 @@ def _check_init_by_global_name(state):
     names = [n for n, _ in model.named_parameters()]
     assert names[0] == "embedding.word.weight" and "layers.3.mlp.fc2.weight" in names, names
     assert "final_ln.weight" in names
-    sharded = {n for n, p in model.named_parameters() if hasattr(p, "tensor_parallel_dim")}
+    sharded = {n for n, p in model.named_parameters() if param_role(p).tp_dim is not None}
     assert sharded == {"embedding.word.weight"} | {
         f"layers.{i}.{m}" for i in range(4) for m in ("attention.qkv.weight", "attention.qkv.bias",
                                                       "attention.out.weight", "mlp.fc1.weight",

@@ -13,6 +13,7 @@ activation recomputation, which must not change a thing.
 import pytest
 import torch
 
+from m6_engine.parallel.roles import param_role
 from m6_engine.config import model_preset
 from m6_engine.convert import full_state_dict, load_full_state_dict
 from m6_engine.model import ForwardStep, M6Model
@@ -61,7 +62,7 @@ def _train(tp, pp, recompute, reference_init=None):
                                   tensor_spec=spec, **model_grad_sync(model, state))
         with torch.no_grad():
             for p in model.parameters():
-                p.sub_(p.main_grad, alpha=LR)
+                p.sub_(param_role(p).main_grad, alpha=LR)
         if state.is_last_stage:
             losses.append(result.loss.item())
             sums = sum(o.task_loss_sum for o in forward_step.outputs)

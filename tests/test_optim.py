@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from m6_engine.parallel.roles import param_role
 from m6_engine.config import ConfigError
 from m6_engine.optim import (
     AdamW, DynamicLossScaler, LossScaler, LRSchedule, OptimizerConfig, choose_backend, clip_grads_,
@@ -187,9 +188,9 @@ def test_backend_choice():
 def _param(tp_dim=None, tied=False):
     p = torch.nn.Parameter(torch.zeros(2))
     if tp_dim is not None:
-        p.tensor_parallel_dim = tp_dim
+        param_role(p).tp_dim = tp_dim
     if tied:
-        p.tied_across_stages = True
+        param_role(p).tied_across_stages = True
     return p
 
 
@@ -221,7 +222,7 @@ def _grad_norm_of_step0(state, sharded=False):
     from tests.optim_loop import backward_step
     model, optimizer = build(CFG, state, OptimizerConfig(**BASE), total_steps=1)
     backward_step(model, optimizer, CFG, state, 0)
-    grads = [p.main_grad for p in model.params]
+    grads = [param_role(p).main_grad for p in model.params]
     norm, found_inf = global_grad_norm(grads, [counts_in_norm(p, state) for p in model.params], state,
                                        sharded=sharded)
     assert not found_inf
@@ -258,7 +259,7 @@ def _single_process():
         opt = run["optimizer"]
         assert all(p.dtype == opt.config.param_dtype for p in run["model"].parameters())
         assert all(m.dtype == torch.float32 for m in opt._masters)
-        assert all(p.main_grad.dtype == torch.float32 for p in run["model"].params)
+        assert all(param_role(p).main_grad.dtype == torch.float32 for p in run["model"].params)
         assert not any(s.skipped for s in run["stats"]) and opt.steps == STEPS
         assert opt.state_bytes() == 12 * sum(p.numel() for p in run["model"].params)
         for got, want in zip(run["losses"], reference):
@@ -299,7 +300,7 @@ def _check_fp16_skips_everywhere(state):
     for step in range(6):
         def poison(m, value=inject.get(step)):
             if value is not None and state.rank == INJECT_RANK:
-                m.params[-1].main_grad.view(-1)[0] = value
+                param_role(m.params[-1]).main_grad.view(-1)[0] = value
         before = flat_params(model)
         _, stats = train_step(model, opt, CFG, state, step, before_step=poison)
         changed = not torch.equal(flat_params(model), before)

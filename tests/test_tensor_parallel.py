@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from m6_engine.parallel.roles import param_role
 from m6_engine.parallel import (
     ColumnParallelLinear, DataParallel, RowParallelLinear, VocabParallelEmbedding, checkpoint,
     copy_to_tp, gather_from_tp, init_generator, reduce_from_tp, scatter_to_tp, seed_parallel_rng,
@@ -80,7 +81,7 @@ def _check_column(state, gather_output):
     ref = _reference_linear(8, 12, "col")
     layer = ColumnParallelLinear(8, 12, state, generator=init_generator(7, "col"),
                                  gather_output=gather_output)
-    assert layer.weight.shape == (12 // state.tp_size, 8) and layer.weight.tensor_parallel_dim == 0
+    assert layer.weight.shape == (12 // state.tp_size, 8) and param_role(layer.weight).tp_dim == 0
     with torch.no_grad():
         layer.bias.copy_(_chunk(ref.bias, 0, state))
     x, g = _randn(2, 5, 8, seed=4), _randn(2, 5, 12, seed=5)
@@ -99,7 +100,7 @@ def _check_row(state, input_is_parallel):
     ref = _reference_linear(12, 6, "row")
     layer = RowParallelLinear(12, 6, state, generator=init_generator(7, "row"),
                               input_is_parallel=input_is_parallel)
-    assert layer.weight.shape == (6, 12 // state.tp_size) and layer.weight.tensor_parallel_dim == 1
+    assert layer.weight.shape == (6, 12 // state.tp_size) and param_role(layer.weight).tp_dim == 1
     with torch.no_grad():
         layer.bias.copy_(ref.bias)
     x, g = _randn(2, 5, 12, seed=6), _randn(2, 5, 6, seed=8)
@@ -246,7 +247,7 @@ def _check_embedding_grad_under_data_parallel(state):
     assert layouts == [torch.strided, torch.strided]
     weight = wrapped.module.weight
     assert weight.grad is None
-    assert_close(weight.main_grad, 2 * plain.weight.grad)
+    assert_close(param_role(weight).main_grad, 2 * plain.weight.grad)
 
 
 def _dropout_block(state, tracker):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import m6_engine.ops as ops_module
+from m6_engine.parallel.roles import param_role
 from m6_engine.parallel import (
     ColumnParallelLinear, DataParallel, RowParallelLinear, TensorSpec, VocabParallelEmbedding,
     broadcast_tied_weights, forward_backward, init_generator, mark_tied, model_grad_sync, normal_init,
@@ -191,7 +192,7 @@ def train(cfg: ToyLMConfig, state, *, schedule: str, steps: int, global_batch: i
                                   tensor_spec=spec, **model_grad_sync(model, state))
         with torch.no_grad():
             for p in model.parameters():
-                p.sub_(p.main_grad, alpha=lr)
+                p.sub_(param_role(p).main_grad, alpha=lr)
         if state.is_last_stage:
             loss = result.loss.clone()
             torch.distributed.all_reduce(loss, group=state.group("dp"))

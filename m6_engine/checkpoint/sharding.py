@@ -33,6 +33,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from m6_engine.checkpoint import chunks
 from m6_engine.parallel.data_parallel import DataParallel
+from m6_engine.parallel.layers import VocabParallelEmbedding
+from m6_engine.parallel.roles import param_role
 
 MODEL_PREFIX = "model."
 OPTIMIZER_PREFIX = "optimizer."
@@ -67,13 +69,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _vocab_rows(module: nn.Module) -> dict[int, VocabRows]:
-    """id(weight) -> VocabRows for every vocab-parallel embedding (duck-typed on its attributes)."""
-    found = {}
-    for sub in module.modules():
-        if all(hasattr(sub, a) for a in ("vocab_size", "padded_vocab_size", "vocab_start",
-                                          "rows_per_rank", "weight")):
-            found[id(sub.weight)] = VocabRows(sub.vocab_size, sub.vocab_start, sub.rows_per_rank)
-    return found
+    """id(weight) -> VocabRows for every vocab-parallel embedding of ``module``."""
+    return {id(sub.weight): VocabRows(sub.vocab_size, sub.vocab_start, sub.rows_per_rank)
+            for sub in module.modules() if isinstance(sub, VocabParallelEmbedding)}
 
 
 def model_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, TensorLayout]]:
@@ -91,7 +89,7 @@ def model_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, TensorLayou
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        tp_dim = getattr(tensor, "tensor_parallel_dim", None)
+        tp_dim = param_role(tensor).tp_dim
         rows = vocab.get(id(tensor))
         if rows is not None and (tp_dim != 0 or tensor.shape[0] != rows.rows):
             raise ValueError(f"{name}: a vocab-parallel weight must be split along dim 0 into "

@@ -32,12 +32,14 @@ WORD_EMBEDDING = "embedding.word.weight"
 """Global name of the word embedding, on the first stage and (tied copy) on the last."""
 
 
-def word_embedding(config: ModelConfig, state: ParallelState, init: ParamInit) -> VocabParallelEmbedding:
-    """The vocab-parallel word embedding, drawn from the generator of :data:`WORD_EMBEDDING`."""
+def word_embedding(config: ModelConfig, state: ParallelState, init: ParamInit, *,
+                   single_use: bool = False) -> VocabParallelEmbedding:
+    """The vocab-parallel word embedding, drawn from the generator of :data:`WORD_EMBEDDING`;
+    ``single_use``: only the lookup or only the head uses it on this stage (pp > 1)."""
     return VocabParallelEmbedding(config.vocab_size, config.hidden_size, state,
                                   generator=init.generator(WORD_EMBEDDING),
                                   init_method=init.init_method, vocab_multiple=config.vocab_multiple,
-                                  dtype=init.dtype, device=init.device)
+                                  dtype=init.dtype, device=init.device, single_use=single_use)
 
 
 class M6Embeddings(nn.Module):
@@ -45,10 +47,11 @@ class M6Embeddings(nn.Module):
     tied head's copy) is built (``word_only``), under the same parameter name."""
 
     def __init__(self, config: ModelConfig, state: ParallelState, init: ParamInit, *,
-                 word_only: bool = False):
+                 word_only: bool = False, head_on_stage: bool = True):
         super().__init__()
         self.config = config
-        self.word = word_embedding(config, state, init)
+        # The lookup and the head use one weight only when both are on this stage (pp = 1).
+        self.word = word_embedding(config, state, init, single_use=word_only or not head_on_stage)
         self.word_only = word_only
         if word_only:
             return

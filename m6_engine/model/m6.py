@@ -124,7 +124,8 @@ class M6Model(nn.Module):
 
         self.embedding = None
         if self.pre_process or self.post_process:
-            self.embedding = M6Embeddings(config, state, init, word_only=not self.pre_process)
+            self.embedding = M6Embeddings(config, state, init, word_only=not self.pre_process,
+                                          head_on_stage=self.post_process)
             mark_tied(self.embedding.word.weight)
         self.layers = nn.ModuleDict({
             str(i): TransformerBlock(config, state, init, self.ops, f"layers.{i}.", rng_tracker)

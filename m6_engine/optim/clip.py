@@ -22,14 +22,16 @@ import math
 import torch
 import torch.distributed as dist
 
+from m6_engine.parallel.roles import param_role
 from m6_engine.parallel.state import ParallelState
 
 
 def counts_in_norm(param: torch.Tensor, state: ParallelState) -> bool:
     """True when this rank's copy of ``param`` is the one the global norm counts (see module doc)."""
-    if getattr(param, "tied_across_stages", False) and not state.is_first_stage:
+    role = param_role(param)
+    if role.tied_across_stages and not state.is_first_stage:
         return False
-    return getattr(param, "tensor_parallel_dim", None) is not None or state.tp_rank == 0
+    return role.tp_dim is not None or state.tp_rank == 0
 
 
 def global_grad_norm(grads: list[torch.Tensor], counted: list[bool], state: ParallelState, *,

@@ -32,6 +32,7 @@ from m6_engine.optim.loss_scaler import make_loss_scaler
 from m6_engine.optim.lr_schedule import LRSchedule
 from m6_engine.optim.zero import ParamBuffer, gather_pieces, owned_pieces, whole_pieces
 from m6_engine.parallel.data_parallel import DataParallel
+from m6_engine.parallel.roles import param_role
 from m6_engine.parallel.state import ParallelState
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -89,7 +90,7 @@ class MixedPrecisionOptimizer:
                         else whole_pieces(model.layout))
         params = model.params
         self._param_views = [params[i].detach().view(-1)[lo:hi] for i, lo, hi in self._pieces]
-        self._grads = [params[i].main_grad.view(-1)[lo:hi] for i, lo, hi in self._pieces]
+        self._grads = [param_role(params[i]).main_grad.view(-1)[lo:hi] for i, lo, hi in self._pieces]
         self._copy_back = self.config.param_dtype != torch.float32
         # fp32 parameters are their own masters (the views above are leaves sharing their storage).
         self._masters = [v.float().clone() if self._copy_back else v for v in self._param_views]

@@ -3,7 +3,7 @@
 Layout (what an optimizer, or ZeRO-1 later, relies on):
 - Parameters that require grad are laid out in *reverse registration order* (roughly the order
   backward produces their gradients) in one fp32 buffer ``grad_buffer``; each parameter's slice
-  is exposed as ``param.main_grad`` (a view of the parameter's shape).
+  is exposed as ``param_role(param).main_grad`` (a view of the parameter's shape; ``parallel.roles``).
 - The buffer is cut into buckets of consecutive parameters: a bucket is closed once it holds at
   least ``bucket_numel`` elements. Each bucket's end is padded so its size is a multiple of
   ``dp * align``: its dp shards, ``Bucket.shard(dp_rank)``, are equal and ``align``-element
@@ -13,7 +13,9 @@ Layout (what an optimizer, or ZeRO-1 later, relies on):
 
 Flow of one optimizer step: ``zero_grad_buffer()``; backward of every micro-batch, all but the
 last inside ``no_sync()``. A post-accumulate-grad hook adds each ``param.grad`` into its
-``main_grad`` (in fp32, whatever the parameter's dtype) and frees ``param.grad``. Outside
+``main_grad`` (in fp32, whatever the parameter's dtype) and frees ``param.grad``; a tp linear
+layer's backward may instead add its weight gradient there itself and say so
+(``ParamRole.main_grad_added``: gradient-accumulation fusion). Outside
 ``no_sync`` a bucket whose parameters all have their gradient is pre-divided by dp and its sum
 all-reduce launched asynchronously while backward continues; ``finish_grad_sync()`` launches what
 is left and waits, leaving the dp-mean gradient in ``main_grad``. Optimizers read ``main_grad``.
@@ -28,6 +30,7 @@ at different offsets.
 """
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from m6_engine.parallel.collectives import reduce_scatter_single
+from m6_engine.parallel.roles import param_role
 from m6_engine.parallel.state import ParallelState
 
 
@@ -116,14 +120,16 @@ class DataParallel(nn.Module):
         self.params, self.layout = tuple(params), layout
         self.grad_buffer = torch.zeros(layout.numel, dtype=torch.float32, device=state.device)
         for p, (start, end) in zip(params, layout.param_ranges):
-            p.main_grad = self.grad_buffer[start:end].view(p.shape)
+            role = param_role(p)
+            role.main_grad = self.grad_buffer[start:end].view(p.shape)
+            role.main_grad_added = functools.partial(self._grad_ready, p)
         self.buckets = tuple(
             Bucket(k, start, end, tuple(params[i] for i in members), self.dp_size)
             for k, ((start, end), members) in enumerate(zip(layout.bucket_ranges, layout.bucket_members)))
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         tied_synced = len(state.group_ranks("embedding")) > 1
         self._all_reduced = {b.index for b in self.buckets if grad_reduce == "all_reduce" or (
-            tied_synced and any(getattr(p, "tied_across_stages", False) for p in b.params))}
+            tied_synced and any(param_role(p).tied_across_stages for p in b.params))}
         self._ready = [set() for _ in self.buckets]
         self._works: dict[int, object] = {}
         self._sync = True
@@ -148,11 +154,22 @@ class DataParallel(nn.Module):
         return len(self._works)
 
     def _on_grad(self, param: nn.Parameter) -> None:
+        if param.grad is None:   # a fused backward added it to main_grad and said so already
+            return
+        self._check_not_synced()
+        param_role(param).main_grad.add_(param.grad)         # in fp32, whatever param's dtype
+        param.grad = None
+        self._grad_ready(param)
+
+    def _check_not_synced(self) -> None:
         if self._synced:
             raise RuntimeError("DataParallel: a gradient arrived after finish_grad_sync(); call "
                                "zero_grad_buffer() before the next step's backward")
-        param.main_grad.add_(param.grad)                     # in fp32, whatever param's dtype
-        param.grad = None
+
+    def _grad_ready(self, param: nn.Parameter) -> None:
+        """``param``'s gradient of this backward is in main_grad (added by the hook, or by a fused
+        backward: ``ParamRole.main_grad_added``): launch its bucket once all of them are."""
+        self._check_not_synced()
         if not self._sync:
             return
         bucket = self._bucket_of[id(param)]

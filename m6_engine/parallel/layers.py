@@ -3,9 +3,9 @@
 ``t`` is the tensor-parallel size and ``r`` this rank's index in the tp group. Weights follow
 ``torch.nn.functional.linear``: W has shape (out, in) and y = x W^T + b.
 
-A sharded parameter carries ``param.tensor_parallel_dim`` (the dim it is split along, in rank
-order); parameters without it are replicated across tp and get identical gradients on every tp
-rank by construction, so they need no tp reduction. Each layer draws its master weight from the
+A sharded parameter's role (``parallel.roles``) names the dim it is split along, in rank order;
+parameters without one are replicated across tp and get identical gradients on every tp rank by
+construction, so they need no tp reduction. Each layer draws its master weight from the
 generator it is given (see ``m6_engine.parallel.init``), so its full weight is the same for every
 tp; biases start at zero.
 
@@ -25,6 +25,7 @@ from torch import nn
 
 from m6_engine.parallel.init import InitMethod, master_weight, normal_init
 from m6_engine.parallel.mappings import gather_from_tp, reduce_from_tp, scatter_to_tp
+from m6_engine.parallel.roles import param_role
 from m6_engine.parallel.state import ParallelState
 
 
@@ -39,14 +40,14 @@ def _shard(master: torch.Tensor, dim: int, state: ParallelState, dtype, device) 
     chunk = master.shape[dim] // state.tp_size
     part = master.narrow(dim, state.tp_rank * chunk, chunk)
     param = nn.Parameter(part.to(dtype=dtype, device=device, copy=True).contiguous())
-    param.tensor_parallel_dim = dim
+    param_role(param).tp_dim = dim
     return param
 
 
 def _bias(size: int, dtype, device, sharded: bool) -> nn.Parameter:
     param = nn.Parameter(torch.zeros(size, dtype=dtype, device=device))
     if sharded:
-        param.tensor_parallel_dim = 0
+        param_role(param).tp_dim = 0
     return param
 
 
@@ -65,9 +66,23 @@ def _matmul_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
-def _weight_grads(ctx, grad2: torch.Tensor, x: torch.Tensor):
-    """dW = dy^T x (out, in) and db = sum_rows(dy), each None when not needed; dy (M, out)."""
-    grad_w = grad2.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+def _weight_grads(ctx, grad2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """dW = dy^T x (out, in) and db = sum_rows(dy), each None when not needed; dy (M, out).
+
+    Gradient-accumulation fusion (Megatron's): when the weight's fp32 main_grad has dy's dtype
+    (fp32 training), dW is accumulated into it inside the matmul (beta = 1), with no dW tensor
+    and no separate add over it, and DataParallel is told the gradient is in (dW comes back None).
+    Only for weights a layer uses once per forward (``ctx.fuse_weight_grad``): the tied output
+    head's weight also gets the embedding lookup's gradient through the usual hook."""
+    x2 = x.reshape(-1, x.shape[-1])
+    grad_w = None
+    if ctx.needs_input_grad[1]:
+        role = param_role(weight)
+        if ctx.fuse_weight_grad and role.main_grad_added is not None and role.main_grad.dtype == grad2.dtype:
+            role.main_grad.addmm_(grad2.t(), x2)
+            role.main_grad_added()
+        else:
+            grad_w = grad2.t().mm(x2)
     grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_w, grad_b
 
@@ -77,9 +92,10 @@ class _ColumnParallelLinear(torch.autograd.Function):
     asynchronously while dW_r = dy_r^T x is computed. x (..., in), W_r (out/t, in), b_r (out/t,)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, tp_size):
+    def forward(ctx, x, weight, bias, group, tp_size, fuse_weight_grad):
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.tp_size, ctx.has_bias = group, tp_size, bias is not None
+        ctx.fuse_weight_grad = fuse_weight_grad
         return _matmul_out(x, weight, bias)
 
     @staticmethod
@@ -91,10 +107,10 @@ class _ColumnParallelLinear(torch.autograd.Function):
             grad_x = grad2.mm(weight).view(x.shape)            # fresh, so reduced in place
             if ctx.tp_size > 1:
                 work = dist.all_reduce(grad_x, group=ctx.group, async_op=True)
-        grad_w, grad_b = _weight_grads(ctx, grad2, x)
+        grad_w, grad_b = _weight_grads(ctx, grad2, x, weight)
         if work is not None:
             work.wait()
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _RowParallelLinear(torch.autograd.Function):
@@ -104,7 +120,7 @@ class _RowParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, group, tp_size):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.fuse_weight_grad = bias is not None, True
         # With one rank the bias goes into the matmul; otherwise it is added once, after the sum.
         y = _matmul_out(x, weight, bias if tp_size == 1 else None)
         if tp_size > 1:
@@ -118,8 +134,32 @@ class _RowParallelLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad2 = grad.reshape(-1, grad.shape[-1])                                   # (M, out)
         grad_x = grad2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w, grad_b = _weight_grads(ctx, grad2, x)
+        grad_w, grad_b = _weight_grads(ctx, grad2, x, weight)
         return grad_x, grad_w, grad_b, None, None
+
+
+class _VocabLookup(torch.autograd.Function):
+    """e = E_r[ids] for ids in [0, V/t) (F.embedding); dE_r[i] = sum of de over the positions of
+    id i. With ``fuse`` and an fp32 main_grad of de's dtype, those rows are added into main_grad
+    (index_put_ with accumulate: no dense (V/t, dim) gradient, and deterministic on CUDA, where
+    it sorts the indices, unlike index_add_'s atomics) and DataParallel is told; otherwise the
+    dense gradient F.embedding's backward gives."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, fuse):
+        ctx.save_for_backward(ids)
+        ctx.role, ctx.num_rows, ctx.fuse = param_role(weight), weight.shape[0], fuse
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        role = ctx.role
+        if ctx.fuse and role.main_grad_added is not None and role.main_grad.dtype == grad.dtype:
+            role.main_grad.index_put_((ids.reshape(-1),), grad.reshape(-1, grad.shape[-1]), accumulate=True)
+            role.main_grad_added()
+            return None, None, None
+        return None, torch.ops.aten.embedding_dense_backward(grad, ids, ctx.num_rows, -1, False), None
 
 
 class ColumnParallelLinear(nn.Module):
@@ -146,7 +186,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _bias(self.out_per_rank, dtype, device, sharded=True) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _ColumnParallelLinear.apply(x, self.weight, self.bias, self.group, self.tp_size)
+        y = _ColumnParallelLinear.apply(x, self.weight, self.bias, self.group, self.tp_size, True)
         return gather_from_tp(y, self.group) if self.gather_output else y   # (..., out/t)
 
 
@@ -195,8 +235,13 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int, state: ParallelState, *,
                  generator: torch.Generator, init_method: InitMethod = normal_init(),
-                 vocab_multiple: int = 128, dtype=torch.float32, device=None):
+                 vocab_multiple: int = 128, dtype=torch.float32, device=None, single_use: bool = False):
         super().__init__()
+        # The weight is used once per forward on this stage, by the lookup or by the head, not by
+        # both (pp > 1): its gradient may then be accumulated straight into main_grad
+        # (gradient-accumulation fusion, as the linear layers'). With both on one stage (pp = 1)
+        # two backwards add to it, through the usual .grad and hook.
+        self.single_use = single_use
         if vocab_size < 1 or dim < 1 or vocab_multiple < 1:
             raise ValueError(f"VocabParallelEmbedding: vocab_size = {vocab_size}, dim = {dim} and "
                              f"vocab_multiple = {vocab_multiple} must all be >= 1")
@@ -217,7 +262,7 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
-        e = F.embedding(local.masked_fill(outside, 0), self.weight)                 # (..., dim)
+        e = _VocabLookup.apply(local.masked_fill(outside, 0), self.weight, self.single_use)  # (..., dim)
         # In place: e is fresh and the lookup's backward keeps the ids, not its output.
         e = e.masked_fill_(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(e, self.group, in_place=True)
@@ -230,7 +275,7 @@ class VocabParallelEmbedding(nn.Module):
         Feed the result to ``vocab_parallel_cross_entropy``.
         """
         logits = _ColumnParallelLinear.apply(hidden, self.weight, None, self.group,
-                                             self.tp_size)                           # (..., V/t)
+                                             self.tp_size, self.single_use)          # (..., V/t)
         if not self.shard_has_padding:
             return logits
         # In place and outside autograd: the matmul's backward keeps its inputs, not its output, and

@@ -13,18 +13,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from m6_engine.parallel.roles import param_role
 from m6_engine.parallel.state import ParallelState
 
 
 def mark_tied(param: nn.Parameter) -> nn.Parameter:
     """Mark ``param`` as one copy of a weight shared by the first and last stage."""
-    param.tied_across_stages = True
+    param_role(param).tied_across_stages = True
     return param
 
 
 def tied_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The marked parameters of ``module``, in registration order."""
-    return [p for p in module.parameters() if getattr(p, "tied_across_stages", False)]
+    return [p for p in module.parameters() if param_role(p).tied_across_stages]
 
 
 def _embedding_group(module: nn.Module, state: ParallelState):
@@ -55,7 +56,7 @@ def allreduce_tied_grads(module: nn.Module, state: ParallelState) -> None:
     if group is None:
         return
     for p in params:
-        grad = getattr(p, "main_grad", None)
+        grad = param_role(p).main_grad
         grad = p.grad if grad is None else grad
         if grad is None:
             raise RuntimeError("a tied parameter has no gradient after backward; the first and "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from m6_engine.config import ModelConfig
+from m6_engine.parallel.roles import param_role
 from m6_engine.parallel.state import GROUP_NAMES, ParallelState, RankLayout
 
 
@@ -54,8 +55,8 @@ def meta_stage(config: ModelConfig, tp: int, pp: int, dp: int, pp_rank: int, tp_
     for name, p in model.named_parameters():
         shapes[name] = tuple(p.shape)
         count += p.numel()
-        tied_copy = getattr(p, "tied_across_stages", False) and pp > 1 and pp_rank == pp - 1
-        sharded = hasattr(p, "tensor_parallel_dim")
+        tied_copy = param_role(p).tied_across_stages and pp > 1 and pp_rank == pp - 1
+        sharded = param_role(p).tp_dim is not None
         if not tied_copy and (sharded or tp_rank == 0):
             unique += p.numel()
     return RankParameters(pp_rank, tp_rank, shapes, count, unique)

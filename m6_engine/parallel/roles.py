@@ -1,0 +1,41 @@
+"""A parameter's parallel role: what the layers, the data-parallel wrapper and the pipeline say
+about it, kept in one typed record on the parameter (:func:`param_role`) instead of loose
+attributes read with ``getattr``.
+
+- ``tp_dim``: the dim it is split along over the tp group, in rank order (``parallel.layers``);
+  None: replicated over tp, with identical gradients on every tp rank by construction.
+- ``tied_across_stages``: one copy of a weight shared by the first and last pipeline stage
+  (``parallel.tied``; the word embedding and the output head).
+- ``main_grad``: the fp32 view of the data-parallel gradient buffer its gradient accumulates in
+  (``parallel.data_parallel``); None outside a DataParallel wrapper.
+- ``main_grad_added``: called by a backward that accumulated the weight gradient straight into
+  ``main_grad`` (the tp linear layers, when the dtypes allow: gradient-accumulation fusion), so
+  the wrapper counts it ready as it would a ``.grad``; set by DataParallel.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_ATTRIBUTE = "_m6_parallel_role"
+
+
+@dataclass(eq=False)
+class ParamRole:
+    """The parallel role of one parameter (module docstring)."""
+
+    tp_dim: int | None = None
+    tied_across_stages: bool = False
+    main_grad: torch.Tensor | None = None
+    main_grad_added: Callable[[], None] | None = None
+
+
+def param_role(param: torch.Tensor) -> ParamRole:
+    """The role of ``param`` (a parameter or a buffer); a plain replicated role until something
+    marks it. The record lives on the tensor, so it follows the parameter through ``module.to``."""
+    role = param.__dict__.get(_ATTRIBUTE)
+    if role is None:
+        role = ParamRole()
+        setattr(param, _ATTRIBUTE, role)
+    return role
