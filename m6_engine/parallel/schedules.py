@@ -116,11 +116,15 @@ class _GradSync:
     no_sync: Callable[[], ContextManager]
 
 
-def _grad_sync(forward_only: bool, finalize_grads, no_sync) -> _GradSync:
+def _runner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
+            finalize_grads, no_sync) -> "_StageRunner":
+    """A schedule's stage runner; a training step must say who reduces its gradients."""
     if not forward_only and (finalize_grads is None or no_sync is None):
         raise ValueError("a training step needs finalize_grads and no_sync: who reduces the gradients "
                          "(**m6_engine.parallel.model_grad_sync(model, state) for a stage)")
-    return _GradSync(finalize_grads or (lambda: None), no_sync or contextlib.nullcontext)
+    grad_sync = _GradSync(finalize_grads or (lambda: None), no_sync or contextlib.nullcontext)
+    return _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
+                        grad_sync)
 
 
 @dataclass
@@ -212,8 +216,8 @@ def forward_backward_no_pipelining(*, forward_step, data_iterator, model, num_mi
                                    forward_only: bool = False, check_shapes: bool = False,
                                    finalize_grads=None, no_sync=None) -> StepResult:
     """pp == 1: forward and backward each micro-batch in turn, accumulating gradients."""
-    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, None,
-                       _grad_sync(forward_only, finalize_grads, no_sync))
+    run = _runner(forward_step, data_iterator, model, num_microbatches, state, forward_only, None,
+                  finalize_grads, no_sync)
     for _ in range(num_microbatches):
         run.forward(None)
         if not forward_only:
@@ -226,9 +230,8 @@ def forward_backward_gpipe(*, forward_step, data_iterator, model, num_microbatch
                            forward_only: bool = False, check_shapes: bool = False,
                            finalize_grads=None, no_sync=None) -> StepResult:
     """All forwards, then all backwards in the same micro-batch order (holds m activations)."""
-    channel = PipeChannel(state, tensor_spec, check_shapes)
-    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
-                       _grad_sync(forward_only, finalize_grads, no_sync))
+    run = _runner(forward_step, data_iterator, model, num_microbatches, state, forward_only,
+                  PipeChannel(state, tensor_spec, check_shapes), finalize_grads, no_sync)
     for _ in range(num_microbatches):
         run.receive_forward_send()
     while run.pending:
@@ -241,9 +244,8 @@ def forward_backward_1f1b(*, forward_step, data_iterator, model, num_microbatche
                           forward_only: bool = False, check_shapes: bool = False,
                           finalize_grads=None, no_sync=None) -> StepResult:
     """Non-interleaved 1F1B: warm-up forwards, steady one-forward-one-backward, cool-down."""
-    channel = PipeChannel(state, tensor_spec, check_shapes)
-    run = _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
-                       _grad_sync(forward_only, finalize_grads, no_sync))
+    run = _runner(forward_step, data_iterator, model, num_microbatches, state, forward_only,
+                  PipeChannel(state, tensor_spec, check_shapes), finalize_grads, no_sync)
     warmup = min(state.pp_size - state.pp_rank - 1, num_microbatches)
     steady = num_microbatches - warmup
     for _ in range(warmup):
