@@ -3,7 +3,7 @@
 Every model parameter (and persistent buffer) is stored as one global tensor under its global
 name, ``model.<name>``; the optimizer's per-parameter tensors as ``optimizer.<name>.<key>``
 (``master``, ``exp_avg``, ``exp_avg_sq``), sharded exactly like their parameter. On a tp group of
-size t, a local tensor of shape s described by ``param.tensor_parallel_dim = d`` is a DTensor on
+size t, a local tensor of shape s described by ``param_role(param).tp_dim = d`` is a DTensor on
 the mesh's "tp" axis:
 
     sharded      Shard(d):    global shape s with s[d] * t, rank r holds [r s[d], (r+1) s[d]) along d
@@ -93,7 +93,7 @@ def model_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, TensorLayou
         rows = vocab.get(id(tensor))
         if rows is not None and (tp_dim != 0 or tensor.shape[0] != rows.rows):
             raise ValueError(f"{name}: a vocab-parallel weight must be split along dim 0 into "
-                             f"{rows.rows} rows per rank, got tensor_parallel_dim = {tp_dim} and "
+                             f"{rows.rows} rows per rank, got tp_dim = {tp_dim} and "
                              f"shape {tuple(tensor.shape)}")
         out[name] = (tensor, TensorLayout(tp_dim, rows))
     return out

@@ -2,8 +2,8 @@
 
 The model is spread over ranks with some parameters held more than once:
 
-- a parameter without ``tensor_parallel_dim`` (LayerNorm weights, row-parallel biases, position
-  embeddings) is replicated over tp with identical gradients: only tp rank 0 counts it;
+- a parameter without a tp dim (``param_role(p).tp_dim`` None: LayerNorm weights, row-parallel
+  biases, position embeddings) is replicated over tp with identical gradients: only tp rank 0 counts it;
 - a tied weight (``tied_across_stages``: the word embedding and its copy as the output head on
   the last stage) has, after the embedding-group sum, the same gradient on both stages: only the
   first stage counts it;
