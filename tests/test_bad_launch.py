@@ -159,3 +159,22 @@ def test_missing_load_path_is_one_line_from_rank0_only(corpus, tmp_path, capsys,
     expected = (f"error: train.load = {missing!r} does not exist: give a checkpoint folder, "
                 f"a directory of checkpoints or auto\n")
     assert err == (expected if rank == "0" else ""), err
+
+
+def test_error_every_rank_meets_after_the_groups_exist_is_one_line_under_torchrun(corpus, tmp_path):
+    """A checkpoint damaged after its save: every rank's load fails once the process groups are up
+    (check_inputs only sees that the path exists); the job prints one error line, not one a rank."""
+    import yaml
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(small_job(corpus, steps=1).to_dict()), encoding="utf-8")
+    saved = _torchrun(2, "--config", str(config), "--set", f"train.save_dir={tmp_path / 'run'}")
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    checkpoint = tmp_path / "run" / "step_000001"
+    shard = sorted(checkpoint.glob("*.distcp"))[0]
+    os.truncate(shard, shard.stat().st_size // 2)
+    done = _torchrun(2, "--config", str(config), "--load", str(checkpoint))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert len(errors) == 1 and "is damaged" in errors[0] and "train.load" in errors[0], done.stderr[-3000:]
+    _no_worker_traceback(done.stderr)

@@ -278,18 +278,23 @@ def test_unknown_or_bad_set_override(item, message):
 
 # ---- fault tolerance ----------------------------------------------------------------------------
 
-def test_killed_rank_restarts_from_the_latest_checkpoint(corpus, two_ranks, tmp_path):
+def _fault_run(corpus, tmp_path, *kill):
+    """The fault worker under torchrun with one restart; (completed process, log tail, save, out)."""
     save, out = tmp_path / "ckpt", tmp_path / "out"
     out.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
                "--monitor-interval=0.2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
                str(ROOT / "tests" / "training_job.py"), "--data", str(corpus.folder),
-               "--save", str(save), "--out", str(out), "--kill-after", "5"]
+               "--save", str(save), "--out", str(out), *kill]
     # torchrun's c10d rendezvous shares its TCPStore with the workers and keeps it across restarts:
     # a restarted group reads the dead attempt's addresses (pytorch/pytorch#135712). Opt out.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    log = done.stdout[-4000:] + done.stderr[-4000:]
+    return done, done.stdout[-4000:] + done.stderr[-4000:], save, out
+
+
+def test_killed_rank_restarts_from_the_latest_checkpoint(corpus, two_ranks, tmp_path):
+    done, log, save, out = _fault_run(corpus, tmp_path, "--kill-after", "5")
     assert done.returncode == 0, log
     assert not (out / "losses_attempt0.json").exists(), log        # the first attempt was killed
     assert "resumed from" in done.stdout and "step_000004 at step 4" in done.stdout, log
@@ -297,6 +302,19 @@ def test_killed_rank_restarts_from_the_latest_checkpoint(corpus, two_ranks, tmp_
     expected = two_ranks["uninterrupted"]["losses"]
     assert restarted == {step: expected[step] for step in (5, 6)}
     assert sorted(p.name for p in save.glob("step_*")) == ["step_000002", "step_000004", "step_000006"]
+
+
+def test_rank_killed_during_a_save_resumes_from_the_previous_complete_checkpoint(corpus, two_ranks, tmp_path):
+    # Rank 0 dies publishing step 4's save: shards and manifest written, folder not yet renamed.
+    done, log, save, out = _fault_run(corpus, tmp_path, "--kill-in-save", "4")
+    assert done.returncode == 0, log
+    assert "resumed from" in done.stdout and "step_000002 at step 2" in done.stdout, log
+    restarted = {int(k): v for k, v in json.loads((out / "losses_attempt1.json").read_text()).items()}
+    expected = two_ranks["uninterrupted"]["losses"]
+    assert restarted == {step: expected[step] for step in (3, 4, 5, 6)}
+    assert sorted(p.name for p in save.glob("step_*")) == ["step_000002", "step_000004", "step_000006"]
+    # The killed save's temporary folder was never taken for a checkpoint, and a later save cleared it.
+    assert sorted(p.name for p in save.iterdir()) == ["latest", "step_000002", "step_000004", "step_000006"]
 
 
 # ---- the command line ---------------------------------------------------------------------------

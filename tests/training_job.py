@@ -11,8 +11,10 @@ warm-up steps out of 10 and a cosine decay to 1e-4.
 Fault worker: ``python -m torch.distributed.run --nproc_per_node=2 --max-restarts=1 ...
 tests/training_job.py --data DIR --save DIR --out DIR --kill-after K`` (DIR of build_corpus) trains
 :func:`fault_job` (pp = 2, dropout 0.1, a checkpoint every 2 steps, ``load=auto``); on the first
-attempt (``TORCHELASTIC_RESTART_COUNT`` 0) rank 1 SIGKILLs itself after step K. The logging rank
-of each attempt that finishes writes ``OUT/losses_attempt<N>.json``: {step: loss}.
+attempt (``TORCHELASTIC_RESTART_COUNT`` 0) rank 1 SIGKILLs itself after step K, or with
+``--kill-in-save K`` instead rank 0 SIGKILLs itself inside step K's save, once every shard and the
+manifest are written and just before the folder is published. The logging rank of each attempt
+that finishes writes ``OUT/losses_attempt<N>.json``: {step: loss}.
 """
 
 import argparse
@@ -164,6 +166,21 @@ def _kill_rank_after(step: int, rank: int):
     return callback
 
 
+def _kill_rank0_in_save(step: int) -> None:
+    """Make this process SIGKILL itself when it publishes the checkpoint of ``step`` (rank 0 does)."""
+    from m6_engine.checkpoint import save as save_module
+    from m6_engine.checkpoint.folders import step_dirname
+
+    publish = save_module.publish
+
+    def publish_or_die(tmp, final):
+        if Path(final).name == step_dirname(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(tmp, final)
+
+    save_module.publish = publish_or_die
+
+
 def main(argv=None) -> None:
     """The fault worker (module docstring)."""
     import torch.distributed as dist
@@ -175,7 +192,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True, help="folder of build_corpus")
     parser.add_argument("--save", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--kill-after", type=int, required=True)
+    kill = parser.add_mutually_exclusive_group(required=True)
+    kill.add_argument("--kill-after", type=int, help="attempt 0: rank 1 dies after this step")
+    kill.add_argument("--kill-in-save", type=int, help="attempt 0: rank 0 dies publishing this step's save")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)   # as the test harness's ranks: the reference run is computed there
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
@@ -183,8 +202,10 @@ def main(argv=None) -> None:
     state = initialize(job.parallel.tp, job.parallel.pp, backend="gloo", timeout=job.parallel.timeout_s)
     train_data, _ = make_datasets(job, state)
     trainer = Trainer(job, state, train_data)
-    if attempt == 0:
+    if attempt == 0 and args.kill_after is not None:
         trainer.step_callbacks.append(_kill_rank_after(args.kill_after, rank=1))
+    if attempt == 0 and args.kill_in_save is not None and state.rank == 0:
+        _kill_rank0_in_save(args.kill_in_save)
     trainer.run()
     if trainer.logs_here:
         path = os.path.join(args.out, f"losses_attempt{attempt}.json")
