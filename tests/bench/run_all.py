@@ -13,6 +13,7 @@ import time
 # (module, keyword arguments of its run()) in the order they run: cheap first.
 BENCHMARKS = (
     ("tests.bench.bench_ops", {"device": "cpu"}),
+    ("tests.bench.bench_attention", {}),
     ("tests.bench.bench_tokenizer", {}),
     ("tests.bench.bench_preprocess", {}),
     ("tests.bench.bench_pipeline", {}),
