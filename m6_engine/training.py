@@ -26,6 +26,7 @@ the pretrained weights.
 """
 
 import contextlib
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -174,14 +175,22 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
+    @functools.cached_property
+    def _recorded_inputs(self) -> tuple[dict, dict]:
+        """(manifest "inputs", attachments) of every checkpoint of this run: read once, on rank 0,
+        which alone writes them (m6_engine.data.model_inputs)."""
+        from m6_engine.data.tokenizer import default_vocab_path
+
+        vocab = Path(self.job.data.vocab_file or default_vocab_path()).read_bytes()
+        return job_model_inputs(self.job).to_dict(), {VOCAB_FILE: vocab}
+
     def save(self) -> None:
         train = self.job.train
-        inputs, vocab = job_model_inputs(self.job)
+        inputs, attachments = self._recorded_inputs if self.state.rank == 0 else (None, None)
         save_checkpoint(train.save_dir, self.step, model=self.model, state=self.state,
                         optimizer=self.optimizer, rng_tracker=self.tracker, config=self.job.to_dict(),
                         extra={"step": self.step, "data": self.train_data.state_dict()},
-                        keep_last=train.keep_last or None, inputs=inputs.to_dict(),
-                        attachments={VOCAB_FILE: vocab} if self.state.rank == 0 else None)
+                        keep_last=train.keep_last or None, inputs=inputs, attachments=attachments)
 
     def resume(self) -> bool:
         """Load ``train.load`` ("auto": the latest complete checkpoint of save_dir, if any)."""
@@ -367,15 +376,12 @@ def job_tokenizer(job: JobConfig):
 
 
 def job_model_inputs(job: JobConfig):
-    """(ModelInputs of the job's training corpus, the vocabulary file's bytes): what a checkpoint
-    records of the inputs its model reads (m6_engine.data.model_inputs)."""
+    """The ModelInputs of the job's training corpus: what a checkpoint records of the inputs its
+    model reads (m6_engine.data.model_inputs)."""
     from m6_engine.data.doc_tokens import tokenizer_fingerprint
     from m6_engine.data.model_inputs import ModelInputs, corpus_extractor
-    from m6_engine.data.tokenizer import default_vocab_path
 
-    tokenizer = job_tokenizer(job)
-    vocab = Path(job.data.vocab_file or default_vocab_path()).read_bytes()
-    return ModelInputs(tokenizer_fingerprint(tokenizer).hex(), corpus_extractor(job.data.corpus)), vocab
+    return ModelInputs(tokenizer_fingerprint(job_tokenizer(job)).hex(), corpus_extractor(job.data.corpus))
 
 
 def check_init_from_inputs(job: JobConfig) -> None:
@@ -392,7 +398,7 @@ def check_init_from_inputs(job: JobConfig) -> None:
         return
     if recorded is None:   # saved before checkpoints recorded their inputs
         return
-    mine, _ = job_model_inputs(job)
+    mine = job_model_inputs(job)
     where = f"train.init_from = {job.train.init_from!r}"
     check_vocab(mine.vocab_hash, recorded, chosen_what=f"data.vocab_file = {job.data.vocab_file!r}",
                 recorded_what=where)

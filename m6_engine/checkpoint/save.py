@@ -81,7 +81,8 @@ def save_checkpoint(ckpt_dir, step: int, *, model: nn.Module, state: ParallelSta
     """Save ``ckpt_dir/step_<step>`` (collective: every rank calls it) and return its path.
 
     ``model``: this rank's stage (a DataParallel wrapper is unwrapped), parameters named by
-    global names; ``optimizer``: a ``CheckpointableOptimizer`` (see the package doc); ``extra``: the trainer's resume state; ``config``: recorded in the manifest;
+    global names; ``optimizer``: a ``CheckpointableOptimizer`` (see the package doc); ``extra``:
+    the trainer's resume state; ``config``: recorded in the manifest;
     ``keep_last``: delete all but the newest K complete checkpoints once this one is published;
     ``inputs``: recorded in the manifest (what the model reads: ``m6_engine.data.model_inputs``);
     ``attachments``: small files ({name: content}, given on rank 0) stored beside the shards and

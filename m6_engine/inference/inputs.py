@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 import torch
 
 from m6_engine.data.batch import MicroBatch
-
 from m6_engine.data.tasks import SEGMENT_COMPLETE, SEGMENT_IMAGE, SEGMENT_MASKED, SampleLayout
 
 

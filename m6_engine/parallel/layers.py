@@ -78,7 +78,7 @@ def _weight_grads(ctx, grad2: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     grad_w = None
     if ctx.needs_input_grad[1]:
         role = param_role(weight)
-        if ctx.fuse_weight_grad and role.main_grad_added is not None and role.main_grad.dtype == grad2.dtype:
+        if ctx.fuse_weight_grad and role.takes_fused_grad(grad2.dtype):
             role.main_grad.addmm_(grad2.t(), x2)
             role.main_grad_added()
         else:
@@ -155,7 +155,7 @@ class _VocabLookup(torch.autograd.Function):
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
         role = ctx.role
-        if ctx.fuse and role.main_grad_added is not None and role.main_grad.dtype == grad.dtype:
+        if ctx.fuse and role.takes_fused_grad(grad.dtype):
             role.main_grad.index_put_((ids.reshape(-1),), grad.reshape(-1, grad.shape[-1]), accumulate=True)
             role.main_grad_added()
             return None, None, None
@@ -230,21 +230,22 @@ class VocabParallelEmbedding(nn.Module):
     Forward:      e = all-reduce_tp(E_r[ids - r V/t] masked to zero where ids are not in shard r)
     Input grad:   none (integer input).
     Weight grad:  dE_r[i] = sum of de over the positions whose id is i (local, no communication),
-                  dense (V/t, dim) on every device.
+                  the same on every device: dense (V/t, dim), or with ``single_use`` under
+                  DataParallel in fp32 those rows added straight into main_grad (:class:`_VocabLookup`).
     """
 
     def __init__(self, vocab_size: int, dim: int, state: ParallelState, *,
                  generator: torch.Generator, init_method: InitMethod = normal_init(),
                  vocab_multiple: int = 128, dtype=torch.float32, device=None, single_use: bool = False):
         super().__init__()
+        if vocab_size < 1 or dim < 1 or vocab_multiple < 1:
+            raise ValueError(f"VocabParallelEmbedding: vocab_size = {vocab_size}, dim = {dim} and "
+                             f"vocab_multiple = {vocab_multiple} must all be >= 1")
         # The weight is used once per forward on this stage, by the lookup or by the head, not by
         # both (pp > 1): its gradient may then be accumulated straight into main_grad
         # (gradient-accumulation fusion, as the linear layers'). With both on one stage (pp = 1)
         # two backwards add to it, through the usual .grad and hook.
         self.single_use = single_use
-        if vocab_size < 1 or dim < 1 or vocab_multiple < 1:
-            raise ValueError(f"VocabParallelEmbedding: vocab_size = {vocab_size}, dim = {dim} and "
-                             f"vocab_multiple = {vocab_multiple} must all be >= 1")
         device = state.device if device is None else device
         multiple = vocab_multiple * state.tp_size
         self.vocab_size, self.dim = vocab_size, dim

@@ -30,6 +30,11 @@ class ParamRole:
     main_grad: torch.Tensor | None = None
     main_grad_added: Callable[[], None] | None = None
 
+    def takes_fused_grad(self, dtype: torch.dtype) -> bool:
+        """Whether a backward may add a gradient of ``dtype`` into ``main_grad`` itself (and then
+        call ``main_grad_added``): under DataParallel, with main_grad of that dtype (fp32)."""
+        return self.main_grad_added is not None and self.main_grad.dtype == dtype
+
 
 def param_role(param: torch.Tensor) -> ParamRole:
     """The role of ``param`` (a parameter or a buffer); a plain replicated role until something

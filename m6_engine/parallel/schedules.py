@@ -108,23 +108,14 @@ def _release_storage(output: torch.Tensor) -> None:
     output.data = torch.empty((), dtype=output.dtype, device=output.device).expand(output.shape)
 
 
-@dataclass(frozen=True)
-class _GradSync:
-    """The caller's gradient-reduction callables (``parallel.grad_sync``)."""
-
-    finalize_grads: Callable[[], None]
-    no_sync: Callable[[], ContextManager]
-
-
 def _runner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
             finalize_grads, no_sync) -> "_StageRunner":
     """A schedule's stage runner; a training step must say who reduces its gradients."""
     if not forward_only and (finalize_grads is None or no_sync is None):
         raise ValueError("a training step needs finalize_grads and no_sync: who reduces the gradients "
                          "(**m6_engine.parallel.model_grad_sync(model, state) for a stage)")
-    grad_sync = _GradSync(finalize_grads or (lambda: None), no_sync or contextlib.nullcontext)
     return _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
-                        grad_sync)
+                        finalize_grads or (lambda: None), no_sync or contextlib.nullcontext)
 
 
 @dataclass
@@ -139,7 +130,8 @@ class _StageRunner:
     state: ParallelState
     forward_only: bool
     channel: PipeChannel | None
-    grad_sync: _GradSync
+    finalize_grads: Callable[[], None]       # the caller's gradient reduction (parallel.grad_sync)
+    no_sync: Callable[[], ContextManager]
     clock: _Clock = field(init=False)
     pending: deque = field(default_factory=deque)
     losses: list = field(default_factory=list)
@@ -179,7 +171,7 @@ class _StageRunner:
         sync enabled); returns the gradient of its input, None on the first stage."""
         input_tensor, output = self.pending.popleft()
         is_last = self.backwards_done == self.num_microbatches - 1
-        sync_mode = contextlib.nullcontext() if is_last else self.grad_sync.no_sync()
+        sync_mode = contextlib.nullcontext() if is_last else self.no_sync()
         with self.clock.span("backward"), sync_mode:
             torch.autograd.backward(output, grad_tensors=output_grad)
         self.backwards_done += 1
@@ -204,7 +196,7 @@ class _StageRunner:
     def finish(self) -> StepResult:
         if not self.forward_only:
             with self.clock.span("grad_sync"):
-                self.grad_sync.finalize_grads()
+                self.finalize_grads()
         self.total_span.__exit__(None, None, None)
         c = self.clock.seconds
         timers = ScheduleTimers(c("forward"), c("backward"), c("p2p"), c("grad_sync"), c("total"))
