@@ -49,14 +49,16 @@ test: install
 # CPU-only build of the extension in .torch211/lib (M6_EXTENSION_DIR points m6_engine.ops at it), so
 # the main leg's in-place m6_engine/_C*.so and _C.cpu_flags are never touched. Only what the
 # selected tests import is installed (same pins as requirements.txt; no torchvision, transformers
-# or megatron-core). The tests: the ops, one multi-rank ZeRO-1 + dp-bucket parity run, the
-# checkpoint round trips, the collectives and torch-version checks, the gpu-check dry run.
+# or megatron-core). The tests: the ops (with the attention's torch backends: the GPU image has
+# torch 2.11), one multi-rank ZeRO-1 + dp-bucket parity run, the checkpoint round trips, the
+# collectives and torch-version checks, the gpu-check dry run.
 VENV211 := .venv-torch211
 PY211 := $(VENV211)/bin/python
 BUILD211 := .torch211
 # torch 2.11.0 requires setuptools<82: 81.0.0 instead of requirements.txt's 84.2.1.
 TORCH211_PINS := numpy ninja pybind11 regex tensorboard pyyaml tqdm pytest pytest-timeout packaging
-TORCH211_TESTS := tests/test_masked_softmax.py tests/test_layer_norm.py \
+TORCH211_TESTS := tests/test_masked_softmax.py tests/test_layer_norm.py tests/test_attention.py \
+	tests/test_attention_torch.py \
 	tests/test_training.py::test_zero1_matches_unsharded tests/test_checkpoint.py \
 	tests/test_collectives.py tests/test_torch_version.py \
 	tests/test_gpu_check.py::test_dry_run_runs_every_step_and_stage

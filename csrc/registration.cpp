@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "common/cpu_gemm.h"
 #include "common/cpu_output_cache.h"
 
 TORCH_LIBRARY(m6, m) {
@@ -24,6 +25,18 @@ TORCH_LIBRARY(m6, m) {
   // The lengths and offsets only let the kernel skip keys a row never sees (out is zero there).
   m.def("masked_softmax_backward(Tensor grad_out, Tensor out, Tensor prefix_len, "
         "Tensor valid_len, float scale, Tensor q_offset) -> Tensor");
+  // Attention under the same mask: q (B, H, Sq, D), k, v (B, H, Sk, D), one dtype (as above);
+  // prefix_len, valid_len, q_offset (B,) as above. out = softmax(scale q k^T) v over the allowed
+  // keys (B, H, Sq, D; zeros for padded rows), lse (B, H, Sq) fp32 (fp64 for fp64) the per-row
+  // log-sum-exp of the scaled scores (-inf for padded rows), all backward needs besides q, k, v, out.
+  // dropout_p in [0, 1): probabilities kept with 1 - dropout_p and divided by it, the keep mask a
+  // pure function of dropout_seed and (b, h, i, j) (csrc/attention/prefix_lm_attention.h).
+  m.def("prefix_lm_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor valid_len, "
+        "Tensor q_offset, float scale, float dropout_p, int dropout_seed) -> (Tensor, Tensor)");
+  // Returns grad_q, grad_k, grad_v (q's, k's, v's shapes, contiguous), from the saved out and lse.
+  m.def("prefix_lm_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, Tensor prefix_len, Tensor valid_len, Tensor q_offset, float scale, float dropout_p, "
+        "int dropout_seed) -> (Tensor, Tensor, Tensor)");
   // x (..., N) fp32|fp16|bf16, or fp64 on the CPU; weight, bias (N,) of x's dtype. Returns y (x's
   // shape and dtype) and the per-row mean and rstd = 1/sqrt(var + eps), each of shape
   // (rows,) = x.numel() / N, in fp32 (fp64 for fp64 x).
@@ -79,9 +92,16 @@ PyObject* set_cpu_output_cache_limit(PyObject*, PyObject* arg) {
   return PyLong_FromLongLong(m6::cpu::set_output_cache_limit(bytes));
 }
 
+// Whether the CPU attention's tile products run in the BLAS libtorch links (csrc/common/cpu_gemm.h).
+PyObject* cpu_gemm_uses_blas(PyObject*, PyObject*) {
+  if (m6::cpu::gemm_uses_blas()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "SIMD capability of the CPU kernels."},
     {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were built."},
+    {"cpu_gemm_uses_blas", cpu_gemm_uses_blas, METH_NOARGS, "True when CPU tile products run in the BLAS."},
     {"cpu_output_cache_stats", cpu_output_cache_stats, METH_NOARGS, "Counters of the CPU output cache."},
     {"empty_cpu_output_cache", empty_cpu_output_cache, METH_NOARGS, "Frees the cached CPU output blocks."},
     {"set_cpu_output_cache_limit", set_cpu_output_cache_limit, METH_O,

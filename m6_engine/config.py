@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+# ModelConfig.attention_backend's choices (m6_engine.ops.attention resolves them per device).
+ATTENTION_BACKENDS = ("auto", "fused", "unfused", "sdpa")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of one M6 model (paper table 3 and appendix A.1)."""
@@ -56,6 +60,12 @@ class ModelConfig:
     """The padded vocabulary is a multiple of vocab_multiple * tp (Megatron's rule)."""
     fused_kernels: bool = True
     """Run the m6:: fused ops; False takes the plain-PyTorch reference path on purpose."""
+    attention_backend: str = "auto"
+    """The attention core: "fused" (m6::prefix_lm_attention on the CPU, FlexAttention with a block
+    mask from the lengths on CUDA; nothing S x S kept for backward), "sdpa" (torch's
+    scaled_dot_product_attention with the boolean mask), "unfused" (matmul, masked softmax,
+    matmul: the reference path, keeps the (B, H, S, S) probabilities), or "auto": fused where it
+    exists, unfused with fused_kernels=False. The model logs which it runs."""
     itm_head: bool = False
     """Build the image-text matching head (a replicated Linear(hidden_size, 2) on the last stage,
     ``m6_engine.model.heads``) that the ``image_text_matching`` finetuning task trains."""
@@ -80,6 +90,9 @@ class ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"ModelConfig.num_heads = {self.num_heads} must divide "
                               f"ModelConfig.hidden_size = {self.hidden_size}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"ModelConfig.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                              f"got {self.attention_backend!r}")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")

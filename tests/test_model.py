@@ -133,8 +133,10 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _check_recompute_replays_dropout(state):
-    config = dataclasses.replace(TINY, hidden_dropout=0.1, attention_dropout=0.1)
+def _check_recompute_replays_dropout(state, backend):
+    # Each backend draws its attention dropout its own way (the fused op from a seed it takes off the
+    # stream, the others from the generator); recompute must replay every one of them.
+    config = dataclasses.replace(TINY, hidden_dropout=0.1, attention_dropout=0.1, attention_backend=backend)
     batch = mixed_batch(config, 8, 2)
     results = {}
     for mode in ("none", "selective", "full"):
@@ -145,11 +147,33 @@ def _check_recompute_replays_dropout(state):
         results[mode] = (loss.detach(), _grads(model))
     eval_loss = M6Model(config, state, seed=5).eval()(batch).loss.detach()
     assert abs(eval_loss - results["none"][0]) > 1e-3, "dropout had no effect: the check is vacuous"
+    attention_only = dataclasses.replace(config, hidden_dropout=0.0)
+    tracker = seed_parallel_rng(11, state)
+    attention_loss = M6Model(attention_only, state, seed=5, rng_tracker=tracker).train()(batch).loss.detach()
+    assert abs(eval_loss - attention_loss) > 1e-4, "attention dropout had no effect: the check is vacuous"
     for mode in ("selective", "full"):
         assert torch.equal(results[mode][0], results["none"][0]), mode
         diff = max((g - results["none"][1][n]).abs().max().item() for n, g in results[mode][1].items())
-        FIGURES[f"recompute {mode} max |grad diff|"] = diff
+        FIGURES[f"recompute {mode} ({backend}) max |grad diff|"] = diff
         assert diff <= 1e-7, (mode, diff)
+
+
+def _check_attention_backends_agree(state):
+    batch = mixed_batch(TINY, 20, 4)
+    results = {}
+    for backend in ("unfused", "fused", "sdpa"):
+        model = M6Model(dataclasses.replace(TINY, attention_backend=backend), state, seed=3).train()
+        assert model.ops.attention_backend == backend
+        loss = model(batch).loss
+        loss.backward()
+        results[backend] = (loss.detach(), _grads(model))
+    for backend in ("fused", "sdpa"):
+        loss_diff = (results[backend][0] - results["unfused"][0]).abs().item()
+        grad_diff = max((g - results["unfused"][1][n]).abs().max().item() for n, g in results[backend][1].items())
+        FIGURES[f"{backend} vs unfused |loss diff|, max |grad diff|"] = (loss_diff, grad_diff)
+        assert loss_diff <= 1e-5 and grad_diff <= 1e-5, (backend, loss_diff, grad_diff)
+    assert M6Model(TINY, state).ops.attention_backend == "fused"                  # auto, with the extension
+    assert M6Model(dataclasses.replace(TINY, fused_kernels=False), state).ops.attention_backend == "unfused"
 
 
 def _check_loss_outputs(state):
@@ -231,7 +255,10 @@ CHECKS = {
     "fused matches reference": _check_fused_matches_reference,
     "mask observable fused": lambda s: _check_mask_observable(s, True),
     "mask observable reference": lambda s: _check_mask_observable(s, False),
-    "recompute replays dropout": _check_recompute_replays_dropout,
+    "recompute replays dropout (fused)": lambda s: _check_recompute_replays_dropout(s, "fused"),
+    "recompute replays dropout (unfused)": lambda s: _check_recompute_replays_dropout(s, "unfused"),
+    "recompute replays dropout (sdpa)": lambda s: _check_recompute_replays_dropout(s, "sdpa"),
+    "attention backends agree": _check_attention_backends_agree,
     "loss outputs": _check_loss_outputs,
     "flops": _check_flops,
     "half precision": _check_half_precision,
@@ -256,6 +283,7 @@ def test_model(single, name):
     (dict(num_segments=-1), 1, 1, "num_segments"),
     (dict(num_patches=-2), 1, 1, "num_patches"),
     (dict(attention_dropout=1.0), 1, 1, "attention_dropout"),
+    (dict(attention_backend="flash"), 1, 1, "attention_backend"),
     ({}, 3, 1, "hidden_size"),
     (dict(num_heads=2, hidden_size=128), 4, 1, "num_heads"),
     (dict(ffn_hidden_size=100), 8, 1, "num_heads"),
@@ -293,3 +321,13 @@ def test_parameter_count_formula_pads_vocab_for_tp():
     config = model_preset("m6-base")
     assert parameter_count(config, tp=4) - parameter_count(config) == \
         (config.padded_vocab_size(4) - config.padded_vocab_size(1)) * config.hidden_size
+
+
+def test_attention_backend_that_cannot_run_names_the_field():
+    from m6_engine import ops
+    with pytest.raises(ValueError, match="attention_backend 'fused' contradicts fused_kernels=False"):
+        ops.select_ops(False, "fused", "cpu")
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        ops.resolve_attention_backend("flash", True, "cpu")
+    assert ops.select_ops(False, "sdpa", "cpu").attention is ops.sdpa_attention
+    assert ops.select_ops(True, "unfused", "cpu").attention is None

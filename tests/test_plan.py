@@ -69,8 +69,13 @@ def _loss_tokens(batch) -> int:
 def _check_activation_predictions(state):
     """One stage's forward on a stand-in rank: saved bytes against the formula, every mode."""
     worst = 0.0
-    for (name, config), (tp, pp, stage), recompute in itertools.product(
-            CONFIGS.items(), STAGES, ("none", "selective", "full")):
+    # Every config with the default (fused) attention; the other cores where they differ: "none".
+    cases = [(name, config, placement, recompute) for (name, config), placement, recompute in itertools.product(
+        CONFIGS.items(), STAGES, ("none", "selective", "full"))]
+    cases += [(f"{name}, {backend}", dataclasses.replace(config, attention_backend=backend), placement, "none")
+              for (name, config), placement, backend in itertools.product(
+                  CONFIGS.items(), STAGES, ("unfused", "sdpa"))]
+    for name, config, (tp, pp, stage), recompute in cases:
         rank = stand_in_state(tp, pp, 1, pp_rank=stage, tp_rank=tp - 1, group=state.group("tp"),
                               device="cpu")
         model = M6Model(config, rank, recompute=recompute, rng_tracker=seed_parallel_rng(0, rank)).train()
@@ -222,12 +227,15 @@ def test_half_precision_block_is_korthikantis_formula():
     """On a GPU (bool dropout masks, e = 2) one block of M6-large saves 34 s b h + 5 a s^2 b bytes
     (Korthikanti et al. 2022) plus our 16 bytes of LayerNorm statistics per token; selective
     recomputation leaves the 34 s b h."""
-    config = model_preset("m6-large")
+    config = model_preset("m6-large", attention_backend="unfused")
     half = ActivationDtype.of(Layout(1, 1, 1, 1, 1, precision="bf16"), GPU_DEVICES["H200-141G"])
     s, b, h, a = 528, 2, config.hidden_size, config.num_heads
     kwargs = dict(tp=1, micro_batch=b, seq_length=s, dtype=half)
     none = block_activation_bytes(config, recompute="none", **kwargs)
     assert none == s * b * (34 * h + 16) + 5 * a * s * s * b
+    # The fused core keeps a 4-byte log-sum-exp per query row and head instead of 5 a s^2 b.
+    fused = block_activation_bytes(dataclasses.replace(config, attention_backend="fused"), recompute="none", **kwargs)
+    assert fused == s * b * (34 * h + 16) + 4 * a * s * b + 8 * b
     assert block_activation_bytes(config, recompute="selective", **kwargs) == s * b * (34 * h + 16)
     assert block_activation_bytes(config, recompute="full", **kwargs) == 2 * s * b * h
 

@@ -25,6 +25,23 @@ C10_HOST_DEVICE inline int64_t visible_keys(int64_t q_offset, int64_t i, int64_t
   return std::min(valid, std::max(prefix, causal_end));
 }
 
+// The (B,) per-sample tensors of op `op`: int32 | int64, shape (B,) with B = ref.size(0), on ref's
+// device (`what` names ref in the message).
+inline void check_per_sample_args(const at::Tensor& ref, const at::Tensor& prefix_len, const at::Tensor& valid_len,
+                                  const at::Tensor& q_offset, const char* op, const char* what) {
+  const int64_t batch = ref.size(0);
+  const std::pair<const at::Tensor*, const char*> per_sample[] = {
+      {&prefix_len, "prefix_len"}, {&valid_len, "valid_len"}, {&q_offset, "q_offset"}};
+  for (const auto& [t, name] : per_sample) {
+    TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong,
+                op, ": ", name, " must be int32 or int64, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == batch, op, ": ", name,
+                " must have shape (B,) = (", batch, ",), got ", t->sizes());
+    TORCH_CHECK(t->device() == ref.device(), op, ": ", name, " must be on ",
+                what, "'s device ", ref.device(), ", got ", t->device());
+  }
+}
+
 // Shape, dtype and device checks common to forward and backward. `what` names the tensor whose
 // (B, H, Sq, Sk) shape the per-sample tensors refer to.
 inline void check_masked_softmax_args(const at::Tensor& scores, const at::Tensor& prefix_len,
@@ -34,17 +51,7 @@ inline void check_masked_softmax_args(const at::Tensor& scores, const at::Tensor
               scores.dim(), "-D");
   TORCH_CHECK(kernel_dtype_ok(scores.scalar_type(), scores.device()), "masked_softmax: ", what, " must be ",
               kernel_dtypes_text(scores.device()), ", got ", scores.scalar_type());
-  const int64_t batch = scores.size(0);
-  const std::pair<const at::Tensor*, const char*> per_sample[] = {
-      {&prefix_len, "prefix_len"}, {&valid_len, "valid_len"}, {&q_offset, "q_offset"}};
-  for (const auto& [t, name] : per_sample) {
-    TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong,
-                "masked_softmax: ", name, " must be int32 or int64, got ", t->scalar_type());
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == batch, "masked_softmax: ", name,
-                " must have shape (B,) = (", batch, ",), got ", t->sizes());
-    TORCH_CHECK(t->device() == scores.device(), "masked_softmax: ", name, " must be on ",
-                what, "'s device ", scores.device(), ", got ", t->device());
-  }
+  check_per_sample_args(scores, prefix_len, valid_len, q_offset, "masked_softmax", what);
 }
 
 // Backward only: grad_out must match the saved out in shape, dtype and device.
@@ -61,15 +68,15 @@ inline void check_masked_softmax_backward_args(const at::Tensor& grad_out, const
 // 0 <= prefix_len <= valid_len <= Sk and q_offset >= 0 for every sample (q_offset may lie past
 // valid_len: those rows are padding).
 inline void check_length_values(const int64_t* prefix, const int64_t* valid, const int64_t* q_offset,
-                                int64_t batch, int64_t sk) {
+                                int64_t batch, int64_t sk, const char* op = "masked_softmax") {
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(prefix[b] >= 0 && valid[b] >= 0, "masked_softmax: lengths must be >= 0, got "
+    TORCH_CHECK(prefix[b] >= 0 && valid[b] >= 0, op, ": lengths must be >= 0, got "
                 "prefix_len[", b, "] = ", prefix[b], ", valid_len[", b, "] = ", valid[b]);
-    TORCH_CHECK(prefix[b] <= valid[b], "masked_softmax: prefix_len must be <= valid_len, got "
+    TORCH_CHECK(prefix[b] <= valid[b], op, ": prefix_len must be <= valid_len, got "
                 "prefix_len[", b, "] = ", prefix[b], " > valid_len[", b, "] = ", valid[b]);
-    TORCH_CHECK(valid[b] <= sk, "masked_softmax: valid_len must be <= Sk = ", sk, ", got valid_len[",
+    TORCH_CHECK(valid[b] <= sk, op, ": valid_len must be <= Sk = ", sk, ", got valid_len[",
                 b, "] = ", valid[b]);
-    TORCH_CHECK(q_offset[b] >= 0, "masked_softmax: q_offset must be >= 0, got q_offset[", b, "] = ",
+    TORCH_CHECK(q_offset[b] >= 0, op, ": q_offset must be >= 0, got q_offset[", b, "] = ",
                 q_offset[b]);
   }
 }

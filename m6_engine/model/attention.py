@@ -8,6 +8,11 @@ With t = tp size, H heads of size hd = d / H, rank r holds heads [r H/t, (r+1) H
     ctx  = p v                                (B, H/t, Sq, hd) -> (B, Sq, d / t)
     out  = RowParallel(ctx)                   (B, Sq, d), all-reduced over tp
 
+The three middle lines are the "unfused" attention backend (ModelConfig.attention_backend), kept as
+the reference; "fused" (the default where it exists) computes them in one op that keeps nothing of
+size Sq x Sk (``m6_engine.ops.prefix_lm_attention``, dropout inside it from the same stream), and
+"sdpa" with torch's scaled_dot_product_attention and the boolean mask.
+
 The QKV weight's rows are ordered (head, q|k|v, hd), so a contiguous tp shard holds whole heads
 (Megatron's layout; ``m6_engine.convert`` permutes GPT-2's (q|k|v, head, hd) into it).
 Mask (``m6_engine.ops``): query i of sample b (absolute position q_offset[b] + i) sees key j iff
@@ -63,7 +68,7 @@ class LayerKVCache:
 
 
 class SelfAttention(nn.Module):
-    """Column-parallel QKV, masked softmax (fused op or reference), row-parallel output."""
+    """Column-parallel QKV, the attention core of the model's backend, row-parallel output."""
 
     def __init__(self, config: ModelConfig, state: ParallelState, init: ParamInit, ops,
                  prefix: str, rng_tracker: RNGTracker | None):
@@ -99,11 +104,16 @@ class SelfAttention(nn.Module):
              valid_len: torch.Tensor, q_offset: int | torch.Tensor = 0) -> torch.Tensor:
         """Masked attention of q (B, H/t, Sq, hd) over k, v (B, H/t, Sk, hd) -> (B, H/t, Sq, hd);
         query i of row b at position q_offset (int, or (B,) per row) + i."""
+        dropout = self.dropout if self.training else 0.0
+        if self.ops.attention is not None:  # fused / sdpa: one op, dropout inside it
+            with self._dropout_stream() if dropout > 0 else contextlib.nullcontext():
+                return self.ops.attention(q, k, v, prefix_len, valid_len, scale=self.scale, q_offset=q_offset,
+                                          dropout_p=dropout)
         scores = torch.matmul(q, k.transpose(-1, -2))                                 # (B, H/t, Sq, Sk)
         probs = self.ops.masked_softmax(scores, prefix_len, valid_len, self.scale, q_offset)
-        if self.training and self.dropout > 0:
+        if dropout > 0:
             with self._dropout_stream():
-                probs = F.dropout(probs, self.dropout, training=True)
+                probs = F.dropout(probs, dropout, training=True)
         return torch.matmul(probs, v)
 
     def project_out(self, context: torch.Tensor) -> torch.Tensor:

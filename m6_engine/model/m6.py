@@ -117,8 +117,9 @@ class M6Model(nn.Module):
         self.post_process = state.is_last_stage if post_process is None else post_process
         self.recompute = check_recompute(recompute)
         self.rng_tracker = rng_tracker
-        self.ops = m6_ops.select_ops(config.fused_kernels)
         device = torch.device(state.device if device is None else device)
+        self.ops = m6_ops.select_ops(config.fused_kernels, config.attention_backend, device)
+        m6_ops.log_attention_backend(config.attention_backend, self.ops.attention_backend, device)
         init = ParamInit(seed=seed, std=config.init_std, dtype=dtype, device=device)
         self.layer_ids = stage_layer_range(config.num_layers, state.pp_size, state.pp_rank)
 

@@ -1,7 +1,8 @@
 """Public fused ops of m6-engine and the one place that chooses fused vs reference.
 
 ``masked_softmax`` and ``layer_norm`` are ``torch.library`` custom ops (namespace ``m6``) with CPU
-and CUDA kernels, autograd and fake kernels; ``reference`` holds their plain-PyTorch twins, which
+and CUDA kernels, autograd and fake kernels; ``prefix_lm_attention`` is one with a CPU kernel (on
+CUDA it runs torch's FlexAttention / SDPA for the same mask, ``ops.attention``); ``reference`` holds their plain-PyTorch twins, which
 are also the test oracles. Calling a fused op without the built extension raises
 :class:`ExtensionNotBuiltError` with build instructions; the model takes the reference path only
 when its config says so (:func:`select_ops`).
@@ -17,32 +18,57 @@ from m6_engine.ops._extension import (
     extension_available,
     require_extension,
 )
+from m6_engine.ops.attention import (
+    log_attention_backend,
+    prefix_lm_attention,
+    resolve_attention_backend,
+    sdpa_attention,
+)
 from m6_engine.ops.layer_norm import layer_norm
 from m6_engine.ops.masked_softmax import masked_softmax
 from m6_engine.ops.output_cache import cpu_output_cache_stats, empty_cpu_output_cache, set_cpu_output_cache_limit
-from m6_engine.ops.reference import layer_norm_reference, masked_softmax_reference, prefix_lm_mask
+from m6_engine.ops.reference import (
+    layer_norm_reference,
+    masked_softmax_reference,
+    prefix_lm_attention_reference,
+    prefix_lm_mask,
+)
 
 
 @dataclass(frozen=True)
 class OpSet:
-    """The kernels a model runs: fused or reference, chosen once."""
+    """The kernels a model runs: fused or reference, chosen once.
+
+    ``attention``: the attention core ``(q, k, v, prefix_len, valid_len, *, scale, q_offset,
+    dropout_p) -> out`` of the resolved ``attention_backend`` ("fused" or "sdpa"), or None for
+    "unfused" (the model's matmul, ``masked_softmax``, matmul).
+    """
 
     masked_softmax: Callable
     layer_norm: Callable
     fused: bool
+    attention_backend: str = "unfused"
+    attention: Callable | None = None
 
 
-def select_ops(fused: bool) -> OpSet:
-    """Return the fused ops (requires the extension; raises if it is missing) or the references."""
+def select_ops(fused: bool, attention_backend: str = "unfused", device="cpu") -> OpSet:
+    """Return the fused ops (requires the extension; raises if it is missing) or the references,
+    with the attention core ``attention_backend`` resolves to on ``device``
+    (:func:`resolve_attention_backend`; ValueError naming the problem when it cannot run there)."""
+    resolved = resolve_attention_backend(attention_backend, fused, device)
+    attention = {"fused": prefix_lm_attention, "sdpa": sdpa_attention, "unfused": None}[resolved]
     if fused:
         require_extension()
-        return OpSet(masked_softmax=masked_softmax, layer_norm=layer_norm, fused=True)
-    return OpSet(masked_softmax=masked_softmax_reference, layer_norm=layer_norm_reference, fused=False)
+        return OpSet(masked_softmax=masked_softmax, layer_norm=layer_norm, fused=True,
+                     attention_backend=resolved, attention=attention)
+    return OpSet(masked_softmax=masked_softmax_reference, layer_norm=layer_norm_reference, fused=False,
+                 attention_backend=resolved, attention=attention)
 
 
 __all__ = [
     "ExtensionNotBuiltError", "OpSet", "cpu_capability", "cpu_output_cache_stats", "cuda_kernels_built",
     "empty_cpu_output_cache", "extension_available", "set_cpu_output_cache_limit",
-    "layer_norm", "layer_norm_reference", "masked_softmax", "masked_softmax_reference",
-    "prefix_lm_mask", "require_extension", "select_ops",
+    "layer_norm", "layer_norm_reference", "log_attention_backend", "masked_softmax", "masked_softmax_reference",
+    "prefix_lm_attention", "prefix_lm_attention_reference", "prefix_lm_mask", "require_extension",
+    "resolve_attention_backend", "sdpa_attention", "select_ops",
 ]

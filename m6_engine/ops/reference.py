@@ -54,6 +54,23 @@ def masked_softmax_backward_reference(grad_out, out, scale: float = 1.0):
     return (scale * y * (dy - (dy * y).sum(-1, keepdim=True))).to(grad_out.dtype)
 
 
+def prefix_lm_attention_reference(q, k, v, prefix_len, valid_len, scale: float | None = None, q_offset=0,
+                                  keep=None, dropout_p: float = 0.0):
+    """softmax(scale q k^T) v under the prefix-LM mask, math in fp32 (fp64 for fp64), q's dtype out.
+
+    q (B, H, Sq, D), k / v (B, H, Sk, D); ``scale`` defaults to 1 / sqrt(D). Padded query rows (no
+    allowed key) give zeros. ``keep`` (B, H, Sq, Sk) bool, optional: the dropout keep mask; kept
+    probabilities are divided by (1 - dropout_p), as the fused op does.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    math = _math_dtype(q.dtype)
+    scores = torch.matmul(q.to(math), k.to(math).transpose(-1, -2))
+    probs = masked_softmax_reference(scores, prefix_len, valid_len, scale, q_offset)
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    return torch.matmul(probs, v.to(math)).to(q.dtype)
+
+
 def layer_norm_reference(x, weight, bias, eps: float = 1e-5):
     """LayerNorm over the last dim with fp32 math (fp64 for fp64), result in x's dtype."""
     n = x.shape[-1]

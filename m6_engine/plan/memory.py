@@ -27,8 +27,13 @@ process memory. One block with ``recompute="none"``:
         + 4 e h / t          q, k, v (matmul's contiguous copies of the head-major views),
                              context (the output projection's input)
         + 2 e f / t ]        GeLU input, FC2 input
-    + b (a / t) s^2 (e + k + e)    masked-softmax output (its backward needs only y), dropout
-                                   mask and dropout output; just e without attention dropout
+    + b (a / t) s^2 (e + k + e)    unfused attention (ModelConfig.attention_backend): masked-softmax
+                                   output (its backward needs only y), dropout mask and dropout
+                                   output; just e without attention dropout
+    + b (a / t) s 4 + 8 b          fused attention instead: the fp32 log-sum-exp per query row and
+                                   the (B,) q_offset, no s^2 term (dropout regenerates its mask
+                                   from a seed); sdpa: the same plus its boolean mask, b s^2,
+                                   and its output before the heads are merged, b s e h / t
 
 (Korthikanti et al. 2022, "Reducing Activation Recomputation": 34 s b h + 5 a s^2 b for e = 2,
 k = 1, f = 4h, t = 1; ours adds the 16 bytes of LayerNorm statistics.) ``"selective"`` drops the
@@ -63,6 +68,8 @@ INDEX_BYTES = 8
 """int64 token / position / segment ids and lengths."""
 STATS_BYTES = 4
 """fp32 LayerNorm mean and rstd, per row each."""
+LSE_BYTES = 4
+"""fp32 log-sum-exp of the fused attention, per query row and head."""
 
 
 # --------------------------------------------------------------------------- parameters
@@ -141,9 +148,34 @@ def block_activation_bytes(config: ModelConfig, *, tp: int, micro_batch: int, se
     per_token = 4 * e * h + hidden_masks + 4 * STATS_BYTES + (4 * e * h + 2 * e * f) // tp
     total = b * s * per_token
     if recompute == "none":
-        per_score = e + (k + e if config.attention_dropout > 0 else 0)
-        total += b * (config.num_heads // tp) * s * s * per_score
+        total += attention_core_bytes(config, tp=tp, micro_batch=b, seq_length=s, dtype=dtype)
     return total
+
+
+def attention_backend_of(config: ModelConfig) -> str:
+    """The attention core the model runs: ``auto`` is ``fused`` (the plan assumes the fused path is
+    there: the built extension on CPUs, FlexAttention on GPUs), ``unfused`` with fused_kernels off."""
+    if config.attention_backend == "auto":
+        return "fused" if config.fused_kernels else "unfused"
+    return config.attention_backend
+
+
+def attention_core_bytes(config: ModelConfig, *, tp: int, micro_batch: int, seq_length: int,
+                         dtype: ActivationDtype) -> int:
+    """What the attention core saves beyond q, k, v and its output (module docstring)."""
+    b, s, heads = micro_batch, seq_length, config.num_heads // tp
+    backend = attention_backend_of(config)
+    # SDPA has no CPU kernel for a mask with dropout and falls back to its math path, which keeps
+    # the probabilities like the unfused core: counted so on every device (an upper bound on GPUs).
+    if backend == "unfused" or (backend == "sdpa" and config.attention_dropout > 0):
+        per_score = dtype.element + (dtype.mask + dtype.element if config.attention_dropout > 0 else 0)
+        return b * heads * s * s * per_score
+    lse = b * heads * s * LSE_BYTES + INDEX_BYTES * b          # and the (B,) q_offset
+    if backend == "sdpa":
+        # Its boolean (B, 1, S, S) mask, and its (B, H, S, D) output besides the heads-merged
+        # copy the output projection keeps (the fused op's output already has that layout).
+        return lse + b * s * s + b * s * dtype.element * config.hidden_size // tp
+    return lse
 
 
 def embedding_activation_bytes(config: ModelConfig, *, micro_batch: int, seq_length: int,
@@ -197,7 +229,8 @@ def temporary_bytes(config: ModelConfig, layout: Layout, seq: SequenceLayout, st
     """Estimated transient peak on top of the saved activations (module docstring)."""
     t, b, s = layout.tp, layout.micro_batch, seq.seq_length
     e, h = dtype.element, config.hidden_size
-    scores = b * (config.num_heads // t) * s * s * e
+    # Only the unfused core makes score-sized gradients; the fused ones work tile by tile.
+    scores = b * (config.num_heads // t) * s * s * e if attention_backend_of(config) == "unfused" else 0
     block = 2 * scores + 2 * b * s * h * e + 2 * b * s * config.ffn_size // t * e
     kwargs = dict(tp=t, micro_batch=b, seq_length=s, dtype=dtype)
     if layout.recompute != "none":
