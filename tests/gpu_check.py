@@ -9,6 +9,10 @@ tests): the figures and end-to-end checks that need the whole engine on one GPU.
   loss_scaler   fp16 O2 with an inf injected into the gradients: the step is skipped, weights unchanged
   checkpoint    saved on the device, loaded on the CPU (a subprocess): every weight equal
   decode        KV-cache greedy decoding vs recomputing the sequence per token: tokens/s
+  attention     prefix_lm_attention (FlexAttention with the lengths' block mask on CUDA) against SDPA
+                causal (flash backend), FlexAttention causal and SDPA with the boolean mask, bf16,
+                fwd and fwd+bwd at (8,16,528,64) prefix 272 and (2,16,2048,64) prefix 1040: ms, ratios,
+                and the op's largest difference from the fp32 reference
 
 Each stage returns its figures; a stage that raises is recorded as failed and the others still run;
 the exit status is non-zero when any failed. ``--dry-run`` runs every stage with small sizes (on
@@ -32,6 +36,7 @@ import traceback
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from m6_engine.config import job_config_from_dict
 from m6_engine.data.tasks import SampleLayout, collate, multimodal_to_text
@@ -56,17 +61,20 @@ class Sizes:
     decode_batches: tuple
     decode_tokens: int
     quick_bench: bool
+    attention_cases: tuple = ()   # (B, H, S, D, prefix_len) of the attention stage
 
 
 FULL = Sizes(train_model={"num_layers": 8}, train_steps=30, timed_from=5, micro_batch=8, global_batch=64,
              tiny_model={"num_layers": 2, "max_text_positions": 64}, tiny_steps=6,
-             decode_batches=(1, 16), decode_tokens=64, quick_bench=False)
+             decode_batches=(1, 16), decode_tokens=64, quick_bench=False,
+             attention_cases=((8, 16, 528, 64, 272), (2, 16, 2048, 64, 1040)))
 DRY = Sizes(train_model={"num_layers": 1, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 256,
                          "max_text_positions": 32, "vocab_size": 512},
             train_steps=3, timed_from=1, micro_batch=2, global_batch=4,
             tiny_model={"num_layers": 1, "hidden_size": 32, "num_heads": 2, "max_text_positions": 16,
                         "vocab_size": 256},
-            tiny_steps=2, decode_batches=(1,), decode_tokens=3, quick_bench=True)
+            tiny_steps=2, decode_batches=(1,), decode_tokens=3, quick_bench=True,
+            attention_cases=((2, 2, 40, 16, 20),))
 
 
 # ---- jobs and data --------------------------------------------------------------------------------
@@ -278,8 +286,88 @@ def stage_decode(state, sizes: Sizes, out: str) -> dict:
     return {"model": "tiny", "new_tokens": sizes.decode_tokens, "batches": rows}
 
 
+def _attention_contenders(prefix_len, valid_len, sq: int, scale: float, device: torch.device) -> dict:
+    """name -> fn(q, k, v): the op and what a user would otherwise run on this device."""
+    from m6_engine import ops
+    from m6_engine.ops.attention_torch import flex_attention_available
+
+    allowed = ops.prefix_lm_mask(prefix_len, valid_len, sq, sq)
+    contenders = {
+        "prefix_lm_attention": lambda q, k, v: ops.prefix_lm_attention(q, k, v, prefix_len, valid_len, scale=scale),
+        "sdpa_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)}
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_flash_causal(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        contenders["sdpa_flash_causal"] = sdpa_flash_causal
+        if flex_attention_available():
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            from m6_engine.ops.attention_torch import _compiled_flex_attention
+            causal = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, sq, sq, device=device)
+            flex = _compiled_flex_attention()
+            contenders["flex_causal"] = lambda q, k, v: flex(q, k, v, block_mask=causal, scale=scale)
+    else:   # the dry run: no flash backend and no FlexAttention backward on the CPU
+        contenders["sdpa_causal"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                     scale=scale)
+    return contenders
+
+
+def stage_attention(state, sizes: Sizes, out: str) -> dict:
+    from m6_engine.ops.reference import prefix_lm_attention_reference
+    from tests.bench.common import time_calls
+
+    device = state.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for b, h, s, d, prefix in sizes.attention_cases:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(b, h, s, d, generator=gen, device=device, dtype=dtype).requires_grad_()
+                   for _ in range(3))
+        grad = torch.randn(b, h, s, d, generator=gen, device=device, dtype=dtype)
+        prefix_len = torch.full((b,), prefix, dtype=torch.int64, device=device)
+        valid_len = torch.full((b,), s, dtype=torch.int64, device=device)
+        contenders = _attention_contenders(prefix_len, valid_len, s, d ** -0.5, device)
+
+        def forward(fn):
+            def call():
+                with torch.no_grad():
+                    fn(q, k, v)
+            return call
+
+        def forward_backward(fn):
+            def call():
+                q.grad = k.grad = v.grad = None
+                fn(q, k, v).backward(grad)
+            return call
+
+        iters = 3 if sizes.quick_bench else 20
+        fwd = time_calls({n: forward(f) for n, f in contenders.items()}, str(device), iters=iters)
+        fwd_bwd = time_calls({n: forward_backward(f) for n, f in contenders.items()}, str(device), iters=iters)
+        with torch.no_grad():
+            ours = contenders["prefix_lm_attention"](q, k, v).float()
+            want = prefix_lm_attention_reference(q.float(), k.float(), v.float(), prefix_len, valid_len)
+        causal = "sdpa_flash_causal" if "sdpa_flash_causal" in fwd else "sdpa_causal"
+        row = {"shape": [b, h, s, d], "prefix_len": prefix, "dtype": str(dtype).replace("torch.", ""),
+               "fwd_ms": {n: t * 1e3 for n, t in fwd.items()}, "fwd_bwd_ms": {n: t * 1e3 for n, t in fwd_bwd.items()},
+               "max_abs_difference_vs_fp32_reference": (ours - want).abs().max().item(),
+               "fwd_bwd_ours_over_sdpa_causal": fwd_bwd["prefix_lm_attention"] / fwd_bwd[causal],
+               "fwd_bwd_ours_over_sdpa_mask": fwd_bwd["prefix_lm_attention"] / fwd_bwd["sdpa_mask"]}
+        if "flex_causal" in fwd_bwd:
+            row["fwd_bwd_ours_over_flex_causal"] = fwd_bwd["prefix_lm_attention"] / fwd_bwd["flex_causal"]
+        rows.append(row)
+        tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
+        if row["max_abs_difference_vs_fp32_reference"] > tolerance:
+            raise AssertionError(f"prefix_lm_attention differs from the reference by "
+                                 f"{row['max_abs_difference_vs_fp32_reference']:.2e} at {row['shape']}")
+    return {"cases": rows}
+
+
 STAGES = {"kernels": stage_kernels, "training": stage_training, "parity": stage_parity,
-          "loss_scaler": stage_loss_scaler, "checkpoint": stage_checkpoint, "decode": stage_decode}
+          "loss_scaler": stage_loss_scaler, "checkpoint": stage_checkpoint, "decode": stage_decode,
+          "attention": stage_attention}
 
 
 # ---- the CPU side of the parity and checkpoint stages (run by _run_on_cpu) --------------------------
@@ -345,6 +433,15 @@ def print_summary(results: dict) -> None:
               f"recompute {train['recompute']}: {train['step_s'] * 1e3:.1f} ms/step, "
               f"{train['tokens_per_s']:.0f} tokens/s, {train['tflops_per_s']:.1f} TFLOP/s, MFU {train['mfu']:.1%}; "
               f"peak memory {train['peak_memory_gib']:.2f} GiB vs planned {train['planned_memory_gib']:.2f} GiB")
+    attention = results.get("attention", {})
+    if attention.get("ok"):
+        names = list(attention["cases"][0]["fwd_bwd_ms"])
+        print_table("attention under the prefix-LM mask (ms; ratios: prefix_lm_attention / contender, fwd+bwd)",
+                    ["shape", "prefix", "dtype", *(f"{n} fwd" for n in names), *(f"{n} fwd+bwd" for n in names),
+                     "max |ours - fp32 ref|"],
+                    [[str(r["shape"]), r["prefix_len"], r["dtype"], *(r["fwd_ms"][n] for n in names),
+                      *(f"{r['fwd_bwd_ms'][n]:.2f} ({r['fwd_bwd_ms']['prefix_lm_attention'] / r['fwd_bwd_ms'][n]:.2f})"
+                        for n in names), r["max_abs_difference_vs_fp32_reference"]] for r in attention["cases"]])
     decode = results.get("decode", {})
     if decode.get("ok"):
         for row in decode["batches"]:

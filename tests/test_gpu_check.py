@@ -35,6 +35,9 @@ def test_dry_run_runs_every_step_and_stage(tmp_path):
     assert training["tokens_per_s"] > 0 and training["mfu"] > 0 and training["planned_memory_gib"] > 0
     assert summary["stages"]["loss_scaler"]["skipped_steps"] == 1
     assert {k["op"] for k in summary["stages"]["kernels"]["kernels"]} == {"masked_softmax", "layer_norm"}
+    (attention,) = summary["stages"]["attention"]["cases"]
+    assert attention["max_abs_difference_vs_fp32_reference"] < 1e-4
+    assert set(attention["fwd_bwd_ms"]) == {"prefix_lm_attention", "sdpa_mask", "sdpa_causal"}
     assert f"python: {sys.executable}" in output   # it says which interpreter and torch it used
 
 

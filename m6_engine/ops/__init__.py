@@ -2,8 +2,8 @@
 
 ``masked_softmax`` and ``layer_norm`` are ``torch.library`` custom ops (namespace ``m6``) with CPU
 and CUDA kernels, autograd and fake kernels; ``prefix_lm_attention`` is one with a CPU kernel (on
-CUDA it runs torch's FlexAttention / SDPA for the same mask, ``ops.attention``); ``reference`` holds their plain-PyTorch twins, which
-are also the test oracles. Calling a fused op without the built extension raises
+CUDA it runs torch's FlexAttention / SDPA for the same mask, ``ops.attention``); ``reference``
+holds their plain-PyTorch twins, which are also the test oracles. Calling a fused op without the built extension raises
 :class:`ExtensionNotBuiltError` with build instructions; the model takes the reference path only
 when its config says so (:func:`select_ops`).
 """
