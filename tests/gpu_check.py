@@ -317,6 +317,7 @@ def _attention_contenders(prefix_len, valid_len, sq: int, scale: float, device: 
 
 def stage_attention(state, sizes: Sizes, out: str) -> dict:
     from m6_engine.ops.reference import prefix_lm_attention_reference
+    from tests.bench.bench_attention import attention_calls
     from tests.bench.common import time_calls
 
     device = state.device
@@ -331,21 +332,10 @@ def stage_attention(state, sizes: Sizes, out: str) -> dict:
         valid_len = torch.full((b,), s, dtype=torch.int64, device=device)
         contenders = _attention_contenders(prefix_len, valid_len, s, d ** -0.5, device)
 
-        def forward(fn):
-            def call():
-                with torch.no_grad():
-                    fn(q, k, v)
-            return call
-
-        def forward_backward(fn):
-            def call():
-                q.grad = k.grad = v.grad = None
-                fn(q, k, v).backward(grad)
-            return call
-
+        calls = {name: attention_calls(fn, q, k, v, grad) for name, fn in contenders.items()}
         iters = 3 if sizes.quick_bench else 20
-        fwd = time_calls({n: forward(f) for n, f in contenders.items()}, str(device), iters=iters)
-        fwd_bwd = time_calls({n: forward_backward(f) for n, f in contenders.items()}, str(device), iters=iters)
+        fwd = time_calls({name: c[0] for name, c in calls.items()}, str(device), iters=iters)
+        fwd_bwd = time_calls({name: c[1] for name, c in calls.items()}, str(device), iters=iters)
         with torch.no_grad():
             ours = contenders["prefix_lm_attention"](q, k, v).float()
             want = prefix_lm_attention_reference(q.float(), k.float(), v.float(), prefix_len, valid_len)

@@ -140,6 +140,19 @@ def _peak_bytes(case: AttentionCase) -> dict:
             for name in CONTENDERS}
 
 
+def attention_calls(fn, q, k, v, grad):
+    """The two timed calls of an attention ``fn(q, k, v)``: forward (no graph), and forward+backward."""
+    def forward():
+        with torch.no_grad():
+            return fn(q, k, v)
+
+    def forward_backward():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(grad)
+
+    return forward, forward_backward
+
+
 def _max_difference(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
@@ -149,21 +162,9 @@ def _bench_case(case: AttentionCase, iters: int) -> dict:
     q, k, v = _inputs(case)
     grad = torch.randn(case.shape, generator=torch.Generator().manual_seed(1))
 
-    def forward(fn):
-        def call():
-            with torch.no_grad():
-                return fn(q, k, v)
-        return call
-
-    def forward_backward(fn):
-        def call():
-            q.grad = k.grad = v.grad = None
-            fn(q, k, v).backward(grad)
-        return call
-
-    fwd = time_fns({name: forward(fn) for name, fn in contenders.items()}, "cpu", warmup=1, iters=iters)
-    fwd_bwd = time_fns({name: forward_backward(fn) for name, fn in contenders.items()}, "cpu",
-                       warmup=1, iters=iters)
+    calls = {name: attention_calls(fn, q, k, v, grad) for name, fn in contenders.items()}
+    fwd = time_fns({name: c[0] for name, c in calls.items()}, "cpu", warmup=1, iters=iters)
+    fwd_bwd = time_fns({name: c[1] for name, c in calls.items()}, "cpu", warmup=1, iters=iters)
     saved, results = {}, {}
     for name, fn in contenders.items():
         counter = {"bytes": 0}
