@@ -70,6 +70,8 @@ FLAGS = {
     "keep_last": "train.keep_last", "tensorboard_dir": "train.tensorboard_dir",
     "profile_steps": "train.profile_steps", "precision": "optimizer.precision",
     "lr": "optimizer.lr", "optimizer_sharding": "optimizer.optimizer_sharding",
+    "zero_stage": "optimizer.zero_stage", "offload": "optimizer.offload",
+    "sequence_parallel": "parallel.sequence_parallel", "virtual_stages": "parallel.virtual_stages",
     "data": "data.corpus", "eval_data": "data.eval_corpus", "vocab_file": "data.vocab_file",
 }
 

@@ -6,6 +6,7 @@ Only ``examples/*.py`` and ``python -m`` entry points read YAML or argv (through
 
 import dataclasses
 from dataclasses import dataclass
+import types
 import typing
 from typing import Any
 
@@ -148,6 +149,14 @@ class ParallelConfig:
     """Pipeline-parallel size."""
     schedule: str = "1f1b"
     """Pipeline schedule: "1f1b" or "gpipe"."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank: V >= 2 runs the interleaved 1F1B schedule (virtual stage
+    c * pp + k on pp rank k), whose bubble is (pp - 1) / (V * m) of a step instead of (pp - 1) / m.
+    Needs schedule "1f1b" and pp > 1."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism: LayerNorms, dropouts and the embeddings' output hold S / tp
+    positions per tp rank (all-gather before column-parallel inputs, reduce-scatter after
+    row-parallel outputs), cutting those activations by tp. A no-op at tp = 1."""
     timeout_s: float = 600.0
     """Process-group timeout, so a rank that never arrives fails the job instead of hanging it."""
 
@@ -157,6 +166,12 @@ class ParallelConfig:
                 raise ConfigError(f"ParallelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.schedule not in ("1f1b", "gpipe"):
             raise ConfigError(f"ParallelConfig.schedule must be '1f1b' or 'gpipe', got {self.schedule!r}")
+        if self.virtual_stages < 1:
+            raise ConfigError(f"ParallelConfig.virtual_stages must be >= 1, got {self.virtual_stages}")
+        if self.virtual_stages > 1 and (self.schedule != "1f1b" or self.pp < 2):
+            raise ConfigError(f"ParallelConfig.virtual_stages = {self.virtual_stages} (interleaved 1F1B) "
+                              f"needs schedule '1f1b' and pp >= 2, got schedule {self.schedule!r}, "
+                              f"pp = {self.pp}")
         if self.timeout_s <= 0:
             raise ConfigError(f"ParallelConfig.timeout_s must be > 0, got {self.timeout_s}")
 
@@ -190,6 +205,12 @@ def check_value(value, hint, where: str):
     the right length (or a comma-separated string) checked element by element, a dict field a mapping.
     """
     origin = typing.get_origin(hint) or hint
+    if origin in (typing.Union, types.UnionType):   # X | None: None, or a valid X
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(hint)):
+            return None
+        if len(args) == 1:
+            return check_value(value, args[0], where)
     if origin is tuple:
         args = typing.get_args(hint)
         if isinstance(value, str):
@@ -371,6 +392,8 @@ class TrainConfig:
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ADAM_BACKENDS = ("auto", "apex", "torch")
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_MODES = ("none", "cpu")
 
 
 @dataclass(frozen=True)
@@ -401,12 +424,38 @@ class OptimizerConfig:
     """fp16 only: overflowing steps (since the last growth) before the scale starts to halve."""
     min_loss_scale: float = 1.0
     """fp16 only: the scale never drops below this."""
-    optimizer_sharding: bool = False
-    """ZeRO-1: each dp rank keeps master weights and Adam moments of its shard only."""
+    zero_stage: int = 0
+    """ZeRO over the dp ranks. 0: every rank holds everything; 1: each rank keeps the fp32 master
+    weights and Adam moments of its shard only; 2: also only its shard of the fp32 gradients
+    (reduce-scattered as backward produces them); 3: also only its shard of the half-precision
+    weights, each layer's gathered just before it runs."""
+    optimizer_sharding: bool | None = None
+    """Older spelling of ``zero_stage: 1``, read once: true raises stage 0 to 1, false with a stage
+    >= 1 is a contradiction. Always None after construction (code reads ``zero_stage``), so
+    ``dataclasses.replace`` of the stage is never overridden by a stale alias."""
+    offload: str = "none"
+    """ZeRO-Offload: "cpu" keeps fp32 masters and Adam moments in host memory and runs the step
+    there (m6::cpu_adamw); gradients stream to the host during backward, weights come back.
+    Works with zero_stage 0, 1 and 2."""
     adam_backend: str = "auto"
     """"auto" (Apex FusedAdam when importable and on CUDA, else torch), "apex" or "torch"."""
 
     def __post_init__(self):
+        if self.zero_stage not in ZERO_STAGES:
+            raise ConfigError(f"OptimizerConfig.zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage!r}")
+        if self.optimizer_sharding is not None:   # the alias; frozen, hence object.__setattr__
+            if not self.optimizer_sharding and self.zero_stage >= 1:
+                raise ConfigError(f"OptimizerConfig: optimizer_sharding = false contradicts "
+                                  f"zero_stage = {self.zero_stage}; give zero_stage alone")
+            if self.optimizer_sharding and self.zero_stage == 0:
+                object.__setattr__(self, "zero_stage", 1)
+            object.__setattr__(self, "optimizer_sharding", None)
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(f"OptimizerConfig.offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
+        if self.offload != "none" and self.zero_stage == 3:
+            raise ConfigError("OptimizerConfig.offload = 'cpu' works with zero_stage 0, 1 or 2, not 3 "
+                              "(stage 3's just-in-time weight gathers would then cross the host link "
+                              "every layer)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"OptimizerConfig.precision must be one of {sorted(PRECISIONS)}, "
                               f"got {self.precision!r}")

@@ -109,7 +109,7 @@ class Trainer:
                         recompute=train.recompute, rng_tracker=self.tracker)
         self.stage = stage
         self.model = DataParallel(stage, state, grad_reduce=(
-            "reduce_scatter" if opt.optimizer_sharding else "all_reduce"))
+            "reduce_scatter" if opt.zero_stage >= 1 else "all_reduce"))
         self.optimizer = self._new_optimizer()
         self.seq_length = job.model.num_patches + job.model.max_text_positions
         self.tensor_spec = stage.activation_spec(train.micro_batch, self.seq_length)

@@ -16,7 +16,7 @@ def build(cfg: ToyLMConfig, state, opt_cfg: OptimizerConfig, *, total_steps: int
           bucket_numel: int = 2000):
     """(DataParallel-wrapped stage in opt_cfg's precision, its MixedPrecisionOptimizer)."""
     stage = ToyLMStage(cfg, state, ops_for_tests()).to(opt_cfg.param_dtype)
-    grad_reduce = "reduce_scatter" if opt_cfg.optimizer_sharding else "all_reduce"
+    grad_reduce = "reduce_scatter" if opt_cfg.zero_stage >= 1 else "all_reduce"
     model = DataParallel(stage, state, bucket_numel=bucket_numel, grad_reduce=grad_reduce)
     return model, MixedPrecisionOptimizer(model, opt_cfg, state, total_steps=total_steps)
 

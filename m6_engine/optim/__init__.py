@@ -2,7 +2,7 @@
 AdamW, the learning-rate schedule and ZeRO-1 optimizer sharding.
 
 Use: cast the model stage to ``config.param_dtype``, wrap it in ``parallel.DataParallel`` (with
-``grad_reduce="reduce_scatter"`` when ``config.optimizer_sharding``), build one
+``grad_reduce="reduce_scatter"`` when ``config.zero_stage >= 1``), build one
 :class:`MixedPrecisionOptimizer`, backpropagate ``optimizer.scale_loss(loss)`` and call
 ``optimizer.step()`` once per global batch.
 """

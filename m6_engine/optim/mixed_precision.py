@@ -58,7 +58,7 @@ class MixedPrecisionOptimizer:
     """AdamW with fp32 master weights for a :class:`DataParallel`-wrapped model stage.
 
     ``total_steps`` is the length of the learning-rate schedule. With
-    ``config.optimizer_sharding`` the model must be wrapped with ``grad_reduce="reduce_scatter"``
+    ``config.zero_stage >= 1`` the model must be wrapped with ``grad_reduce="reduce_scatter"``
     (and without it, with the default all-reduce), and every parameter must have one dtype.
     Collective: every rank of the job constructs one and calls :meth:`step` together.
     """
@@ -68,7 +68,7 @@ class MixedPrecisionOptimizer:
         if not isinstance(model, DataParallel):
             raise TypeError(f"MixedPrecisionOptimizer needs the DataParallel-wrapped stage (its fp32 "
                             f"main_grad buffers), got {type(model).__name__}")
-        self.sharded = config.optimizer_sharding
+        self.sharded = config.zero_stage >= 1
         wanted = "reduce_scatter" if self.sharded else "all_reduce"
         if model.grad_reduce != wanted:
             raise ValueError(f"optimizer_sharding={self.sharded} needs DataParallel(..., "

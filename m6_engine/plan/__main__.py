@@ -71,7 +71,7 @@ def _explicit_layout(args, job=None) -> Layout:
     if job is not None:
         base.update(tp=job.parallel.tp, pp=job.parallel.pp, micro_batch=job.train.micro_batch,
                     global_batch=job.train.global_batch, recompute=job.train.recompute,
-                    precision=job.optimizer.precision, optimizer_sharding=job.optimizer.optimizer_sharding)
+                    precision=job.optimizer.precision, optimizer_sharding=job.optimizer.zero_stage >= 1)
     flags = dict(tp=args.tp, pp=args.pp, micro_batch=args.micro_batch, global_batch=args.global_batch,
                  recompute=args.recompute, precision=args.precision, optimizer_sharding=args.zero)
     fields = {**base, **{k: v for k, v in flags.items() if v is not None}}

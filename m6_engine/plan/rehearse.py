@@ -65,7 +65,7 @@ def plan_layout(job: JobConfig, state: ParallelState) -> Layout:
     return Layout(tp=state.tp_size, pp=state.pp_size, dp=state.dp_size,
                   micro_batch=job.train.micro_batch, global_batch=job.train.global_batch,
                   recompute=job.train.recompute, precision=job.optimizer.precision,
-                  optimizer_sharding=job.optimizer.optimizer_sharding)
+                  optimizer_sharding=job.optimizer.zero_stage >= 1)
 
 
 @contextlib.contextmanager
