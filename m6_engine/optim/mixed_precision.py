@@ -1,4 +1,4 @@
-"""O2 mixed precision: half-precision model, fp32 master weights, loss scaling, AdamW, ZeRO-1.
+"""O2 mixed precision: half-precision model, fp32 master weights, loss scaling, AdamW, ZeRO-1/2.
 
 The model's parameters have the training precision (fp16 / bf16; fp32 on the CPU). Their
 gradients accumulate in the fp32 ``main_grad`` buffers of :class:`DataParallel`. The optimizer
@@ -13,8 +13,9 @@ and Adam's two fp32 moments. One :meth:`MixedPrecisionOptimizer.step`:
 
 A *piece* is a flat element range of one parameter that this rank updates: the whole parameter
 without sharding, the part inside this dp rank's shard with it (``optim.zero``). Masters, moments
-and gradient views exist per piece; the optimizer state of a rank is 12 bytes per owned element
-(8 when the masters alias fp32 parameters).
+and gradient views exist per piece (ZeRO-1 and ZeRO-2 own the same pieces; with ZeRO-2 the
+gradient views point into the shard-only buffer, ``DataParallel.grad_piece``); the optimizer
+state of a rank is 12 bytes per owned element (8 when the masters alias fp32 parameters).
 
 The loss must be multiplied by ``loss_scale`` before backward (:meth:`scale_loss`); gradients
 then carry the factor, which ``step`` removes. Only fp16 uses a scale other than 1.
@@ -31,8 +32,7 @@ from m6_engine.config import OptimizerConfig
 from m6_engine.optim.loss_scaler import make_loss_scaler
 from m6_engine.optim.lr_schedule import LRSchedule
 from m6_engine.optim.zero import ParamBuffer, gather_pieces, owned_pieces, whole_pieces
-from m6_engine.parallel.data_parallel import DataParallel
-from m6_engine.parallel.roles import param_role
+from m6_engine.parallel.data_parallel import DataParallel, grad_reduce_for
 from m6_engine.parallel.state import ParallelState
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -58,8 +58,9 @@ class MixedPrecisionOptimizer:
     """AdamW with fp32 master weights for a :class:`DataParallel`-wrapped model stage.
 
     ``total_steps`` is the length of the learning-rate schedule. With
-    ``config.zero_stage >= 1`` the model must be wrapped with ``grad_reduce="reduce_scatter"``
-    (and without it, with the default all-reduce), and every parameter must have one dtype.
+    ``config.zero_stage >= 1`` the model must be wrapped with the ``grad_reduce`` of that stage
+    (``parallel.grad_reduce_for``: "reduce_scatter" for 1, "reduce_scatter_shard" for 2; the
+    default all-reduce for 0), and every parameter must have one dtype.
     Collective: every rank of the job constructs one and calls :meth:`step` together.
     """
 
@@ -69,9 +70,9 @@ class MixedPrecisionOptimizer:
             raise TypeError(f"MixedPrecisionOptimizer needs the DataParallel-wrapped stage (its fp32 "
                             f"main_grad buffers), got {type(model).__name__}")
         self.sharded = config.zero_stage >= 1
-        wanted = "reduce_scatter" if self.sharded else "all_reduce"
+        wanted = grad_reduce_for(config.zero_stage)
         if model.grad_reduce != wanted:
-            raise ValueError(f"optimizer_sharding={self.sharded} needs DataParallel(..., "
+            raise ValueError(f"zero_stage={config.zero_stage} needs DataParallel(..., "
                              f"grad_reduce={wanted!r}), the model has {model.grad_reduce!r}")
         wrong = sorted({str(p.dtype) for p in model.params if p.dtype != config.param_dtype})
         if wrong:
@@ -90,7 +91,8 @@ class MixedPrecisionOptimizer:
                         else whole_pieces(model.layout))
         params = model.params
         self._param_views = [params[i].detach().view(-1)[lo:hi] for i, lo, hi in self._pieces]
-        self._grads = [param_role(params[i]).main_grad.view(-1)[lo:hi] for i, lo, hi in self._pieces]
+        # Views of the buffer that holds gradients between steps (with ZeRO-2 only the shards).
+        self._grads = [model.grad_piece(i, lo, hi) for i, lo, hi in self._pieces]
         self._copy_back = self.config.param_dtype != torch.float32
         # fp32 parameters are their own masters (the views above are leaves sharing their storage).
         self._masters = [v.float().clone() if self._copy_back else v for v in self._param_views]

@@ -11,6 +11,9 @@ One step with ``optimizer_sharding``: gradients are reduce-scattered (``DataPara
 pieces only (4 + 4 + 4 bytes per owned element: 12/dp bytes per parameter), writes them into the
 half-precision parameters, and :class:`ParamBuffer` all-gathers every bucket's parameters from
 their owners.
+
+ZeRO-2 (``grad_reduce="reduce_scatter_shard"``) owns the same pieces and does the same step; only
+the gradients differ: they are held as this rank's shards alone (``DataParallel.grad_piece``).
 """
 
 import torch
@@ -81,7 +84,7 @@ def gather_pieces(model: DataParallel, pieces: list[tuple[int, int, int]],
 
     Works bucket by bucket (one bucket-sized temporary at a time) with an in-place all-gather.
     """
-    layout, device = model.layout, model.grad_buffer.device
+    layout, device = model.layout, model.device
     by_param = {}
     for (i, lo, hi), value in zip(pieces, values):
         by_param.setdefault(i, []).append((lo, hi, value))

@@ -27,6 +27,21 @@ pre-divided gradient and must not be read. Exception: a bucket holding a weight 
 pipeline stages is still all-reduced when the embedding group spans two stages, because
 ``parallel.tied`` then sums the *whole* tied gradient over the two stages, whose buffers shard it
 at different offsets.
+
+``grad_reduce="reduce_scatter_shard"`` (ZeRO-2): no full-size gradient buffer. ``grad_buffer``
+holds only this rank's shard of every bucket, back to back (1/dp of the layout; a bucket with a
+tied weight, when the embedding group spans two stages, is held whole as above, for the same
+reason). A bucket's full-size gradient lives in a bucket-sized *staging* tensor that is created by
+the first read of one of its parameters' ``main_grad`` (``ParamRole.main_grad`` asks the wrapper
+each time, so the hook and the fused tp backwards always write into the live one), and is
+released once its reduce-scatter has finished and the shard part has been added into
+``grad_buffer``. So at most the buckets backward is writing or sending are full size at a time.
+The price: ``no_sync`` cannot defer anything (a deferred bucket would have to stay full size), so
+every micro-batch's backward reduce-scatters every bucket (M reduce-scatters per step instead of
+one with M micro-batches, each of 1/dp of the all-reduce's traffic: DeepSpeed's ZeRO-2
+behaviour); only the whole-held tied buckets still wait for the last micro-batch. After
+``finish_grad_sync()`` the dp-mean shard of bucket k is :meth:`DataParallel.shard_grad` ``(k)``
+and ``main_grad`` of an untied parameter must not be read (it raises).
 """
 
 import contextlib
@@ -93,6 +108,20 @@ def layout_grad_buffer(numels: list[int], bucket_numel: int, dp_size: int,
     return BufferLayout(offset, tuple(param_ranges), tuple(bucket_ranges), tuple(members))
 
 
+GRAD_REDUCE_OF_STAGE = {0: "all_reduce", 1: "reduce_scatter", 2: "reduce_scatter_shard"}
+"""``DataParallel``'s ``grad_reduce`` for each ZeRO stage (``OptimizerConfig.zero_stage``)."""
+
+
+def grad_reduce_for(zero_stage: int) -> str:
+    """The ``grad_reduce`` a stage wrapped for ``zero_stage`` needs; a clear error for stages this
+    wrapper does not implement."""
+    if zero_stage not in GRAD_REDUCE_OF_STAGE:
+        raise ValueError(f"OptimizerConfig.zero_stage = {zero_stage!r}: DataParallel implements ZeRO "
+                         f"stages {sorted(GRAD_REDUCE_OF_STAGE)} (stage 3, sharded parameters, is not "
+                         "implemented)")
+    return GRAD_REDUCE_OF_STAGE[zero_stage]
+
+
 class DataParallel(nn.Module):
     """Wraps one model stage; its forward is the stage's. See the module docstring.
 
@@ -101,7 +130,9 @@ class DataParallel(nn.Module):
     start earlier) against per-call overhead.
     """
 
-    GRAD_REDUCE = ("all_reduce", "reduce_scatter")
+    GRAD_REDUCE = ("all_reduce", "reduce_scatter", "reduce_scatter_shard")
+    STAGED_IN_FLIGHT = 2
+    """ZeRO-2: reduce-scatters of staging tensors allowed in flight before the oldest is waited for."""
 
     def __init__(self, module: nn.Module, state: ParallelState, *,
                  bucket_numel: int = 40_000_000, align: int = 128, grad_reduce: str = "all_reduce"):
@@ -113,16 +144,12 @@ class DataParallel(nn.Module):
         self.group = state.group("dp")
         self.dp_size, self.dp_rank = state.dp_size, state.dp_rank
         self.grad_reduce = grad_reduce
+        self.device = state.device
         params = [p for p in module.parameters() if p.requires_grad][::-1]
         if not params:
             raise ValueError("DataParallel: the module has no parameter that requires grad")
         layout = layout_grad_buffer([p.numel() for p in params], bucket_numel, self.dp_size, align)
         self.params, self.layout = tuple(params), layout
-        self.grad_buffer = torch.zeros(layout.numel, dtype=torch.float32, device=state.device)
-        for p, (start, end) in zip(params, layout.param_ranges):
-            role = param_role(p)
-            role.main_grad = self.grad_buffer[start:end].view(p.shape)
-            role.main_grad_added = functools.partial(self._grad_ready, p)
         self.buckets = tuple(
             Bucket(k, start, end, tuple(params[i] for i in members), self.dp_size)
             for k, ((start, end), members) in enumerate(zip(layout.bucket_ranges, layout.bucket_members)))
@@ -130,11 +157,89 @@ class DataParallel(nn.Module):
         tied_synced = len(state.group_ranks("embedding")) > 1
         self._all_reduced = {b.index for b in self.buckets if grad_reduce == "all_reduce" or (
             tied_synced and any(param_role(p).tied_across_stages for p in b.params))}
+        self.sharded_grads = grad_reduce == "reduce_scatter_shard"
+        # Where each bucket's gradient is held between steps: (offset in grad_buffer, size); the
+        # whole bucket unless ZeRO-2 keeps only this rank's shard of it.
+        self._held, offset = [], 0
+        for b in self.buckets:
+            staged = self.sharded_grads and b.index not in self._all_reduced
+            size = b.numel // self.dp_size if staged else b.numel
+            self._held.append((offset if self.sharded_grads else b.start, size))
+            offset += size
+        self.grad_buffer = torch.zeros(offset if self.sharded_grads else layout.numel,
+                                       dtype=torch.float32, device=state.device)
+        self._staging: dict[int, torch.Tensor] = {}     # ZeRO-2: bucket index -> full-size gradient
+        self.peak_staging_numel = 0
+        """ZeRO-2: the most elements the staging tensors held at once so far (for tests, benches)."""
+        for i, p in enumerate(params):
+            role = param_role(p)
+            role.main_grad_source = functools.partial(self._main_grad, p, layout.param_ranges[i])
+            role.main_grad_added = functools.partial(self._grad_ready, p)
         self._ready = [set() for _ in self.buckets]
         self._works: dict[int, object] = {}
         self._sync = True
         self._synced = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def _held_whole(self, bucket: Bucket) -> bool:
+        return not self.sharded_grads or bucket.index in self._all_reduced
+
+    def _main_grad(self, param: nn.Parameter, param_range: tuple[int, int]) -> torch.Tensor:
+        """The tensor ``param``'s gradient accumulates in now (``ParamRole.main_grad``)."""
+        bucket = self._bucket_of[id(param)]
+        p0, p1 = param_range
+        if self._held_whole(bucket):
+            offset = self._held[bucket.index][0] - bucket.start
+            return self.grad_buffer[offset + p0:offset + p1].view(param.shape)
+        if self._synced:
+            raise RuntimeError("DataParallel (ZeRO-2): main_grad of an untied parameter is not held "
+                               "after finish_grad_sync(); read shard_grad(bucket) instead")
+        return self._staging_of(bucket)[p0 - bucket.start:p1 - bucket.start].view(param.shape)
+
+    def _staging_of(self, bucket: Bucket) -> torch.Tensor:
+        """ZeRO-2: the bucket's live full-size gradient, created zeroed on its first gradient. A
+        reduce-scatter of the bucket still in flight (an earlier micro-batch) is finished first:
+        its staging must not take new gradients."""
+        if bucket.index in self._works:
+            self._retire(bucket.index)
+        staging = self._staging.get(bucket.index)
+        if staging is None:
+            staging = torch.zeros(bucket.numel, dtype=torch.float32, device=self.grad_buffer.device)
+            self._staging[bucket.index] = staging
+            self.peak_staging_numel = max(self.peak_staging_numel,
+                                          sum(t.numel() for t in self._staging.values()))
+        return staging
+
+    def shard_grad(self, index: int) -> torch.Tensor:
+        """This rank's shard of bucket ``index`` in the buffer that holds it between steps: after
+        ``finish_grad_sync()`` its dp-mean gradient (with ``grad_reduce`` "reduce_scatter" or
+        "reduce_scatter_shard"; with "all_reduce" the same range of the whole mean)."""
+        bucket = self.buckets[index]
+        offset, size = self._held[index]
+        if size == bucket.numel:
+            s0, s1 = bucket.shard(self.dp_rank)
+            return self.grad_buffer[offset + s0 - bucket.start:offset + s1 - bucket.start]
+        return self.grad_buffer[offset:offset + size]
+
+    def grad_piece(self, index: int, first: int, end: int) -> torch.Tensor:
+        """Flat elements [first, end) of parameter ``params[index]``'s gradient, as a view of the
+        persistent buffer; with ZeRO-2 only this rank's pieces (``optim.zero.owned_pieces``) or
+        those of a whole-held bucket are there."""
+        bucket = self._bucket_of[id(self.params[index])]
+        p0 = self.layout.param_ranges[index][0]
+        if self._held_whole(bucket):
+            offset = self._held[bucket.index][0] - bucket.start
+            return self.grad_buffer[offset + p0 + first:offset + p0 + end]
+        s0, s1 = bucket.shard(self.dp_rank)
+        if not s0 <= p0 + first <= p0 + end <= s1:
+            raise ValueError(f"DataParallel (ZeRO-2): elements [{first}, {end}) of parameter {index} "
+                             f"are not inside this rank's shard [{s0}, {s1}) of bucket {bucket.index}")
+        return self.shard_grad(bucket.index)[p0 + first - s0:p0 + end - s0]
+
+    def grad_buffer_bytes(self) -> int:
+        """Bytes of gradient storage this rank holds between steps (the staging tensors of ZeRO-2
+        come and go inside backward: ``peak_staging_numel``)."""
+        return self.grad_buffer.nbytes
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -170,23 +275,31 @@ class DataParallel(nn.Module):
         """``param``'s gradient of this backward is in main_grad (added by the hook, or by a fused
         backward: ``ParamRole.main_grad_added``): launch its bucket once all of them are."""
         self._check_not_synced()
-        if not self._sync:
-            return
         bucket = self._bucket_of[id(param)]
+        staged = not self._held_whole(bucket)
+        if not self._sync and not staged:
+            return
         ready = self._ready[bucket.index]
-        if id(param) in ready or bucket.index in self._works:
+        if not staged and (id(param) in ready or bucket.index in self._works):
             raise RuntimeError("DataParallel: a parameter received a second gradient in one synced "
                                "backward, after its bucket may have been sent (a parameter used "
                                "both inside and outside a checkpointed region?)")
+        # Staged (ZeRO-2): a second gradient before the launch is still in the staging tensor and
+        # one after it opens a new one; every staging tensor is sent, so either is counted.
         ready.add(id(param))
         if len(ready) == len(bucket.params):
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
+        self._ready[bucket.index].clear()
+        if not self._held_whole(bucket):
+            self._launch_staged(bucket)
+            return
         if self.dp_size == 1:
             self._works[bucket.index] = None
             return
-        view = self.grad_buffer[bucket.start:bucket.end]
+        offset = self._held[bucket.index][0]
+        view = self.grad_buffer[offset:offset + bucket.numel]
         view.div_(self.dp_size)
         if bucket.index in self._all_reduced:
             self._works[bucket.index] = dist.all_reduce(view, group=self.group, async_op=True)
@@ -195,16 +308,53 @@ class DataParallel(nn.Module):
         self._works[bucket.index] = reduce_scatter_single(
             self.grad_buffer[start:end], view, group=self.group, async_op=True)
 
+    def _launch_staged(self, bucket: Bucket) -> None:
+        """ZeRO-2: reduce-scatter the staging tensor into its own shard range (in place); the
+        result is added into the held shard when the work is retired."""
+        self._retire_finished()
+        staging = self._staging.get(bucket.index)
+        if staging is None:      # no gradient reached this bucket since its last launch
+            return
+        if self.dp_size == 1:
+            self._works[bucket.index] = None
+            return
+        staging.div_(self.dp_size)
+        s0, s1 = bucket.shard(self.dp_rank)
+        self._works[bucket.index] = reduce_scatter_single(
+            staging[s0 - bucket.start:s1 - bucket.start], staging, group=self.group, async_op=True)
+        # A bound on the full-size gradients alive at once that does not hang on the network's
+        # speed: beyond STAGED_IN_FLIGHT sent buckets, wait for the oldest.
+        in_flight = [k for k in self._works if k in self._staging]
+        for index in in_flight[:max(0, len(in_flight) - self.STAGED_IN_FLIGHT)]:
+            self._retire(index)
+
+    def _retire(self, index: int) -> None:
+        """Wait for bucket ``index``'s collective; with a staging tensor, add its shard into the
+        held one and release it."""
+        work = self._works.pop(index)
+        if work is not None:
+            work.wait()
+        staging = self._staging.pop(index, None)
+        if staging is not None:
+            bucket = self.buckets[index]
+            s0, s1 = bucket.shard(self.dp_rank)
+            self.shard_grad(index).add_(staging[s0 - bucket.start:s1 - bucket.start])
+
+    def _retire_finished(self) -> None:
+        """Free the staging tensors whose reduce-scatter is done (a cheap poll, no wait)."""
+        for index in [k for k, w in self._works.items() if k in self._staging and
+                      (w is None or w.is_completed())]:
+            self._retire(index)
+
     def finish_grad_sync(self) -> None:
         """Launch the buckets not launched yet and wait for all: ``main_grad`` is the dp mean (only
-        in this rank's shards with ``grad_reduce="reduce_scatter"``; see the module doc)."""
+        in this rank's shards with ``grad_reduce="reduce_scatter"``, and only in ``grad_buffer``'s
+        shards with "reduce_scatter_shard"; see the module doc)."""
         for bucket in self.buckets:
             if bucket.index not in self._works:
-                self._launch(bucket)
-        for work in self._works.values():
-            if work is not None:
-                work.wait()
-        self._works.clear()
+                self._launch(bucket)      # ZeRO-2: a no-op for a bucket without staging
+        for index in list(self._works):
+            self._retire(index)
         for ready in self._ready:
             ready.clear()
         self._synced = True
@@ -215,6 +365,7 @@ class DataParallel(nn.Module):
             raise RuntimeError("DataParallel: zero_grad_buffer() while all-reduces are in flight; "
                                "call finish_grad_sync() first")
         self.grad_buffer.zero_()
+        self._staging.clear()
         for bucket in self.buckets:
             for p in bucket.params:
                 p.grad = None

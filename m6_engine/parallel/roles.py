@@ -6,8 +6,12 @@ attributes read with ``getattr``.
   None: replicated over tp, with identical gradients on every tp rank by construction.
 - ``tied_across_stages``: one copy of a weight shared by the first and last pipeline stage
   (``parallel.tied``; the word embedding and the output head).
-- ``main_grad``: the fp32 view of the data-parallel gradient buffer its gradient accumulates in
-  (``parallel.data_parallel``); None outside a DataParallel wrapper.
+- ``main_grad``: the fp32 tensor of the parameter's shape its gradient accumulates in
+  (``parallel.data_parallel``); None outside a DataParallel wrapper. Read it where the gradient is
+  written, never keep it: with ZeRO-2 it is a view of a bucket-sized staging tensor that exists
+  only from the bucket's first gradient until its reduce-scatter, so the wrapper installs a
+  *source* (``main_grad_source``) that hands out the current one; assigning a tensor installs a
+  fixed one.
 - ``main_grad_added``: called by a backward that accumulated the weight gradient straight into
   ``main_grad`` (the tp linear layers, when the dtypes allow: gradient-accumulation fusion), so
   the wrapper counts it ready as it would a ``.grad``; set by DataParallel.
@@ -27,13 +31,24 @@ class ParamRole:
 
     tp_dim: int | None = None
     tied_across_stages: bool = False
-    main_grad: torch.Tensor | None = None
+    main_grad_source: Callable[[], torch.Tensor] | None = None
     main_grad_added: Callable[[], None] | None = None
+
+    @property
+    def main_grad(self) -> torch.Tensor | None:
+        """The tensor this parameter's gradient accumulates in now (module docstring)."""
+        return None if self.main_grad_source is None else self.main_grad_source()
+
+    @main_grad.setter
+    def main_grad(self, tensor: torch.Tensor | None) -> None:
+        self.main_grad_source = None if tensor is None else (lambda: tensor)
 
     def takes_fused_grad(self, dtype: torch.dtype) -> bool:
         """Whether a backward may add a gradient of ``dtype`` into ``main_grad`` itself (and then
         call ``main_grad_added``): under DataParallel, with main_grad of that dtype (fp32)."""
-        return self.main_grad_added is not None and self.main_grad.dtype == dtype
+        # The buffers DataParallel hands out are fp32 (ZeRO-2's staging included): no need to
+        # materialise one to ask.
+        return self.main_grad_added is not None and dtype == torch.float32
 
 
 def param_role(param: torch.Tensor) -> ParamRole:
