@@ -1,5 +1,7 @@
 """Shared pytest set-up: the `cuda` marker (skipped unless a GPU and the CUDA kernels are present),
-and poisoned allocations for tests that prove a kernel writes every element of its output."""
+the `slow` marker (long multi-rank parity cases: `make test` deselects them with ``-m "not slow"``,
+`make test-all` and a plain ``pytest`` run them), and poisoned allocations for tests that prove a
+kernel writes every element of its output."""
 
 import contextlib
 
@@ -16,6 +18,7 @@ def cuda_ready() -> bool:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU and the CUDA kernels of m6_engine._C")
+    config.addinivalue_line("markers", "slow: a long case `make test` leaves out (`make test-all` runs it)")
 
 
 def pytest_collection_modifyitems(config, items):
