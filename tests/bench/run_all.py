@@ -18,6 +18,7 @@ BENCHMARKS = (
     ("tests.bench.bench_preprocess", {}),
     ("tests.bench.bench_pipeline", {}),
     ("tests.bench.bench_optim", {"device": "cpu"}),
+    ("tests.bench.bench_zero", {}),
     ("tests.bench.bench_decode", {}),
     ("tests.bench.bench_training", {}),
     ("tests.bench.bench_megatron_race", {}),
