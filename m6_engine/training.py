@@ -52,7 +52,8 @@ from m6_engine.model.heads import MATCHING_HEAD_PREFIX
 from m6_engine.model.m6 import ForwardStep
 from m6_engine.optim import MixedPrecisionOptimizer
 from m6_engine.parallel import (
-    DataParallel, ParallelState, forward_backward, grad_reduce_for, model_grad_sync, seed_parallel_rng,
+    DataParallel, ParallelState, data_parallel_options, forward_backward, model_grad_sync,
+    seed_parallel_rng,
 )
 
 
@@ -108,7 +109,7 @@ class Trainer:
         stage = M6Model(job.model, state, seed=train.seed, dtype=opt.param_dtype,
                         recompute=train.recompute, rng_tracker=self.tracker)
         self.stage = stage
-        self.model = DataParallel(stage, state, grad_reduce=grad_reduce_for(opt.zero_stage))
+        self.model = DataParallel(stage, state, **data_parallel_options(opt.zero_stage, stage))
         self.optimizer = self._new_optimizer()
         self.seq_length = job.model.num_patches + job.model.max_text_positions
         self.tensor_spec = stage.activation_spec(train.micro_batch, self.seq_length)

@@ -6,7 +6,9 @@ import torch
 import torch.distributed as dist
 
 from m6_engine.optim import MixedPrecisionOptimizer, OptimizerConfig
-from m6_engine.parallel import DataParallel, TensorSpec, forward_backward, grad_reduce_for, model_grad_sync
+from m6_engine.parallel import (
+    DataParallel, TensorSpec, data_parallel_options, forward_backward, model_grad_sync,
+)
 from tests.toy_lm import ToyLMConfig, ToyLMStage, microbatches, ops_for_tests
 
 GLOBAL_BATCH, MICRO_BATCH = 8, 2
@@ -17,7 +19,7 @@ def build(cfg: ToyLMConfig, state, opt_cfg: OptimizerConfig, *, total_steps: int
     """(DataParallel-wrapped stage in opt_cfg's precision, its MixedPrecisionOptimizer)."""
     stage = ToyLMStage(cfg, state, ops_for_tests()).to(opt_cfg.param_dtype)
     model = DataParallel(stage, state, bucket_numel=bucket_numel,
-                         grad_reduce=grad_reduce_for(opt_cfg.zero_stage))
+                         **data_parallel_options(opt_cfg.zero_stage, stage))
     return model, MixedPrecisionOptimizer(model, opt_cfg, state, total_steps=total_steps)
 
 

@@ -74,6 +74,10 @@ class MixedPrecisionOptimizer:
         if model.grad_reduce != wanted:
             raise ValueError(f"zero_stage={config.zero_stage} needs DataParallel(..., "
                              f"grad_reduce={wanted!r}), the model has {model.grad_reduce!r}")
+        if (config.zero_stage == 3) != (model.sharded_params is not None):
+            raise ValueError(f"zero_stage={config.zero_stage}: the model must be wrapped "
+                             f"{'with' if config.zero_stage == 3 else 'without'} param_units "
+                             "(sharded parameters); use parallel.data_parallel_options")
         wrong = sorted({str(p.dtype) for p in model.params if p.dtype != config.param_dtype})
         if wrong:
             raise ValueError(f"precision {config.precision!r} needs {config.param_dtype} parameters, "
@@ -82,7 +86,9 @@ class MixedPrecisionOptimizer:
         self.scaler = make_loss_scaler(config)
         self.schedule = LRSchedule.from_config(config, total_steps)
         self.iterations = self.steps = self.skipped_steps = self.lr_position = 0
-        self._param_buffer = ParamBuffer(model) if self.sharded else None
+        # ZeRO-1/2 all-gather the updated parameters after a step; ZeRO-3 keeps them sharded
+        # (each layer is gathered when it runs).
+        self._param_buffer = ParamBuffer(model) if self.sharded and model.sharded_params is None else None
         self._build_pieces()
 
     def _build_pieces(self) -> None:
@@ -90,7 +96,9 @@ class MixedPrecisionOptimizer:
         self._pieces = (owned_pieces(model.layout, model.dp_size, model.dp_rank) if self.sharded
                         else whole_pieces(model.layout))
         params = model.params
-        self._param_views = [params[i].detach().view(-1)[lo:hi] for i, lo, hi in self._pieces]
+        sharded_params = model.sharded_params
+        self._param_views = [params[i].detach().view(-1)[lo:hi] if sharded_params is None
+                             else sharded_params.param_piece(i, lo, hi) for i, lo, hi in self._pieces]
         # Views of the buffer that holds gradients between steps (with ZeRO-2 only the shards).
         self._grads = [model.grad_piece(i, lo, hi) for i, lo, hi in self._pieces]
         self._copy_back = self.config.param_dtype != torch.float32

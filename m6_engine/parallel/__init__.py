@@ -9,8 +9,9 @@ finishes a step's gradient reduction (``grad_sync``).
 
 from m6_engine.parallel.cross_entropy import vocab_parallel_cross_entropy
 from m6_engine.parallel.data_parallel import (
-    Bucket, BufferLayout, DataParallel, grad_reduce_for, layout_grad_buffer,
+    Bucket, BufferLayout, DataParallel, data_parallel_options, grad_reduce_for, layout_grad_buffer,
 )
+from m6_engine.parallel.sharded_params import ShardedParameters, layer_units
 from m6_engine.parallel.grad_sync import finalize_model_grads, model_grad_sync
 from m6_engine.parallel.init import InitMethod, init_generator, master_weight, normal_init
 from m6_engine.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -34,7 +35,8 @@ __all__ = [
     "broadcast_tied_weights", "checkpoint", "copy_to_tp", "forward_backward",
     "finalize_model_grads", "forward_backward_1f1b", "forward_backward_gpipe",
     "forward_backward_no_pipelining", "model_grad_sync",
-    "gather_from_tp", "grad_reduce_for", "init_generator", "initialize", "layout_grad_buffer", "mark_tied",
+    "ShardedParameters", "data_parallel_options", "gather_from_tp", "grad_reduce_for",
+    "init_generator", "initialize", "layer_units", "layout_grad_buffer", "mark_tied",
     "master_weight", "normal_init", "rank_layout", "reduce_from_tp", "scatter_to_tp",
     "seed_parallel_rng", "tied_parameters", "vocab_parallel_cross_entropy",
 ]

@@ -54,6 +54,7 @@ from torch import nn
 
 from m6_engine.parallel.collectives import reduce_scatter_single
 from m6_engine.parallel.roles import param_role
+from m6_engine.parallel.sharded_params import ROOT, ShardedParameters, layer_units
 from m6_engine.parallel.state import ParallelState
 
 
@@ -88,8 +89,12 @@ class BufferLayout:
 
 
 def layout_grad_buffer(numels: list[int], bucket_numel: int, dp_size: int,
-                       align: int = 128) -> BufferLayout:
-    """Pure layout of the buffer for gradients of ``numels`` (in buffer order); see module doc."""
+                       align: int = 128, groups: list[int] | None = None) -> BufferLayout:
+    """Pure layout of the buffer for gradients of ``numels`` (in buffer order); see module doc.
+    With ``groups`` (a group id per parameter, each group consecutive) a bucket is one group,
+    whatever its size (ZeRO-3: one bucket per layer)."""
+    if groups is not None and len(groups) != len(numels):
+        raise ValueError(f"{len(groups)} groups for {len(numels)} parameters")
     if bucket_numel < 1 or dp_size < 1 or align < 1:
         raise ValueError(f"bucket_numel = {bucket_numel}, dp_size = {dp_size} and align = {align} "
                          "must all be >= 1")
@@ -100,7 +105,9 @@ def layout_grad_buffer(numels: list[int], bucket_numel: int, dp_size: int,
         param_ranges.append((offset, offset + n))
         offset += n
         current.append(i)
-        if offset - bucket_start >= bucket_numel or i == len(numels) - 1:
+        closes = (offset - bucket_start >= bucket_numel if groups is None
+                  else i == len(numels) - 1 or groups[i + 1] != groups[i])
+        if closes or i == len(numels) - 1:
             offset = -(-offset // multiple) * multiple   # pad the bucket's end
             bucket_ranges.append((bucket_start, offset))
             members.append(tuple(current))
@@ -108,17 +115,37 @@ def layout_grad_buffer(numels: list[int], bucket_numel: int, dp_size: int,
     return BufferLayout(offset, tuple(param_ranges), tuple(bucket_ranges), tuple(members))
 
 
-GRAD_REDUCE_OF_STAGE = {0: "all_reduce", 1: "reduce_scatter", 2: "reduce_scatter_shard"}
+def _group_by_unit(params: list[nn.Parameter], units: list[nn.Module]):
+    """(params reordered so each unit's are consecutive, unit id per parameter): units keep the
+    order in which ``params`` (buffer order) first reaches them; parameters outside every unit
+    form the unit ``ROOT``."""
+    unit_of = {id(p): position for position, unit in enumerate(units) for p in unit.parameters()}
+    order: dict[int, list[nn.Parameter]] = {}
+    for p in params:
+        order.setdefault(unit_of.get(id(p), ROOT), []).append(p)
+    grouped = [(unit, p) for unit, members in order.items() for p in members]
+    return [p for _, p in grouped], [unit for unit, _ in grouped]
+
+
+def data_parallel_options(zero_stage: int, module: nn.Module) -> dict:
+    """The keyword arguments of :class:`DataParallel` for ``zero_stage`` (0 to 3) of ``module``:
+    ``grad_reduce``, and with stage 3 ``param_units`` (its layers, ``layer_units``)."""
+    if zero_stage == 3:
+        return {"grad_reduce": "reduce_scatter_shard", "param_units": layer_units(module)}
+    return {"grad_reduce": grad_reduce_for(zero_stage)}
+
+
+GRAD_REDUCE_OF_STAGE = {0: "all_reduce", 1: "reduce_scatter", 2: "reduce_scatter_shard",
+                        3: "reduce_scatter_shard"}
 """``DataParallel``'s ``grad_reduce`` for each ZeRO stage (``OptimizerConfig.zero_stage``)."""
 
 
 def grad_reduce_for(zero_stage: int) -> str:
-    """The ``grad_reduce`` a stage wrapped for ``zero_stage`` needs; a clear error for stages this
-    wrapper does not implement."""
+    """The ``grad_reduce`` a stage wrapped for ``zero_stage`` needs (stage 3 also needs
+    ``param_units``: :func:`data_parallel_options`)."""
     if zero_stage not in GRAD_REDUCE_OF_STAGE:
         raise ValueError(f"OptimizerConfig.zero_stage = {zero_stage!r}: DataParallel implements ZeRO "
-                         f"stages {sorted(GRAD_REDUCE_OF_STAGE)} (stage 3, sharded parameters, is not "
-                         "implemented)")
+                         f"stages {sorted(GRAD_REDUCE_OF_STAGE)}")
     return GRAD_REDUCE_OF_STAGE[zero_stage]
 
 
@@ -135,11 +162,15 @@ class DataParallel(nn.Module):
     """ZeRO-2: reduce-scatters of staging tensors allowed in flight before the oldest is waited for."""
 
     def __init__(self, module: nn.Module, state: ParallelState, *,
-                 bucket_numel: int = 40_000_000, align: int = 128, grad_reduce: str = "all_reduce"):
+                 bucket_numel: int = 40_000_000, align: int = 128, grad_reduce: str = "all_reduce",
+                 param_units: list[nn.Module] | None = None):
         super().__init__()
         if grad_reduce not in self.GRAD_REDUCE:
             raise ValueError(f"DataParallel: grad_reduce must be one of {self.GRAD_REDUCE}, "
                              f"got {grad_reduce!r}")
+        if param_units is not None and grad_reduce != "reduce_scatter_shard":
+            raise ValueError("DataParallel: param_units (ZeRO-3) needs grad_reduce="
+                             f"'reduce_scatter_shard', got {grad_reduce!r}")
         self.module = module
         self.group = state.group("dp")
         self.dp_size, self.dp_rank = state.dp_size, state.dp_rank
@@ -148,7 +179,11 @@ class DataParallel(nn.Module):
         params = [p for p in module.parameters() if p.requires_grad][::-1]
         if not params:
             raise ValueError("DataParallel: the module has no parameter that requires grad")
-        layout = layout_grad_buffer([p.numel() for p in params], bucket_numel, self.dp_size, align)
+        groups = None
+        if param_units is not None:
+            params, groups = _group_by_unit(params, param_units)
+        layout = layout_grad_buffer([p.numel() for p in params], bucket_numel, self.dp_size, align,
+                                    groups)
         self.params, self.layout = tuple(params), layout
         self.buckets = tuple(
             Bucket(k, start, end, tuple(params[i] for i in members), self.dp_size)
@@ -180,6 +215,11 @@ class DataParallel(nn.Module):
         self._sync = True
         self._synced = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self.sharded_params = None
+        """ZeRO-3 (``param_units`` given): the :class:`ShardedParameters` storing the parameters."""
+        if param_units is not None:
+            unit_of_bucket = [groups[members[0]] for members in layout.bucket_members]
+            self.sharded_params = ShardedParameters(self, list(param_units), unit_of_bucket)
 
     def _held_whole(self, bucket: Bucket) -> bool:
         return not self.sharded_grads or bucket.index in self._all_reduced
@@ -276,6 +316,8 @@ class DataParallel(nn.Module):
         backward: ``ParamRole.main_grad_added``): launch its bucket once all of them are."""
         self._check_not_synced()
         bucket = self._bucket_of[id(param)]
+        if self.sharded_params is not None:
+            self.sharded_params.grad_arrived(bucket.index, param)
         staged = not self._held_whole(bucket)
         if not self._sync and not staged:
             return
@@ -357,6 +399,8 @@ class DataParallel(nn.Module):
             self._retire(index)
         for ready in self._ready:
             ready.clear()
+        if self.sharded_params is not None:
+            self.sharded_params.after_step()
         self._synced = True
 
     def zero_grad_buffer(self) -> None:
