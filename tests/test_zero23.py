@@ -1,14 +1,18 @@
-"""ZeRO-2: gradients held as each dp rank's shards only, reduce-scattered every micro-batch.
+"""ZeRO-2 (gradients held as each dp rank's shards only, reduce-scattered every micro-batch) and
+ZeRO-3 (parameters too: each layer gathered just in time).
 
-- The toy LM (tests/toy_lm.py) trained with ``zero_stage: 2`` for STEPS steps at dp = 2 (two
+- The toy LM (tests/toy_lm.py) trained with ``zero_stage`` 2 and 3 for STEPS steps at dp = 2 (two
   micro-batches per rank: accumulation across reduce-scatters) and dp = 4 gives the losses of one
-  process (relative 1e-5); slow: dp = 2 combined with tp = 2 and with pp = 2 (the tied embedding
-  copies on first and last stage stay identical).
+  process (relative 1e-5); slow: dp = 2 combined with tp = 2 and with pp = 2 (with ZeRO-2 the tied
+  embedding copies on first and last stage stay identical).
 - Gradient memory: the persistent buffer of stage 2 is exactly 1/dp of stage 1's; the staging
   tensors are bounded (a few buckets, well below the whole buffer) and all released after the sync;
   ``main_grad`` of an untied parameter is refused after the sync.
-- Checkpoints (one stored format): saved at dp = 2 with ZeRO-2 after SAVE_AT steps and loaded at
-  (1, 1, 1) with stage 0, and the reverse; both continue with the one-process losses.
+- ZeRO-3 memory: the stored parameter shards are 1/dp of the stage; nothing is gathered between
+  steps and at most the root (embedding, head), the running layer and the prefetched one inside
+  one; a freed layer's weight holds no bytes.
+- Checkpoints (one stored format): saved at dp = 2 with ZeRO-2 / ZeRO-3 after SAVE_AT steps and
+  loaded at (1, 1, 1) with stage 0, and the reverse; all continue with the one-process losses.
 """
 
 import pytest
@@ -81,22 +85,42 @@ def _check_memory(state, results):
         param_role(untied).main_grad
 
 
-def _zero2_rank(layouts, ckpt_dir, with_extras, reference):
+def _check_param_memory(state, results):
+    model, opt = build(CFG, state, _config(3), total_steps=1)
+    sharded = model.sharded_params
+    assert sharded.gathered_numel() == 0                         # nothing whole between steps
+    train_step(model, opt, CFG, state, 0)
+    assert sharded.gathered_numel() == 0
+    results["param shard numel"] = sharded.shards.numel()
+    results["param peak numel"] = sharded.peak_gathered_numel
+    results["layout numel"] = model.layout.numel
+    assert sharded.shards.numel() * state.dp_size == model.layout.numel
+    # root (embedding, head) + the running layer + the prefetched one, of 4 layers
+    largest_layer = max(b.numel for k, b in enumerate(model.buckets) if k != sharded.root_bucket)
+    root = model.buckets[sharded.root_bucket].numel
+    assert sharded.peak_gathered_numel <= root + 2 * largest_layer < model.layout.numel
+    # a freed layer's weight keeps its shape and holds no bytes
+    weight = model.module.blocks[0].fc1.weight
+    assert weight.shape == (CFG.ffn, CFG.hidden) and weight.untyped_storage().nbytes() == 0
+
+
+def _zero_rank(stage, layouts, ckpt_dir, with_extras, reference):
     checks, results = Checks(), {}
     for tp, pp in layouts:
         state = init_state(tp, pp)
-        model, opt = build(CFG, state, _config(2), total_steps=STEPS)
+        model, opt = build(CFG, state, _config(stage), total_steps=STEPS)
         losses = _losses(model, opt, state, range(SAVE_AT))
         if ckpt_dir is not None:
-            save_checkpoint(f"{ckpt_dir}/zero2", SAVE_AT, model=model, optimizer=opt, state=state)
+            save_checkpoint(f"{ckpt_dir}/zero{stage}", SAVE_AT, model=model, optimizer=opt, state=state)
         losses += _losses(model, opt, state, range(SAVE_AT, STEPS))
         checks.run(f"parity ({tp}, {pp})", _check_parity, losses, reference)
-        checks.run(f"tied ({tp}, {pp})", lambda: _check_tied(model, state))
+        if stage == 2:
+            checks.run(f"tied ({tp}, {pp})", lambda: _check_tied(model, state))
         if with_extras:
-            checks.run("memory", _check_memory, state, results)
+            checks.run("memory", _check_memory if stage == 2 else _check_param_memory, state, results)
         if ckpt_dir is not None:
             checks.run("from stage 0", lambda: _check_parity(
-                _continue_from(f"{ckpt_dir}/plain", 2), reference[SAVE_AT:]))
+                _continue_from(f"{ckpt_dir}/plain", stage), reference[SAVE_AT:]))
     results["checks"] = checks.results
     return results
 
@@ -111,33 +135,51 @@ def _check_tied(model, state):
 def runs(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("zero23"))
     (reference,) = run_ranks(_reference, 1, folder)
-    dp2 = run_ranks(_zero2_rank, 2, [(1, 1)], folder, True, reference["losses"])
-    (single,) = run_ranks(_continue_from, 1, f"{folder}/zero2", 0)
-    return {"reference": reference["losses"], "dp2": dp2, "single from zero2": single}
+    out = {"reference": reference["losses"]}
+    for stage in (2, 3):
+        out[stage] = run_ranks(_zero_rank, 2, stage, [(1, 1)], folder, True, reference["losses"])
+        (out[f"single from zero{stage}"],) = run_ranks(_continue_from, 1, f"{folder}/zero{stage}", 0)
+    return out
 
 
+@pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("name", ["parity (1, 1)", "memory", "from stage 0"])
-def test_zero2_dp2(runs, name):
-    assert_checks([r["checks"] for r in runs["dp2"]], name)
+def test_dp2(runs, stage, name):
+    assert_checks([r["checks"] for r in runs[stage]], name)
 
 
-def test_zero2_checkpoint_loads_at_one_process_stage0(runs):
-    _check_parity(runs["single from zero2"], runs["reference"][SAVE_AT:])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_loads_at_one_process_stage0(runs, stage):
+    _check_parity(runs[f"single from zero{stage}"], runs["reference"][SAVE_AT:])
 
 
 def test_zero2_grad_buffer_is_one_over_dp(runs):
-    grad = runs["dp2"][0]["grad bytes"]
+    grad = runs[2][0]["grad bytes"]
     assert grad[2] * 2 == grad[1]
 
 
-def test_zero2_dp4(runs):
-    results = run_ranks(_zero2_rank, 4, [(1, 1)], None, False, runs["reference"])
+def test_zero3_params_are_one_over_dp(runs):
+    for r in runs[3]:
+        assert r["param shard numel"] * 2 == r["layout numel"]
+        assert r["param peak numel"] < r["layout numel"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_dp4(runs, stage):
+    results = run_ranks(_zero_rank, 4, stage, [(1, 1)], None, False, runs["reference"])
     assert_checks([r["checks"] for r in results], "parity (1, 1)")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2)])
 def test_zero2_dp2_with_model_parallel(runs, layout):
-    results = run_ranks(_zero2_rank, 4, [layout], None, False, runs["reference"])
+    results = run_ranks(_zero_rank, 4, 2, [layout], None, False, runs["reference"])
     assert_checks([r["checks"] for r in results], f"parity {layout}")
     assert_checks([r["checks"] for r in results], f"tied {layout}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2)])
+def test_zero3_dp2_with_model_parallel(runs, layout):
+    results = run_ranks(_zero_rank, 4, 3, [layout], None, False, runs["reference"])
+    assert_checks([r["checks"] for r in results], f"parity {layout}")

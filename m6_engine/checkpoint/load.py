@@ -22,7 +22,7 @@ from m6_engine.checkpoint.save import (
     EXTRA_KEY, SCALAR_KEY, layout_of, model_entries,
 )
 from m6_engine.checkpoint.sharding import (
-    MODEL_PREFIX, model_key, model_tensors, zero_padding,
+    MODEL_PREFIX, model_key, model_tensors, whole_parameters, zero_padding,
 )
 from m6_engine.parallel.random import RNGTracker
 from m6_engine.parallel.state import ParallelState
@@ -143,13 +143,14 @@ def load_model_weights(path_or_dir, *, model: nn.Module, state: ParallelState,
     manifest = on_rank0(lambda: read_manifest(folder))
     _verify_files(folder, manifest, verify)
     stored = FileSystemReader(folder).read_metadata().state_dict_metadata
-    tensors = model_tensors(model)
-    fresh = sorted(n for n in tensors if fresh_prefixes and n.startswith(tuple(fresh_prefixes))
-                   and model_key(n) not in stored)
-    tensors = {n: v for n, v in tensors.items() if n not in fresh}
-    state_dict = model_entries(tensors, state.mesh["tp"])
-    _check_keys(folder, state_dict)
-    _read(folder, state_dict, tensors)
+    with whole_parameters(model, write_back=True):
+        tensors = model_tensors(model)
+        fresh = sorted(n for n in tensors if fresh_prefixes and n.startswith(tuple(fresh_prefixes))
+                       and model_key(n) not in stored)
+        tensors = {n: v for n, v in tensors.items() if n not in fresh}
+        state_dict = model_entries(tensors, state.mesh["tp"])
+        _check_keys(folder, state_dict)
+        _read(folder, state_dict, tensors)
     return LoadedWeights(path=folder, step=manifest["step"], config=manifest.get("config"),
                          fresh=tuple(sorted(set(gather_lists(fresh)))))
 
@@ -171,20 +172,23 @@ def load_checkpoint(path_or_dir, *, model: nn.Module, state: ParallelState, opti
         raise CheckpointError(f"checkpoint {folder} holds no optimizer state; pass optimizer=None "
                               "to load the model only")
 
-    tensors, tp_mesh = model_tensors(model), state.mesh["tp"]
-    state_dict = model_entries(tensors, tp_mesh)
-    optimizer_read = None
-    if optimizer is not None:
-        optimizer_read = optimizer_entries(optimizer, tensors, state, for_save=False)
-        state_dict.update(optimizer_read.entries)
-        state_dict[SCALAR_KEY] = None
-    state_dict[EXTRA_KEY] = None
     same_layout = (manifest["layout"] == layout_of(state)
                    and manifest.get("device_type") == state.device.type)
-    if same_layout:
-        state_dict[rng.rng_key(state.rank)] = None
-    _check_keys(folder, state_dict)
-    _read(folder, state_dict, tensors)
+    # ZeRO-3: the layers gathered while read into, resharded after (before the optimizer's
+    # masters are handed back, which then write the shards last).
+    with whole_parameters(model, write_back=True):
+        tensors, tp_mesh = model_tensors(model), state.mesh["tp"]
+        state_dict = model_entries(tensors, tp_mesh)
+        optimizer_read = None
+        if optimizer is not None:
+            optimizer_read = optimizer_entries(optimizer, tensors, state, for_save=False)
+            state_dict.update(optimizer_read.entries)
+            state_dict[SCALAR_KEY] = None
+        state_dict[EXTRA_KEY] = None
+        if same_layout:
+            state_dict[rng.rng_key(state.rank)] = None
+        _check_keys(folder, state_dict)
+        _read(folder, state_dict, tensors)
     if optimizer is not None:
         hand_back(optimizer, tensors, optimizer_read)
         optimizer.load_scalar_state(state_dict[SCALAR_KEY])

@@ -35,7 +35,7 @@ from m6_engine.checkpoint.folders import (
     tmp_dirname, write_manifest,
 )
 from m6_engine.checkpoint.optimizer_state import optimizer_entries
-from m6_engine.checkpoint.sharding import global_view, model_key, model_tensors
+from m6_engine.checkpoint.sharding import global_view, model_key, model_tensors, whole_parameters
 from m6_engine.parallel.random import RNGTracker
 from m6_engine.parallel.state import ParallelState
 
@@ -106,21 +106,22 @@ def save_checkpoint(ckpt_dir, step: int, *, model: nn.Module, state: ParallelSta
         for name, content in (attachments or {}).items():
             (tmp / name).write_bytes(content)   # digested below with the shards
 
-    tensors, tp_mesh = model_tensors(model), state.mesh["tp"]
-    state_dict = model_entries(tensors, tp_mesh)
-    if optimizer is not None:
-        state_dict.update(optimizer_entries(optimizer, tensors, state, for_save=True).entries)
-    if state.rank == 0:
-        state_dict[EXTRA_KEY] = dict(extra or {})
+    with whole_parameters(model):       # ZeRO-3: the layers gathered while they are written
+        tensors, tp_mesh = model_tensors(model), state.mesh["tp"]
+        state_dict = model_entries(tensors, tp_mesh)
         if optimizer is not None:
-            state_dict[SCALAR_KEY] = optimizer.scalar_state()
-    state_dict[rng.rng_key(state.rank)] = rng.capture(state, rng_tracker)
-    try:
-        dcp.save(state_dict, storage_writer=FileSystemWriter(tmp),
-                 planner=DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
-    except (Exception, CheckpointException) as error:
-        raise CheckpointError(f"saving step {step} into {tmp} failed; the checkpoints already in "
-                              f"{ckpt_dir} are untouched. {describe_failure(error)}") from error
+            state_dict.update(optimizer_entries(optimizer, tensors, state, for_save=True).entries)
+        if state.rank == 0:
+            state_dict[EXTRA_KEY] = dict(extra or {})
+            if optimizer is not None:
+                state_dict[SCALAR_KEY] = optimizer.scalar_state()
+        state_dict[rng.rng_key(state.rank)] = rng.capture(state, rng_tracker)
+        try:
+            dcp.save(state_dict, storage_writer=FileSystemWriter(tmp),
+                     planner=DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
+        except (Exception, CheckpointException) as error:
+            raise CheckpointError(f"saving step {step} into {tmp} failed; the checkpoints already in "
+                                  f"{ckpt_dir} are untouched. {describe_failure(error)}") from error
 
     files = _file_digests(tmp)
     final = ckpt_dir / step_dirname(step)

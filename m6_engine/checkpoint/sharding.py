@@ -23,6 +23,7 @@ dp replicas, the tied embedding on the first and last stage) are written once: D
 keeps one copy of every (key, offset) and spreads the copies it keeps over the ranks.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -61,6 +62,15 @@ class TensorLayout:
 
     tp_dim: int | None
     vocab: VocabRows | None = None
+
+
+def whole_parameters(model: nn.Module, *, write_back: bool = False):
+    """A context within which every parameter of ``model`` holds its values: a no-op except for a
+    ZeRO-3 stage (``DataParallel.sharded_params``), whose layers are then all gathered (collective
+    on "dp"; the whole local stage is materialized meanwhile) and, with ``write_back``, resharded
+    from what was written into them (a load)."""
+    sharded = model.sharded_params if isinstance(model, DataParallel) else None
+    return contextlib.nullcontext() if sharded is None else sharded.materialized(write_back=write_back)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

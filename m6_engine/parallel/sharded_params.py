@@ -12,8 +12,8 @@ Gathered storage: each bucket has one full-size tensor, ``full[k]``, whose param
 (``param.data``). Freeing a bucket resizes that tensor's *storage* to zero bytes, gathering resizes
 it back and all-gathers into it: the tensors autograd saved for backward are views of that same
 storage, so the backward's gather refills them in place, and no copy of a freed layer survives
-between forward and backward. A parameter read while its bucket is freed fails loudly (zero-byte
-storage), instead of silently using stale values.
+between forward and backward. A freed parameter keeps its shape over zero bytes: it must not be
+read until its bucket is gathered again (``materialized`` for a checkpoint or an inspection).
 
 Schedule, per micro-batch (the next unit's all-gather is launched asynchronously as the current
 one starts, so it overlaps the current unit's compute):
