@@ -183,8 +183,8 @@ class ShardedParameters:
             # hook gathered it, and its backward is about to use the parameters.
             return
         if torch.is_grad_enabled():
-            tensors = [output] if isinstance(output, torch.Tensor) else [
-                t for t in (output if isinstance(output, (tuple, list)) else ()) if isinstance(t, torch.Tensor)]
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
             hooked = [t for t in tensors if t.requires_grad]
             if hooked:
                 hooked[0].register_hook(lambda grad: self._before_backward(position))
