@@ -16,9 +16,11 @@ ZeRO-3 (parameters too: each layer gathered just in time).
 """
 
 import pytest
+import torch
 
 from m6_engine.checkpoint import load_checkpoint, save_checkpoint
 from m6_engine.optim import OptimizerConfig
+from m6_engine.parallel import layout_grad_buffer
 from m6_engine.parallel.roles import param_role
 from tests.distributed import Checks, assert_checks, init_state, run_ranks
 from tests.optim_loop import build, train_step
@@ -183,3 +185,33 @@ def test_zero2_dp2_with_model_parallel(runs, layout):
 def test_zero3_dp2_with_model_parallel(runs, layout):
     results = run_ranks(_zero_rank, 4, 3, [layout], None, False, runs["reference"])
     assert_checks([r["checks"] for r in results], f"parity {layout}")
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_grouped_layout_has_one_bucket_per_group(dp):
+    numels, groups = [5, 7, 300, 1, 9, 9, 2], [-1, -1, 0, 0, 1, 1, 2]
+    layout = layout_grad_buffer(numels, bucket_numel=4, dp_size=dp, align=8, groups=groups)
+    assert layout.bucket_members == ((0, 1), (2, 3), (4, 5), (6,))    # size ignored, groups kept
+    assert all((end - start) % (8 * dp) == 0 for start, end in layout.bucket_ranges)
+    with pytest.raises(ValueError, match="groups"):
+        layout_grad_buffer(numels, 4, dp, groups=groups[:-1])
+
+
+def test_layer_units_and_their_grouping():
+    from m6_engine.parallel.data_parallel import _group_by_unit
+    from m6_engine.parallel.sharded_params import ROOT, layer_units
+
+    class Stage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(2, 2)
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+            self.head = torch.nn.Linear(2, 2)
+
+    stage = Stage()
+    units = layer_units(stage)
+    assert units == list(stage.blocks)
+    params, groups = _group_by_unit(list(stage.parameters())[::-1], units)
+    # the root's parameters (head first in buffer order, then the embedding) come together
+    assert groups == [ROOT] * 4 + [2, 2, 1, 1, 0, 0]
+    assert params[:4] == [stage.head.bias, stage.head.weight, stage.embed.bias, stage.embed.weight]

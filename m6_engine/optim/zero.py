@@ -1,4 +1,4 @@
-"""ZeRO-1: which elements of the flat parameter space each dp rank owns, and the two collectives.
+"""ZeRO: which elements of the flat parameter space each dp rank owns, and the two collectives.
 
 The data-parallel gradient buffer (``parallel.data_parallel``) is cut into buckets whose sizes are
 multiples of dp; dp rank d owns the d-th equal slice of every bucket, ``Bucket.shard(d)``. A
@@ -14,6 +14,9 @@ their owners.
 
 ZeRO-2 (``grad_reduce="reduce_scatter_shard"``) owns the same pieces and does the same step; only
 the gradients differ: they are held as this rank's shards alone (``DataParallel.grad_piece``).
+ZeRO-3 (``parallel.sharded_params``) owns the same pieces again, writes the updated masters into the
+stored parameter shards and all-gathers nothing after the step (each layer is gathered as it runs):
+no :class:`ParamBuffer`.
 """
 
 import torch

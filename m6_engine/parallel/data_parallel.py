@@ -42,6 +42,10 @@ one with M micro-batches, each of 1/dp of the all-reduce's traffic: DeepSpeed's 
 behaviour); only the whole-held tied buckets still wait for the last micro-batch. After
 ``finish_grad_sync()`` the dp-mean shard of bucket k is :meth:`DataParallel.shard_grad` ``(k)``
 and ``main_grad`` of an untied parameter must not be read (it raises).
+
+``param_units`` (ZeRO-3, with "reduce_scatter_shard"; ``data_parallel_options(3, stage)``): one
+bucket per layer module plus one for the parameters outside every layer, and the parameters
+themselves stored as dp shards and gathered layer by layer (``parallel.sharded_params``).
 """
 
 import contextlib
