@@ -2,8 +2,11 @@
 
 - The schedule table, without processes: every (chunk, micro-batch) gets one forward and one
   backward, forwards first; per rank the order and warm-up counts are Megatron's; every transfer
-  is posted by both sides in the same tick and feeds exactly the operation that needs it; in
-  unit-time ticks the step lasts 2 V m + 2 (pp - 1) ticks, i.e. the bubble is (pp - 1) / (V m).
+  is posted by both sides in the same tick and feeds exactly the operation that needs it; with
+  equal-time chunks (backward 1x or 2x the forward) the modelled bubble is (pp - 1) / (V m).
+- On toy-LM ranks (pp 2 and 4, V 2): the losses of one rank, the live micro-batches the order
+  implies (saved-tensor hooks and StepResult), sent activations freed, no_sync around all but the
+  step's last backward.
 - Layer placement: chunk c of rank k holds virtual stage c * pp + k; the layers of all chunks of
   all ranks are each layer once, and parameter names are those of the one-process model.
 - Training parity against one process (fp32, dropout 0, 8 steps, relative 1e-5): pp 2 V 2 with the
@@ -41,7 +44,7 @@ def test_each_microbatch_and_chunk_runs_forward_then_backward_once(pp, v, m):
         position = {(op.kind, op.chunk, op.microbatch): i for i, op in enumerate(order)}
         assert all(position[(FORWARD, c, j)] < position[(BACKWARD, c, j)]
                    for c in range(v) for j in range(m))
-        ticks = [t.op for t in schedule_table(pp, v, m)[rank] if t.op is not None]
+        ticks = [op for t in schedule_table(pp, v, m)[rank] for op in t.ops]
         assert ticks == order, "the table runs the rank's operations in its order"
 
 
@@ -73,7 +76,9 @@ def test_transfers_pair_up_and_feed_the_operation_that_needs_them(pp, v, m, forw
     for t in range(len(table[0])):
         for k in range(pp):
             tick = table[k][t]
-            assert len(tick.sends) <= 1
+            assert len(tick.sends) <= len(tick.ops) <= (1 if forward_only else 2)
+            assert list(tick.sends) == sorted(tick.sends, key=lambda x: (x.kind, x.chunk, x.microbatch))
+            assert list(tick.recvs) == sorted(tick.recvs, key=lambda x: (x.kind, x.chunk, x.microbatch))
             for send in tick.sends:
                 assert send.src == k and send in table[send.dst][t].recvs, (t, send)
                 assert send.dst == ((k + 1) % pp if send.kind == ACTIVATION else (k - 1) % pp)
@@ -82,8 +87,7 @@ def test_transfers_pair_up_and_feed_the_operation_that_needs_them(pp, v, m, forw
     for k in range(pp):
         arrived, used = {}, set()
         for t, tick in enumerate(table[k]):
-            op = tick.op
-            if op is not None:
+            for op in tick.ops:
                 stage = op.chunk * pp + k
                 needs = ((ACTIVATION if op.kind == FORWARD else GRADIENT), op.chunk, op.microbatch)
                 starts_here = stage == 0 if op.kind == FORWARD else stage == last_stage
@@ -97,13 +101,29 @@ def test_transfers_pair_up_and_feed_the_operation_that_needs_them(pp, v, m, forw
         assert used == set(arrived), k
 
 
+def _makespan(table, forward_s, backward_s):
+    """Step time of ``table`` when every forward of a chunk takes ``forward_s`` and every
+    backward ``backward_s``, and a tick's batch completes once every peer in it has posted its
+    side (the end of that peer's compute in the same tick)."""
+    pp, done = len(table), [0.0] * len(table)
+    for t in range(len(table[0])):
+        posted = [done[k] + sum(forward_s if op.kind == FORWARD else backward_s for op in table[k][t].ops)
+                  for k in range(pp)]
+        peers = [{x.dst for x in table[k][t].sends} | {x.src for x in table[k][t].recvs} for k in range(pp)]
+        done = [max([posted[k]] + [posted[p] for p in peers[k]]) for k in range(pp)]
+    return max(done)
+
+
 @pytest.mark.parametrize("pp,v,m", SHAPES)
-def test_unit_time_bubble_is_the_formula(pp, v, m):
-    """With forward and backward of a chunk one tick each, a step is the 2 V m busy ticks plus
-    2 (pp - 1): bubble / busy = (pp - 1) / (V m), V times less than plain 1F1B's (pp - 1) / m."""
-    ticks = len(schedule_table(pp, v, m)[0])
-    assert ticks == 2 * v * m + 2 * (pp - 1)
-    assert (ticks - 2 * v * m) / (2 * v * m) == pytest.approx((pp - 1) / (v * m))
+@pytest.mark.parametrize("backward_s", [1.0, 2.0])
+def test_modelled_bubble_is_the_formula(pp, v, m, backward_s):
+    """With equal-time chunks and free transfers, the table's step is the busy time plus a
+    bubble of (pp - 1) / (V m) of it, V times less than plain 1F1B's (pp - 1) / m; also with a
+    backward twice as long as a forward (steady ticks pair a forward with a backward, so
+    neighbours are in phase)."""
+    busy = v * m * (1.0 + backward_s)
+    bubble = _makespan(schedule_table(pp, v, m), 1.0, backward_s) - busy
+    assert bubble / busy == pytest.approx((pp - 1) / (v * m))
 
 
 def test_shape_errors():
@@ -166,6 +186,100 @@ def test_parameter_names_do_not_depend_on_pp_or_v():
     # The tied word embedding: on virtual stage 0 (rank 0) and the last virtual stage (rank 1).
     assert "embedding.word.weight" in ranks[0] and "embedding.word.weight" in ranks[1]
     assert "final_ln.weight" in ranks[1] and "final_ln.weight" not in ranks[0]
+
+
+# ---- the schedule on ranks (toy LM) -------------------------------------------------------------
+
+def _expected_peak(pp, v, m, rank):
+    live = peak = 0
+    for op in rank_order(pp, v, m, rank):
+        live += 1 if op.kind == FORWARD else -1
+        peak = max(peak, live)
+    return peak
+
+
+def _ranks_toy(pp, v, m, steps):
+    """SGD steps of the 8-layer toy LM, interleaved with V = v (v == 1: plain 1F1B); per rank the
+    step losses, live micro-batches (saved-tensor hooks and the schedule's count), whether sent
+    activations were freed, and the order of no_sync / finalize calls of the first step."""
+    import contextlib
+
+    import torch
+    from torch import nn
+
+    from m6_engine.parallel import DataParallel, TensorSpec, forward_backward, model_grad_sync
+    from m6_engine.parallel.roles import param_role
+    from tests.distributed import init_state
+    from tests.test_pipeline import LiveActivations, _instrumented_step
+    from tests.toy_lm import ToyLMConfig, ToyLMStage, microbatches, ops_for_tests
+
+    cfg = ToyLMConfig(layers=8)
+    state = init_state(tp=1, pp=pp)
+    ops = ops_for_tests()
+    if v == 1:
+        stage = ToyLMStage(cfg, state, ops)
+        model = DataParallel(stage, state, bucket_numel=2000)
+        schedule_model = model
+    else:
+        chunks = [ToyLMStage(cfg, state, ops, chunk=c, virtual_stages=v) for c in range(v)]
+        model = DataParallel(nn.ModuleList(chunks), state, bucket_numel=2000)
+        schedule_model = chunks
+    events = []
+    sync = model_grad_sync(model, state)
+
+    @contextlib.contextmanager
+    def no_sync():
+        events.append("no_sync")
+        with sync["no_sync"]():
+            yield
+
+    def finalize():
+        events.append("finalize")
+        sync["finalize_grads"]()
+
+    out = {"losses": [], "live_peak": [], "schedule_peak": [], "released": True}
+    for step in range(steps):
+        model.zero_grad_buffer()
+        live, outputs = LiveActivations(), []
+        batches = microbatches(cfg, step, m * 2, 2)
+        result = forward_backward("1f1b", forward_step=_instrumented_step(live, outputs),
+                                  data_iterator=iter(batches), model=schedule_model,
+                                  num_microbatches=m, state=state,
+                                  tensor_spec=TensorSpec((2, cfg.seq_len, cfg.hidden)),
+                                  no_sync=no_sync, finalize_grads=finalize)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(param_role(p).main_grad, alpha=0.05)
+        out["losses"].append([x.item() for x in result.losses])
+        out["live_peak"].append(live.peak)
+        out["schedule_peak"].append(result.peak_live_microbatches)
+        out["released"] &= all(o.untyped_storage().nbytes() <= o.element_size()
+                               for o in outputs if o.dim() > 0)
+        if step == 0:
+            out["events"] = list(events)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_reference():
+    return run_ranks(_ranks_toy, 1, 1, 1, 4, 3)[0]
+
+
+@pytest.mark.parametrize("pp,v", [(2, 2), (4, 2)])
+def test_schedule_on_ranks_matches_one_rank(pp, v, toy_reference):
+    m = 4
+    ranks = run_ranks(_ranks_toy, pp, pp, v, m, 3)
+    last = ranks[-1]
+    assert len(last["losses"]) == 3 and all(len(x) == m for x in last["losses"])
+    for ours, ref in zip(last["losses"], toy_reference["losses"]):
+        assert ours == pytest.approx(ref, rel=1e-5), (last["losses"], toy_reference["losses"])
+    for rank, r in enumerate(ranks):
+        expected = _expected_peak(pp, v, m, rank)
+        assert r["schedule_peak"] == [expected] * 3, (rank, r["schedule_peak"], expected)
+        assert r["live_peak"] == [expected] * 3, (rank, r["live_peak"], expected)
+        assert r["released"], f"rank {rank} kept the storage of a sent activation"
+        # Every backward but the last of the step (over all chunks) defers the dp reduction.
+        assert r["events"] == ["no_sync"] * (v * m - 1) + ["finalize"], (rank, r["events"])
 
 
 # ---- training -----------------------------------------------------------------------------------

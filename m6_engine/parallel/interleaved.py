@@ -63,9 +63,11 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Tick:
-    """What one rank does in one tick: an operation (or nothing), then one batch of transfers."""
+    """What one rank does in one tick: its operations (none, one, or in the steady phase one
+    forward and one backward), then one batch of transfers, sends and receives each sorted by
+    (kind, chunk, micro-batch) so that both sides of a pair list them in the same order."""
 
-    op: Op | None
+    ops: tuple[Op, ...]
     sends: tuple[Transfer, ...]
     recvs: tuple[Transfer, ...]
 
@@ -123,6 +125,13 @@ def _output_transfer(op: Op, rank: int, pp: int, virtual_stages: int) -> Transfe
     return Transfer(GRADIENT, rank, dst, op.chunk - (1 if rank == 0 else 0), op.microbatch)
 
 
+def _sender_chunk(t: Transfer) -> int:
+    """The chunk of ``t.src`` whose operation produced ``t``."""
+    if t.kind == ACTIVATION:
+        return t.chunk - (1 if t.dst == 0 else 0)
+    return t.chunk + (1 if t.src == 0 else 0)
+
+
 def _input_needed(op: Op, rank: int, pp: int, virtual_stages: int) -> tuple | None:
     """The (kind, chunk, microbatch) ``op`` must have received first, None when it needs nothing
     (a forward of virtual stage 0, a backward of the last virtual stage: it starts from the loss)."""
@@ -132,6 +141,24 @@ def _input_needed(op: Op, rank: int, pp: int, virtual_stages: int) -> tuple | No
     return None if stage == virtual_stages * pp - 1 else (GRADIENT, op.chunk, op.microbatch)
 
 
+def rank_steps(pp: int, virtual_stages: int, num_microbatches: int, rank: int, *,
+               forward_only: bool = False) -> list[tuple[Op, ...]]:
+    """:func:`rank_order` cut into what one tick runs: each warm-up forward and cool-down
+    backward alone, the steady phase's forward and backward together (as Megatron's steady
+    iteration), so neighbours both run a forward and a backward between two exchanges."""
+    order = rank_order(pp, virtual_stages, num_microbatches, rank, forward_only=forward_only)
+    if forward_only:
+        return [(op,) for op in order]
+    w = warmup_forwards(pp, virtual_stages, num_microbatches, rank)
+    steady = len(order) - 2 * w
+    return ([(op,) for op in order[:w]] + [tuple(order[w + i:w + i + 2]) for i in range(0, steady, 2)]
+            + [(op,) for op in order[w + steady:]])
+
+
+def _key(t: Transfer) -> tuple:
+    return t.kind, t.chunk, t.microbatch
+
+
 def schedule_table(pp: int, virtual_stages: int, num_microbatches: int, *,
                    forward_only: bool = False) -> list[list[Tick]]:
     """Per rank, its ticks (module docstring); every rank's list has the same length.
@@ -139,37 +166,39 @@ def schedule_table(pp: int, virtual_stages: int, num_microbatches: int, *,
     Raises RuntimeError if the orders could deadlock (no rank can make progress); the tests run
     this for many shapes.
     """
-    orders = [rank_order(pp, virtual_stages, num_microbatches, k, forward_only=forward_only)
-              for k in range(pp)]
+    steps = [rank_steps(pp, virtual_stages, num_microbatches, k, forward_only=forward_only)
+             for k in range(pp)]
     done = [0] * pp
     arrived: list[set] = [set() for _ in range(pp)]   # inputs received, not yet consumed
     forwarded: list[set] = [set() for _ in range(pp)]
     table: list[list[Tick]] = [[] for _ in range(pp)]
-    while any(done[k] < len(orders[k]) for k in range(pp)):
-        ops: list[Op | None] = []
+    while any(done[k] < len(steps[k]) for k in range(pp)):
+        ran: list[tuple[Op, ...]] = []
         for k in range(pp):
-            op = orders[k][done[k]] if done[k] < len(orders[k]) else None
-            need = None if op is None else _input_needed(op, k, pp, virtual_stages)
-            runnable = op is not None and (need is None or need in arrived[k])
-            if runnable and op.kind == BACKWARD and (op.chunk, op.microbatch) not in forwarded[k]:
-                raise RuntimeError(f"rank {k}: backward of chunk {op.chunk}, micro-batch "
-                                   f"{op.microbatch} is ordered before its forward")
-            if runnable:
-                arrived[k].discard(need)
-                done[k] += 1
+            ops = steps[k][done[k]] if done[k] < len(steps[k]) else ()
+            needs = [_input_needed(op, k, pp, virtual_stages) for op in ops]
+            if not all(need is None or need in arrived[k] for need in needs):
+                ran.append(())
+                continue
+            for op, need in zip(ops, needs):
+                if op.kind == BACKWARD and (op.chunk, op.microbatch) not in forwarded[k]:
+                    raise RuntimeError(f"rank {k}: backward of chunk {op.chunk}, micro-batch "
+                                       f"{op.microbatch} is ordered before its forward")
                 if op.kind == FORWARD:
                     forwarded[k].add((op.chunk, op.microbatch))
-            ops.append(op if runnable else None)
-        if all(op is None for op in ops):
+                arrived[k].discard(need)
+            done[k] += 1 if ops else 0
+            ran.append(ops)
+        if not any(ran):
             raise RuntimeError(f"interleaved 1F1B with pp = {pp}, V = {virtual_stages}, m = "
                                f"{num_microbatches} deadlocks: no rank can run its next operation")
-        sent = [None if op is None else _output_transfer(op, k, pp, virtual_stages)
-                for k, op in enumerate(ops)]
+        sent = [sorted((t for op in ops if (t := _output_transfer(op, k, pp, virtual_stages))),
+                       key=_key) for k, ops in enumerate(ran)]
         for k in range(pp):
-            recvs = tuple(t for t in sent if t is not None and t.dst == k)
+            recvs = tuple(sorted((t for out in sent for t in out if t.dst == k), key=_key))
             for t in recvs:
-                arrived[k].add((t.kind, t.chunk, t.microbatch))
-            table[k].append(Tick(ops[k], () if sent[k] is None else (sent[k],), recvs))
+                arrived[k].add(_key(t))
+            table[k].append(Tick(ran[k], tuple(sent[k]), recvs))
     return table
 
 
@@ -198,20 +227,25 @@ def forward_backward_interleaved(*, forward_step, data_iterator, model, num_micr
     rank = state.pp_rank
     for tick in schedule_table(state.pp_size, len(chunks), num_microbatches,
                                forward_only=forward_only)[rank]:
-        produced = None
-        op = tick.op
-        if op is not None and op.kind == FORWARD:
-            produced = run.forward(inbox.pop((ACTIVATION, op.chunk, op.microbatch), None), op.chunk)
-        elif op is not None:
-            produced = run.backward(inbox.pop((GRADIENT, op.chunk, op.microbatch), None), op.chunk)
+        produced, forwards = {}, []
+        for op in tick.ops:
+            if op.kind == FORWARD:
+                output = run.forward(inbox.pop((ACTIVATION, op.chunk, op.microbatch), None), op.chunk)
+                produced[(FORWARD, op.chunk, op.microbatch)] = output
+                forwards.append((op.chunk, output))
+            else:
+                produced[(BACKWARD, op.chunk, op.microbatch)] = run.backward(
+                    inbox.pop((GRADIENT, op.chunk, op.microbatch), None), op.chunk)
         if not tick.sends and not tick.recvs:
             continue
-        sends = [(t.dst, produced, t.kind) for t in tick.sends]
+        sends = [(t.dst, produced[(FORWARD if t.kind == ACTIVATION else BACKWARD, _sender_chunk(t),
+                                   t.microbatch)], t.kind) for t in tick.sends]
         received = run.p2p("transfer", sends, [(t.src, t.kind) for t in tick.recvs])
         for t, tensor in zip(tick.recvs, received):
-            inbox[(t.kind, t.chunk, t.microbatch)] = tensor
-        if op is not None and op.kind == FORWARD and tick.sends:
-            run.sent(produced, op.chunk)
+            inbox[_key(t)] = tensor
+        for chunk, output in forwards:
+            if any(t.kind == ACTIVATION for t in tick.sends):
+                run.sent(output, chunk)
     if inbox:
         raise RuntimeError(f"interleaved 1F1B: rank {rank} received tensors no operation used: "
                            f"{sorted(inbox)}")
