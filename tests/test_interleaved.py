@@ -126,6 +126,16 @@ def test_modelled_bubble_is_the_formula(pp, v, m, backward_s):
     assert bubble / busy == pytest.approx((pp - 1) / (v * m))
 
 
+def test_a_list_of_chunks_needs_the_1f1b_schedule():
+    from m6_engine.parallel import TensorSpec, forward_backward
+
+    state = type("Stages", (), {"pp_size": 2})()
+    with pytest.raises(ValueError, match="a list of model chunks runs the interleaved 1F1B schedule; "
+                                         "schedule 'gpipe' takes one stage per rank"):
+        forward_backward("gpipe", forward_step=None, data_iterator=None, model=[None, None],
+                         num_microbatches=2, state=state, tensor_spec=TensorSpec((1,)))
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="num_microbatches = 6 is not a multiple of pp = 4"):
         rank_order(4, 2, 6, 0)
@@ -246,6 +256,7 @@ def _ranks_toy(pp, v, m, steps):
                                   data_iterator=iter(batches), model=schedule_model,
                                   num_microbatches=m, state=state,
                                   tensor_spec=TensorSpec((2, cfg.seq_len, cfg.hidden)),
+                                  check_shapes=step == steps - 1,   # the metadata exchange too
                                   no_sync=no_sync, finalize_grads=finalize)
         with torch.no_grad():
             for p in model.parameters():
@@ -385,6 +396,34 @@ def test_pp2_v2_dp2_matches_one_process(four_ranks, one_process, record_property
     record_property("max_rel_loss_diff", rel)
     print(f"pp 2 V 2 dp 2: max relative loss difference to (1,1,1) over {STEPS} steps: {rel:.2e}")
     assert rel <= 1e-5
+
+
+def _ranks_trainer_stage(job):
+    """What the Trainer built on this rank for ``job``: its stage type, chunks' layers, and what
+    one step's schedule ran (the interleaved executor or not)."""
+    from m6_engine.parallel import interleaved
+    from m6_engine.training import Trainer, make_datasets
+    from tests.distributed import init_state
+
+    state = init_state(job.parallel.tp, job.parallel.pp)
+    train_data, _ = make_datasets(job, state)
+    trainer = Trainer(job, state, train_data, log_rank_output=False)
+    calls = []
+    original = interleaved.schedule_table
+    interleaved.schedule_table = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        trainer.train_step()
+    finally:
+        interleaved.schedule_table = original
+    return {"stage": type(trainer.stage).__name__, "calls": calls,
+            "layers": [list(c.layer_ids) for c in getattr(trainer.stage, "chunks", [trainer.stage])]}
+
+
+def test_the_trainer_runs_chunks_when_virtual_stages_is_set(corpus):
+    ranks = run_ranks(_ranks_trainer_stage, 2, _job(corpus, pp=2, v=2))
+    assert [r["stage"] for r in ranks] == ["StageChunks"] * 2
+    assert [r["layers"] for r in ranks] == [[[0], [2]], [[1], [3]]]
+    assert all(r["calls"] == [(2, 2, 4)] for r in ranks), ranks
 
 
 def test_microbatches_not_a_multiple_of_pp_are_refused(corpus):
