@@ -10,7 +10,8 @@
 - Layer placement: chunk c of rank k holds virtual stage c * pp + k; the layers of all chunks of
   all ranks are each layer once, and parameter names are those of the one-process model.
 - Training parity against one process (fp32, dropout 0, 8 steps, relative 1e-5): pp 2 V 2 with the
-  held-out evaluation (forward-only path); slow: pp 4 V 2 (8 layers) and pp 2 V 2 with dp 2.
+  held-out evaluation (forward-only path); slow: pp 4 V 2 (8 layers), pp 2 V 2 with dp 2 and
+  with tp 2.
 - Checkpoints: pp 2 V 2's step 4 resumed at (1,1,1) and at pp 2 V 1, and (1,1,1)'s step 4 resumed
   at pp 2 V 2, continue with the same losses.
 - Errors: too few layers for pp * V, micro-batches not a multiple of pp.
@@ -295,8 +296,8 @@ def test_schedule_on_ranks_matches_one_rank(pp, v, toy_reference):
 
 # ---- training -----------------------------------------------------------------------------------
 
-def _job(corpus, *, pp=1, v=1, layers=4, save="", save_interval=0, load="", evaluate=False):
-    job = small_job(corpus, pp=pp, steps=STEPS, evaluate=evaluate, model={"num_layers": layers},
+def _job(corpus, *, tp=1, pp=1, v=1, layers=4, save="", save_interval=0, load="", evaluate=False):
+    job = small_job(corpus, tp=tp, pp=pp, steps=STEPS, evaluate=evaluate, model={"num_layers": layers},
                     train={"save_dir": save, "save_interval": save_interval, "load": load})
     return job_config_from_dict(job.to_dict(), {"parallel.virtual_stages": str(v)})
 
@@ -374,7 +375,8 @@ def test_checkpoints_reshard_between_virtual_stages(name, pp2_v2, one_process, r
 @pytest.fixture(scope="module")
 def four_ranks(corpus):
     return _launch(4, {"pp4 V2": Run(_job(corpus, pp=4, v=2, layers=8)),
-                       "pp2 V2 dp2": Run(_job(corpus, pp=2, v=2))}, timeout_s=900)
+                       "pp2 V2 dp2": Run(_job(corpus, pp=2, v=2)),
+                       "tp2 pp2 V2": Run(_job(corpus, tp=2, pp=2, v=2))}, timeout_s=900)
 
 
 @pytest.fixture(scope="module")
@@ -391,10 +393,11 @@ def test_pp4_v2_matches_one_process(four_ranks, one_process_8_layers, record_pro
 
 
 @pytest.mark.slow
-def test_pp2_v2_dp2_matches_one_process(four_ranks, one_process, record_property):
-    rel = _max_rel(four_ranks["pp2 V2 dp2"]["losses"], one_process["(1,1,1)"]["losses"])
+@pytest.mark.parametrize("name", ["pp2 V2 dp2", "tp2 pp2 V2"])
+def test_pp2_v2_with_dp_or_tp_matches_one_process(name, four_ranks, one_process, record_property):
+    rel = _max_rel(four_ranks[name]["losses"], one_process["(1,1,1)"]["losses"])
     record_property("max_rel_loss_diff", rel)
-    print(f"pp 2 V 2 dp 2: max relative loss difference to (1,1,1) over {STEPS} steps: {rel:.2e}")
+    print(f"{name}: max relative loss difference to (1,1,1) over {STEPS} steps: {rel:.2e}")
     assert rel <= 1e-5
 
 

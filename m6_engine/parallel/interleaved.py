@@ -16,14 +16,16 @@ of pp (the groups are whole). The bubble is (pp - 1) / (V m) of the ideal step i
 (pp - 1) / m, at the price of V times more p2p transfers.
 
 Transfers. :func:`schedule_table` turns the per-rank orders into a table of *ticks*: a global
-simulation where every rank runs its next operation as soon as its input has arrived (one
-operation per tick), after which every rank exchanges what the tick produced with its neighbours
-in one batch (its own output, at most one tensor, and what its neighbours produced for it). Both
-sides of every transfer post it in the same tick, so each batch has its counterpart and nothing
-depends on the order in which a backend matches messages (NCCL matches sends and receives of one
-pair in order, which a pp = 2 ring, where the previous and next rank are the same, would
-otherwise get wrong). Ticks whose batch is empty cost nothing; a rank that waits for an input
-simply has ticks without an operation. The table is pure (tests check it without processes), and
+simulation where every rank runs its next step (:func:`rank_steps`: a warm-up forward, a
+cool-down backward, or in the steady phase a forward and a backward together, as Megatron's
+steady iteration, so neighbours stay in phase when a backward outlasts a forward) as soon as its
+inputs have arrived, after which every rank exchanges what the tick produced with its neighbours
+in one batch (its own outputs and what its neighbours produced for it, each side sorted the same
+way). Both sides of every transfer post it in the same tick, so each batch has its counterpart
+and nothing depends on how a backend matches messages beyond their order (NCCL matches the sends
+and receives of one pair in order; in a pp = 2 ring the previous and next rank are one rank, and
+an activation and a gradient may cross in one tick). Ticks whose batch is empty cost nothing; a
+rank that waits for an input simply has ticks without an operation. The table is pure (tests check it without processes), and
 :func:`forward_backward_interleaved` executes one rank's column of it.
 """
 
@@ -227,12 +229,11 @@ def forward_backward_interleaved(*, forward_step, data_iterator, model, num_micr
     rank = state.pp_rank
     for tick in schedule_table(state.pp_size, len(chunks), num_microbatches,
                                forward_only=forward_only)[rank]:
-        produced, forwards = {}, []
+        produced = {}
         for op in tick.ops:
             if op.kind == FORWARD:
-                output = run.forward(inbox.pop((ACTIVATION, op.chunk, op.microbatch), None), op.chunk)
-                produced[(FORWARD, op.chunk, op.microbatch)] = output
-                forwards.append((op.chunk, output))
+                produced[(FORWARD, op.chunk, op.microbatch)] = run.forward(
+                    inbox.pop((ACTIVATION, op.chunk, op.microbatch), None), op.chunk)
             else:
                 produced[(BACKWARD, op.chunk, op.microbatch)] = run.backward(
                     inbox.pop((GRADIENT, op.chunk, op.microbatch), None), op.chunk)
@@ -243,9 +244,9 @@ def forward_backward_interleaved(*, forward_step, data_iterator, model, num_micr
         received = run.p2p("transfer", sends, [(t.src, t.kind) for t in tick.recvs])
         for t, tensor in zip(tick.recvs, received):
             inbox[_key(t)] = tensor
-        for chunk, output in forwards:
-            if any(t.kind == ACTIVATION for t in tick.sends):
-                run.sent(output, chunk)
+        for t in tick.sends:   # activations sent downstream keep only their graph
+            if t.kind == ACTIVATION:
+                run.sent(produced[(FORWARD, _sender_chunk(t), t.microbatch)], _sender_chunk(t))
     if inbox:
         raise RuntimeError(f"interleaved 1F1B: rank {rank} received tensors no operation used: "
                            f"{sorted(inbox)}")
