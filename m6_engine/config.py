@@ -110,8 +110,9 @@ class ModelConfig:
         multiple = self.vocab_multiple * tp
         return -(-self.vocab_size // multiple) * multiple
 
-    def check_layout(self, tp: int, pp: int):
-        """Raise ConfigError naming the field when this model cannot be split tp-way and pp-way."""
+    def check_layout(self, tp: int, pp: int, virtual_stages: int = 1):
+        """Raise ConfigError naming the field when this model cannot be split tp-way and pp-way
+        (into pp * virtual_stages stages of at least one layer under interleaved 1F1B)."""
         if self.hidden_size % tp:
             raise ConfigError(f"ModelConfig.hidden_size = {self.hidden_size} is not divisible by tp = {tp}")
         if self.num_heads % tp:
@@ -121,6 +122,10 @@ class ModelConfig:
         if self.num_layers < pp:
             raise ConfigError(f"ModelConfig.num_layers = {self.num_layers} is fewer than pp = {pp} "
                               "pipeline stages")
+        if self.num_layers < pp * virtual_stages:
+            raise ConfigError(f"ModelConfig.num_layers = {self.num_layers} is fewer than pp * "
+                              f"ParallelConfig.virtual_stages = {pp} * {virtual_stages} = "
+                              f"{pp * virtual_stages} virtual pipeline stages")
 
 
 PRESETS = {

@@ -4,7 +4,8 @@ One step (``Trainer.train_step``), read top to bottom:
 
 1. zero the fp32 gradient buffers;
 2. ``forward_backward`` runs ``num_microbatches = global_batch / (micro_batch * dp)`` micro-batches
-   through this stage with the pipeline schedule; the last stage backpropagates the loss scaled by
+   through this stage with the pipeline schedule (with ``parallel.virtual_stages`` V > 1 the
+   rank holds V model chunks, ``StageChunks``, and runs interleaved 1F1B); the last stage backpropagates the loss scaled by
    the optimizer's loss scale; data-parallel and tied-embedding gradients are reduced at the end;
 3. the optimizer unscales, checks for inf/NaN on every model-parallel rank (skipping the step on
    all ranks when found), clips the global norm, steps AdamW on the fp32 masters and copies back.
@@ -49,7 +50,7 @@ from m6_engine.metrics import (
 from m6_engine.model import M6Model
 from m6_engine.model.flops import batch_forward_flops
 from m6_engine.model.heads import MATCHING_HEAD_PREFIX
-from m6_engine.model.m6 import ForwardStep
+from m6_engine.model.m6 import ForwardStep, StageChunks
 from m6_engine.optim import MixedPrecisionOptimizer
 from m6_engine.parallel import (
     DataParallel, ParallelState, data_parallel_options, forward_backward, model_grad_sync,
@@ -103,11 +104,17 @@ class Trainer:
         # micro-batch) are then reused instead of faulted in afresh (m6_engine.host_allocator).
         keep_freed_blocks_mapped()
         train, opt = job.train, job.optimizer
-        job.model.check_layout(state.tp_size, state.pp_size)
+        virtual = job.parallel.virtual_stages
+        job.model.check_layout(state.tp_size, state.pp_size, virtual)
         self.num_microbatches = train.num_microbatches(state.dp_size)
+        check_virtual_stages(job, self.num_microbatches)
         self.tracker = seed_parallel_rng(train.seed, state)
-        stage = M6Model(job.model, state, seed=train.seed, dtype=opt.param_dtype,
-                        recompute=train.recompute, rng_tracker=self.tracker)
+        chunks = [M6Model(job.model, state, seed=train.seed, dtype=opt.param_dtype,
+                          recompute=train.recompute, rng_tracker=self.tracker, chunk=c,
+                          virtual_stages=virtual) for c in range(virtual)]
+        # Interleaved 1F1B: the rank's chunks as one stage (one gradient buffer, optimizer and
+        # checkpoint names of a plain stage); the schedule runs the chunks.
+        stage = chunks[0] if virtual == 1 else StageChunks(chunks)
         self.stage = stage
         self.model = DataParallel(stage, state, **data_parallel_options(opt.zero_stage, stage))
         self.optimizer = self._new_optimizer()
@@ -135,8 +142,10 @@ class Trainer:
     def _run_schedule(self, data, *, forward_only: bool) -> tuple[ForwardStep, CountingIterator]:
         forward_step = ForwardStep(loss_transform=None if forward_only else self.optimizer.scale_loss)
         counted = CountingIterator(data, self.job.model)
+        # A list of chunks runs the interleaved schedule; their gradients land in self.model's buffer.
+        model = list(self.stage.chunks) if isinstance(self.stage, StageChunks) else self.model
         forward_backward(self.job.parallel.schedule, forward_step=forward_step, data_iterator=counted,
-                         model=self.model, num_microbatches=self.num_microbatches, state=self.state,
+                         model=model, num_microbatches=self.num_microbatches, state=self.state,
                          tensor_spec=self.tensor_spec, forward_only=forward_only,
                          **model_grad_sync(self.model, self.state))   # the Trainer owns the reduction
         return forward_step, counted
@@ -346,8 +355,18 @@ def check_job(job: JobConfig, world_size: int) -> None:
     tp, pp = job.parallel.tp, job.parallel.pp
     if world_size % (tp * pp):
         raise ConfigError(f"world size {world_size} is not divisible by tp * pp = {tp} * {pp}")
-    job.model.check_layout(tp, pp)
-    job.train.num_microbatches(world_size // (tp * pp))
+    job.model.check_layout(tp, pp, job.parallel.virtual_stages)
+    check_virtual_stages(job, job.train.num_microbatches(world_size // (tp * pp)))
+
+
+def check_virtual_stages(job: JobConfig, num_microbatches: int) -> None:
+    """Interleaved 1F1B (virtual_stages > 1) runs micro-batches in groups of pp: ConfigError when
+    the step's micro-batches per replica are not a multiple of pp."""
+    pp, virtual = job.parallel.pp, job.parallel.virtual_stages
+    if virtual > 1 and num_microbatches % pp:
+        raise ConfigError(f"ParallelConfig.virtual_stages = {virtual} (interleaved 1F1B) needs the "
+                          f"micro-batches per step, global_batch / (micro_batch * dp) = "
+                          f"{num_microbatches}, to be a multiple of pp = {pp}")
 
 
 MIN_TEXT_POSITIONS = 5

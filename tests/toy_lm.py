@@ -111,16 +111,20 @@ def stage_layers(num_layers: int, pp: int, stage_id: int) -> range:
 
 
 class ToyLMStage(nn.Module):
-    """The part of the toy LM that pipeline stage ``state.pp_rank`` runs."""
+    """The part of the toy LM that pipeline stage ``state.pp_rank`` runs, or with
+    ``virtual_stages`` V > 1 its model chunk ``chunk`` (virtual stage ``chunk * pp + pp_rank``)."""
 
-    def __init__(self, cfg: ToyLMConfig, state, ops):
+    def __init__(self, cfg: ToyLMConfig, state, ops, *, chunk: int = 0, virtual_stages: int = 1):
         super().__init__()
-        if cfg.layers < state.pp_size:
-            raise ValueError(f"{cfg.layers} layers cannot fill {state.pp_size} pipeline stages")
+        stages = state.pp_size * virtual_stages
+        if cfg.layers < stages:
+            raise ValueError(f"{cfg.layers} layers cannot fill {stages} (virtual) pipeline stages")
         self.cfg, self.state, self.ops = cfg, state, ops
+        self.pre_process = state.is_first_stage and chunk == 0
+        self.post_process = state.is_last_stage and chunk == virtual_stages - 1
         word = lambda: VocabParallelEmbedding(  # noqa: E731 - one init for both tied copies
             cfg.vocab_size, cfg.hidden, state, generator=init_generator(cfg.seed, "word_embedding"))
-        self.word = word() if state.is_first_stage else None
+        self.word = word() if self.pre_process else None
         if self.word is not None:
             mark_tied(self.word.weight)
             self.position = nn.Parameter(torch.empty(cfg.seq_len, cfg.hidden, device=state.device))
@@ -128,11 +132,11 @@ class ToyLMStage(nn.Module):
                 pos = torch.empty(cfg.seq_len, cfg.hidden)
                 normal_init()(pos, init_generator(cfg.seed, "position_embedding"))
                 self.position.copy_(pos)
-        self.blocks = nn.ModuleList(Block(cfg, state, ops, i)
-                                    for i in stage_layers(cfg.layers, state.pp_size, state.pp_rank))
-        if state.is_last_stage:
+        self.blocks = nn.ModuleList(Block(cfg, state, ops, i) for i in stage_layers(
+            cfg.layers, stages, chunk * state.pp_size + state.pp_rank))
+        if self.post_process:
             self.final_ln = LayerNorm(cfg.hidden, cfg.eps, ops, state.device)
-            self.head = self.word if state.is_first_stage else word()
+            self.head = self.word if self.pre_process else word()
             mark_tied(self.head.weight)
         broadcast_tied_weights(self, state)
 
@@ -142,7 +146,7 @@ class ToyLMStage(nn.Module):
             hidden = self.word(batch["tokens"]) + self.position
         for block in self.blocks:
             hidden = block(hidden, batch["prefix_len"], batch["valid_len"])
-        if not self.state.is_last_stage:
+        if not self.post_process:
             return hidden
         logits = self.head.logits(self.final_ln(hidden))                  # (B, S, V/t)
         return vocab_parallel_cross_entropy(logits, batch["labels"], self.state).mean()

@@ -49,11 +49,18 @@ from m6_engine.parallel.state import ParallelState
 from m6_engine.parallel.tied import mark_tied
 
 
-def stage_layer_range(num_layers: int, pp: int, stage_id: int) -> range:
-    """Global indices of the blocks of pipeline stage ``stage_id``; earlier stages take the remainder."""
-    if not 0 <= stage_id < pp or num_layers < pp:
-        raise ValueError(f"cannot place {num_layers} layers on stage {stage_id} of {pp}")
-    base, extra = divmod(num_layers, pp)
+def stage_layer_range(num_layers: int, pp: int, stage_id: int, virtual_stages: int = 1,
+                      chunk: int = 0) -> range:
+    """Global indices of the blocks of pipeline stage ``stage_id``, or with ``virtual_stages`` V > 1
+    of its model chunk ``chunk``: virtual stage ``chunk * pp + stage_id`` of ``V * pp``. Earlier
+    (virtual) stages take the remainder."""
+    stages = pp * virtual_stages
+    if not (0 <= stage_id < pp and 0 <= chunk < virtual_stages) or num_layers < stages:
+        where = f"stage {stage_id} of {pp}" + (
+            f", chunk {chunk} of {virtual_stages}" if virtual_stages > 1 else "")
+        raise ValueError(f"cannot place {num_layers} layers on {where}")
+    stage_id = chunk * pp + stage_id
+    base, extra = divmod(num_layers, stages)
     start = stage_id * base + min(stage_id, extra)
     return range(start, start + base + (1 if stage_id < extra else 0))
 
@@ -98,7 +105,9 @@ class M6Model(nn.Module):
     the vocabulary logits of every position. ``batch`` is a micro-batch of
     ``m6_engine.data.tasks.collate``; tensors may be on the CPU (they are moved to the device).
 
-    Arguments: ``pre_process`` / ``post_process`` (default: first / last stage) build the input
+    Arguments: ``chunk`` of ``virtual_stages`` (interleaved 1F1B: this module is virtual stage
+    ``chunk * pp + pp_rank``; :class:`StageChunks` holds a rank's chunks as one stage);
+    ``pre_process`` / ``post_process`` (default: first / last (virtual) stage) build the input
     embedding / final norm and head; ``seed`` drives every weight (same model for every layout);
     ``dtype`` of the weights (fp32, or fp16 / bf16 for O2 training); ``device`` (default
     ``state.device``; "meta" builds shapes only); ``recompute`` "none" | "selective" | "full";
@@ -109,19 +118,21 @@ class M6Model(nn.Module):
     def __init__(self, config: ModelConfig, state: ParallelState, *, pre_process: bool | None = None,
                  post_process: bool | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, recompute: str = "none",
-                 rng_tracker: RNGTracker | None = None):
+                 rng_tracker: RNGTracker | None = None, chunk: int = 0, virtual_stages: int = 1):
         super().__init__()
-        config.check_layout(state.tp_size, state.pp_size)
+        config.check_layout(state.tp_size, state.pp_size, virtual_stages)
         self.config, self.state = config, state
-        self.pre_process = state.is_first_stage if pre_process is None else pre_process
-        self.post_process = state.is_last_stage if post_process is None else post_process
+        first, last = chunk == 0, chunk == virtual_stages - 1
+        self.pre_process = state.is_first_stage and first if pre_process is None else pre_process
+        self.post_process = state.is_last_stage and last if post_process is None else post_process
         self.recompute = check_recompute(recompute)
         self.rng_tracker = rng_tracker
         device = torch.device(state.device if device is None else device)
         self.ops = m6_ops.select_ops(config.fused_kernels, config.attention_backend, device)
         m6_ops.log_attention_backend(config.attention_backend, self.ops.attention_backend, device)
         init = ParamInit(seed=seed, std=config.init_std, dtype=dtype, device=device)
-        self.layer_ids = stage_layer_range(config.num_layers, state.pp_size, state.pp_rank)
+        self.layer_ids = stage_layer_range(config.num_layers, state.pp_size, state.pp_rank,
+                                           virtual_stages, chunk)
 
         self.embedding = None
         if self.pre_process or self.post_process:
@@ -234,6 +245,58 @@ class M6Model(nn.Module):
         h = self.hidden_states(batch, input_tensor)
         rows = torch.arange(h.shape[0], device=h.device)
         return self.itm_head(self.final_ln(last_valid_states(h, batch.valid_len, rows)))
+
+
+class StageChunks(nn.Module):
+    """The V model chunks of one pipeline rank under interleaved 1F1B, seen as one stage.
+
+    The chunks' modules are registered here under the names a plain stage gives them
+    (``embedding``, ``layers.<global index>``, ``final_ln``, ``itm_head``), in the same order, and
+    the chunks themselves are not registered: parameter names do not depend on pp or V, so
+    DataParallel (one gradient buffer for the rank), the optimizer, ZeRO and checkpoints see one
+    ordinary stage, and a checkpoint reshards between V values and plain 1F1B with nothing to map.
+    ``chunks`` (the M6Model of each virtual stage, in chunk order) are what the schedule runs.
+    """
+
+    def __init__(self, chunks: list[M6Model]):
+        super().__init__()
+        if len(chunks) < 1:
+            raise ValueError("StageChunks needs at least one chunk")
+        self.chunks = tuple(chunks)
+
+        def only(name):
+            found = [getattr(c, name) for c in chunks if getattr(c, name) is not None]
+            if len(found) > 1:
+                raise ValueError(f"{len(found)} chunks of one rank hold a {name}: only virtual stage "
+                                 "0 and the last virtual stage do, and with pp >= 2 they are on "
+                                 "different ranks")
+            return found[0] if found else None
+
+        self.embedding = only("embedding")
+        self.layers = nn.ModuleDict({k: b for c in chunks for k, b in c.layers.items()})
+        self.final_ln = only("final_ln")
+        self.itm_head = only("itm_head")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for chunk in self.chunks:   # not registered: their own flags follow here
+            chunk.train(mode)
+        return self
+
+    def activation_spec(self, micro_batch: int, seq_length: int) -> TensorSpec:
+        return self.chunks[0].activation_spec(micro_batch, seq_length)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.chunks[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.chunks[0].device
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("StageChunks is not run as one module: the interleaved schedule runs "
+                           "its chunks (forward_backward(model=stage.chunks))")
 
 
 class ForwardStep:

@@ -2,7 +2,7 @@
 
 Build one :class:`ParallelState` with :func:`initialize` and pass it to what communicates:
 tensor-parallel layers (``layers``, ``mappings``, ``cross_entropy``), RNG streams and activation
-checkpointing (``random``), pipeline transfers and schedules (``p2p``, ``schedules``), tied
+checkpointing (``random``), pipeline transfers and schedules (``p2p``, ``schedules``, ``interleaved``), tied
 first/last-stage weights (``tied``), data-parallel gradient buckets (``data_parallel``) and who
 finishes a step's gradient reduction (``grad_sync``).
 """
@@ -16,6 +16,7 @@ from m6_engine.parallel.grad_sync import finalize_model_grads, model_grad_sync
 from m6_engine.parallel.init import InitMethod, init_generator, master_weight, normal_init
 from m6_engine.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from m6_engine.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from m6_engine.parallel.interleaved import forward_backward_interleaved, schedule_table
 from m6_engine.parallel.p2p import P2PShapeError, PipeChannel, TensorSpec
 from m6_engine.parallel.random import MODEL_PARALLEL_STREAM, RNGTracker, checkpoint, seed_parallel_rng
 from m6_engine.parallel.schedules import (
@@ -34,7 +35,7 @@ __all__ = [
     "StepResult", "TensorSpec", "VocabParallelEmbedding", "allreduce_tied_grads",
     "broadcast_tied_weights", "checkpoint", "copy_to_tp", "forward_backward",
     "finalize_model_grads", "forward_backward_1f1b", "forward_backward_gpipe",
-    "forward_backward_no_pipelining", "model_grad_sync",
+    "forward_backward_interleaved", "forward_backward_no_pipelining", "model_grad_sync", "schedule_table",
     "ShardedParameters", "data_parallel_options", "gather_from_tp", "grad_reduce_for",
     "init_generator", "initialize", "layer_units", "layout_grad_buffer", "mark_tied",
     "master_weight", "normal_init", "rank_layout", "reduce_from_tp", "scatter_to_tp",

@@ -87,11 +87,12 @@ class PipeChannel:
                     f"{_describe(self.spec.shape, self.spec.dtype)} from rank {peer}, which is "
                     f"sending {_describe(shape, dtype)}: the stages disagree on the TensorSpec")
 
-    def _post(self, sends: list[tuple[int, torch.Tensor]], recvs: dict[int, torch.Tensor]) -> None:
-        """Post sends and receives together, then wait for all of them."""
+    def _post(self, sends: list[tuple[int, torch.Tensor]], recvs) -> None:
+        """Post sends and receives ({peer: buffer} or [(peer, buffer)]) together, then wait for all."""
         group = self.state.group("pp")
         ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs.items()]
+        recvs = recvs.items() if isinstance(recvs, dict) else recvs
+        ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs]
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
@@ -126,6 +127,29 @@ class PipeChannel:
         from_prev = recvs.get(st.prev_stage_rank) if recv_prev else None
         from_next = recvs.get(st.next_stage_rank) if recv_next else None
         return from_prev, from_next
+
+    def transfer(self, sends: list[tuple[int, torch.Tensor, str]],
+                 recvs: list[tuple[int, str]]) -> list[torch.Tensor]:
+        """Post sends of (pp rank, tensor, what) and receives from (pp rank, what) together, to
+        and from any rank of the pp group (interleaved 1F1B's ring: the last rank sends to the
+        first); returns the received tensors in the order asked. Between one pair of ranks, the
+        sender's sends and the receiver's receives of one call must be listed in the same order."""
+        st, spec = self.state, self.spec
+        peer = lambda pp_rank: st.layout.rank_of(pp_rank, st.dp_rank, st.tp_rank)  # noqa: E731
+        outgoing = []
+        for pp_rank, tensor, what in sends:
+            self._check_outgoing(tensor, what)
+            outgoing.append((peer(pp_rank), tensor.contiguous()))
+        buffers = [(peer(pp_rank), torch.empty(spec.shape, dtype=spec.dtype, device=st.device))
+                   for pp_rank, _ in recvs]
+        if self.check_shapes:
+            metas = [(r, torch.empty(_MAX_DIMS + 2, dtype=torch.int64, device=st.device))
+                     for r, _ in buffers]
+            self._post([(r, _encode(t.shape, t.dtype, st.device)) for r, t in outgoing], metas)
+            for (r, meta), (_, what) in zip(metas, recvs):
+                self._check_metadata({r: meta}, {r: what})
+        self._post(outgoing, buffers)
+        return [t for _, t in buffers]
 
     # The four directions the schedules use; each is a no-op at the pipeline's ends.
     def recv_forward(self):

@@ -17,7 +17,9 @@ Every schedule has the same keyword-only signature (see :func:`forward_backward`
 Schedules. ``"1f1b"`` (non-interleaved): stage ``k`` of ``pp`` runs ``w = min(pp - k - 1, m)``
 warm-up forwards, then alternates one forward / one backward, then ``w`` cool-down backwards, so it
 holds at most ``min(pp - k, m)`` micro-batches of activations. ``"gpipe"``: all forwards, then all
-backwards (holds ``m``). With pp == 1 both are the plain accumulation loop. An activation sent
+backwards (holds ``m``). With pp == 1 both are the plain accumulation loop. Interleaved 1F1B
+(a list of V >= 2 model chunks per rank, ``parallel.interleaved``): the same 1F1B over V * pp
+virtual stages, bubble (pp - 1) / (V m) instead of (pp - 1) / m. An activation sent
 downstream has its storage released right after the send (only its autograd graph is kept):
 ``tensor.data`` becomes a one-element tensor expanded to the original shape, so the shape metadata
 that ``torch.autograd.backward`` checks the incoming gradient against is kept.
@@ -31,6 +33,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from m6_engine.parallel.interleaved import forward_backward_interleaved
 from m6_engine.parallel.p2p import PipeChannel, TensorSpec
 from m6_engine.parallel.state import ParallelState
 
@@ -110,22 +113,28 @@ def _release_storage(output: torch.Tensor) -> None:
 
 def _runner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
             finalize_grads, no_sync) -> "_StageRunner":
-    """A schedule's stage runner; a training step must say who reduces its gradients."""
+    """A schedule's stage runner; a training step must say who reduces its gradients. ``model`` is
+    one stage, or for interleaved 1F1B the list of this rank's chunks, with ``data_iterator`` then
+    one iterator per chunk."""
     if not forward_only and (finalize_grads is None or no_sync is None):
         raise ValueError("a training step needs finalize_grads and no_sync: who reduces the gradients "
                          "(**m6_engine.parallel.model_grad_sync(model, state) for a stage)")
-    return _StageRunner(forward_step, data_iterator, model, num_microbatches, state, forward_only, channel,
+    chunks = tuple(model) if isinstance(model, (list, tuple)) else (model,)
+    iterators = tuple(data_iterator) if isinstance(model, (list, tuple)) else (data_iterator,)
+    return _StageRunner(forward_step, iterators, chunks, num_microbatches, state, forward_only, channel,
                         finalize_grads or (lambda: None), no_sync or contextlib.nullcontext)
 
 
 @dataclass
 class _StageRunner:
-    """One stage's micro-batch steps: timing, loss scaling, gradient-sync control, and the queue
-    of micro-batches whose forward ran and whose backward has not (``pending``)."""
+    """One rank's micro-batch steps: timing, loss scaling, gradient-sync control, and per model
+    chunk the queue of micro-batches whose forward ran and whose backward has not (``pending``).
+    One chunk except under interleaved 1F1B; the loss is the last virtual stage's: the last
+    chunk of the last rank."""
 
     forward_step: object
-    data_iterator: object
-    model: torch.nn.Module
+    data_iterators: tuple
+    chunks: tuple
     num_microbatches: int
     state: ParallelState
     forward_only: bool
@@ -133,53 +142,58 @@ class _StageRunner:
     finalize_grads: Callable[[], None]       # the caller's gradient reduction (parallel.grad_sync)
     no_sync: Callable[[], ContextManager]
     clock: _Clock = field(init=False)
-    pending: deque = field(default_factory=deque)
+    pending: list = field(init=False)
     losses: list = field(default_factory=list)
     backwards_done: int = 0
     peak_live: int = 0
 
     def __post_init__(self):
+        self.pending = [deque() for _ in self.chunks]
         # The "total" span is opened here and closed in finish(): the whole call is measured.
         self.clock = _Clock(self.state.device)
         self.total_span = self.clock.span("total")
         self.total_span.__enter__()
 
+    def holds_loss(self, chunk: int) -> bool:
+        return self.state.is_last_stage and chunk == len(self.chunks) - 1
+
     def p2p(self, direction: str, *args):
         with self.clock.span("p2p"):
             return getattr(self.channel, direction)(*args)
 
-    def forward(self, input_tensor):
-        """Run forward_step on the next micro-batch and queue it for backward."""
+    def forward(self, input_tensor, chunk: int = 0):
+        """Run forward_step on the chunk's next micro-batch and queue it for backward."""
         if input_tensor is not None and not self.forward_only:
             input_tensor.requires_grad_()
         grad_mode = torch.no_grad() if self.forward_only else contextlib.nullcontext()
         with self.clock.span("forward"), grad_mode:
-            output = self.forward_step(self.data_iterator, self.model, input_tensor)
-        if self.state.is_last_stage:
+            output = self.forward_step(self.data_iterators[chunk], self.chunks[chunk], input_tensor)
+        if self.holds_loss(chunk):
             if output.dim() != 0:
                 raise ValueError(f"forward_step on the last stage must return the scalar "
                                  f"micro-batch loss, got shape {tuple(output.shape)}")
             self.losses.append(output.detach())
             output = output / self.num_microbatches
         if not self.forward_only:
-            self.pending.append((input_tensor, output))
-            self.peak_live = max(self.peak_live, len(self.pending))
+            self.pending[chunk].append((input_tensor, output))
+            self.peak_live = max(self.peak_live, sum(len(p) for p in self.pending))
         return output
 
-    def backward(self, output_grad):
-        """Backpropagate the oldest pending micro-batch (the last one of the step with data-parallel
-        sync enabled); returns the gradient of its input, None on the first stage."""
-        input_tensor, output = self.pending.popleft()
-        is_last = self.backwards_done == self.num_microbatches - 1
+    def backward(self, output_grad, chunk: int = 0):
+        """Backpropagate the chunk's oldest pending micro-batch (the step's last backward, over all
+        chunks, with data-parallel sync enabled); returns the gradient of its input, None on the
+        first stage."""
+        input_tensor, output = self.pending[chunk].popleft()
+        is_last = self.backwards_done == self.num_microbatches * len(self.chunks) - 1
         sync_mode = contextlib.nullcontext() if is_last else self.no_sync()
         with self.clock.span("backward"), sync_mode:
             torch.autograd.backward(output, grad_tensors=output_grad)
         self.backwards_done += 1
         return None if input_tensor is None else input_tensor.grad
 
-    def sent(self, output) -> None:
+    def sent(self, output, chunk: int = 0) -> None:
         """Called after ``output`` went downstream: keep only its graph."""
-        if not self.forward_only and not self.state.is_last_stage:
+        if not self.forward_only and not self.holds_loss(chunk):
             _release_storage(output)
 
     def receive_forward_send(self) -> None:
@@ -226,7 +240,7 @@ def forward_backward_gpipe(*, forward_step, data_iterator, model, num_microbatch
                   PipeChannel(state, tensor_spec, check_shapes), finalize_grads, no_sync)
     for _ in range(num_microbatches):
         run.receive_forward_send()
-    while run.pending:
+    while run.pending[0]:
         run.receive_backward_send()
     return run.finish()
 
@@ -257,7 +271,7 @@ def forward_backward_1f1b(*, forward_step, data_iterator, model, num_microbatche
             run.p2p("send_backward", input_grad)
         else:
             input_tensor = run.p2p("send_backward_recv_forward", input_grad)
-    while run.pending:
+    while run.pending[0]:
         run.receive_backward_send()
     return run.finish()
 
@@ -272,6 +286,10 @@ def forward_backward(schedule: str, *, forward_step, data_iterator, model, num_m
                      no_sync: Callable[[], ContextManager] | None = None) -> StepResult:
     """Run one step's micro-batches with ``schedule`` ("1f1b" or "gpipe"); see the module doc.
 
+    ``model`` is this rank's stage, or a list of its V model chunks: with V >= 2 that runs the
+    interleaved 1F1B schedule (``parallel.interleaved``; schedule "1f1b", pp >= 2, num_microbatches
+    a multiple of pp), with V == 1 the list's one stage as usual.
+
     ``tensor_spec`` (shape and dtype of the activation between stages) is required when pp > 1;
     ``check_shapes`` exchanges shape metadata before every transfer (debugging). A training step
     (not ``forward_only``) needs ``finalize_grads`` and ``no_sync`` (``parallel.grad_sync``; for a
@@ -284,7 +302,17 @@ def forward_backward(schedule: str, *, forward_step, data_iterator, model, num_m
     if state.pp_size > 1 and tensor_spec is None:
         raise ValueError("tensor_spec (the activation shape and dtype between stages) is required "
                          f"when pp = {state.pp_size} > 1")
-    run = forward_backward_no_pipelining if state.pp_size == 1 else SCHEDULES[schedule]
+    if isinstance(model, (list, tuple)):   # this rank's model chunks: interleaved 1F1B
+        if schedule != "1f1b":
+            raise ValueError(f"a list of model chunks runs the interleaved 1F1B schedule; schedule "
+                             f"{schedule!r} takes one stage per rank")
+        if len(model) > 1:
+            run = forward_backward_interleaved
+        else:
+            model = model[0]
+            run = forward_backward_no_pipelining if state.pp_size == 1 else SCHEDULES[schedule]
+    else:
+        run = forward_backward_no_pipelining if state.pp_size == 1 else SCHEDULES[schedule]
     return run(forward_step=forward_step, data_iterator=data_iterator, model=model,
                num_microbatches=num_microbatches, state=state, tensor_spec=tensor_spec,
                forward_only=forward_only, check_shapes=check_shapes, finalize_grads=finalize_grads,

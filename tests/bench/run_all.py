@@ -17,6 +17,7 @@ BENCHMARKS = (
     ("tests.bench.bench_tokenizer", {}),
     ("tests.bench.bench_preprocess", {}),
     ("tests.bench.bench_pipeline", {}),
+    ("tests.bench.bench_interleaved", {}),
     ("tests.bench.bench_optim", {"device": "cpu"}),
     ("tests.bench.bench_zero", {}),
     ("tests.bench.bench_decode", {}),
