@@ -5,7 +5,7 @@ Used by :class:`~m6_engine.parallel.data_parallel.DataParallel` with ``param_uni
 every module inside a ``ModuleList`` / ``ModuleDict`` of the stage, :func:`layer_units`). Its
 buffer then has one bucket per layer plus one *root* bucket for the parameters outside the layers
 (embedding, final norm, head: in use at both ends of the stage's forward, so gathered from the
-stage's forward until their gradients are in). Between uses a bucket exists only as this rank's
+stage's first forward of a step until the step ends). Between uses a bucket exists only as this rank's
 shard, in ``shards`` (the optimizer's fp32 masters are written there and nowhere else).
 
 Gathered storage: each bucket has one full-size tensor, ``full[k]``, whose parameters are views
@@ -107,8 +107,11 @@ class ShardedParameters:
             self._hooks.append(unit.register_forward_hook(
                 lambda module, args, output, position=position: self._after_forward(position, output)))
         if self.root_bucket is not None:
-            self._hooks.append(model.module.register_forward_pre_hook(
-                lambda module, args: self.gather(self.root_bucket)))
+            # Interleaved 1F1B runs a StageChunks' chunks, never its own forward: each chunk's
+            # forward gathers the root (a no-op once gathered).
+            for entry in getattr(model.module, "chunks", (model.module,)):
+                self._hooks.append(entry.register_forward_pre_hook(
+                    lambda module, args: self.gather(self.root_bucket)))
 
     # ----- storage ---------------------------------------------------------------------------
 
@@ -197,6 +200,12 @@ class ShardedParameters:
     def grad_arrived(self, index: int, param: nn.Parameter) -> None:
         """DataParallel: ``param`` of bucket ``index`` has its gradient of this backward; once all
         have, the bucket's parameters are freed (its backward no longer needs them)."""
+        if index == self.root_bucket:
+            # The root stays gathered until the step ends (after_step): a micro-batch still in
+            # flight (1F1B warm-up, interleaved chunks) may need the head or a tied weight in its
+            # backward after an earlier micro-batch's gradients are all in; and every forward
+            # gathers it again anyway, so freeing it in between would not lower the peak.
+            return
         arrived = self._arrived[index]
         arrived.add(id(param))
         if len(arrived) == len(self.model.buckets[index].params):
