@@ -26,7 +26,7 @@ from m6_engine.parallel.interleaved import (
     ACTIVATION, BACKWARD, FORWARD, GRADIENT, rank_order, schedule_table, warmup_forwards,
 )
 from tests.distributed import run_ranks
-from tests.training_job import Run, build_corpus, run_jobs, small_job
+from tests.training_job import Run, build_corpus, launch, max_rel, small_job
 
 SHAPES = [(2, 2, 2), (2, 2, 4), (2, 3, 6), (3, 2, 3), (3, 2, 9), (4, 2, 4), (4, 2, 8), (4, 3, 12),
           (4, 4, 8), (8, 2, 16)]
@@ -304,21 +304,6 @@ def _job(corpus, *, tp=1, pp=1, v=1, layers=4, save="", save_interval=0, load=""
     return job_config_from_dict(job.to_dict(), {"parallel.virtual_stages": str(v)})
 
 
-def _max_rel(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
-
-
-def _launch(world: int, runs: dict, timeout_s: float = 400.0) -> dict:
-    results = run_ranks(run_jobs, world, list(runs.values()), timeout_s=timeout_s)
-    merged = {}
-    for i, name in enumerate(runs):
-        logged = [r[i] for r in results if r[i] is not None]
-        assert len(logged) == 1, f"{name}: {len(logged)} ranks logged"
-        merged[name] = logged[0]
-    return merged
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return build_corpus(tmp_path_factory.mktemp("corpus"))
@@ -328,7 +313,7 @@ def corpus(tmp_path_factory):
 def one_process(corpus, tmp_path_factory):
     save = tmp_path_factory.mktemp("ckpt_111")
     runs = {"(1,1,1)": Run(_job(corpus, save=str(save), save_interval=SAVE_AT, evaluate=True))}
-    return _launch(1, runs) | {"save": save}
+    return launch(1, runs, timeout_s=400.0) | {"save": save}
 
 
 @pytest.fixture(scope="module")
@@ -340,26 +325,26 @@ def pp2_v2(corpus, one_process, tmp_path_factory):
         "pp2 V2 -> pp2 V1": Run(_job(corpus, pp=2, v=1, load=str(save / step))),
         "(1,1,1) -> pp2 V2": Run(_job(corpus, pp=2, v=2, load=str(one_process["save"] / step))),
     }
-    return _launch(2, runs) | {"save": save}
+    return launch(2, runs, timeout_s=400.0) | {"save": save}
 
 
 @pytest.fixture(scope="module")
 def resumed_in_one_process(corpus, pp2_v2):
     runs = {"pp2 V2 -> (1,1,1)": Run(_job(corpus, load=str(pp2_v2["save"] / f"step_{SAVE_AT:06d}")))}
-    return _launch(1, runs)
+    return launch(1, runs, timeout_s=400.0)
 
 
 def test_pp2_v2_matches_one_process(pp2_v2, one_process, record_property):
     ours, reference = pp2_v2["pp2 V2"], one_process["(1,1,1)"]
     assert sorted(reference["losses"]) == list(range(1, STEPS + 1))
-    rel = _max_rel(ours["losses"], reference["losses"])
+    rel = max_rel(ours["losses"], reference["losses"])
     record_property("max_rel_loss_diff", rel)
     print(f"pp 2 V 2: max relative loss difference to (1,1,1) over {STEPS} steps: {rel:.2e}")
     assert rel <= 1e-5, (ours["losses"], reference["losses"])
     assert reference["losses"][STEPS] < reference["losses"][1]
     # The held-out evaluation runs the forward-only interleaved path.
     assert ours["eval"].keys() == reference["eval"].keys()
-    assert _max_rel(ours["eval"], reference["eval"]) <= 1e-5
+    assert max_rel(ours["eval"], reference["eval"]) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["pp2 V2 -> pp2 V1", "(1,1,1) -> pp2 V2", "pp2 V2 -> (1,1,1)"])
@@ -368,7 +353,7 @@ def test_checkpoints_reshard_between_virtual_stages(name, pp2_v2, one_process, r
     resumed = (resumed_in_one_process if name.endswith("(1,1,1)") else pp2_v2)[name]["losses"]
     source = (one_process["(1,1,1)"] if name.startswith("(1,1,1)") else pp2_v2["pp2 V2"])["losses"]
     expected = {step: source[step] for step in range(SAVE_AT + 1, STEPS + 1)}
-    rel = _max_rel(resumed, expected)
+    rel = max_rel(resumed, expected)
     record_property("max_rel_loss_diff", rel)
     print(f"{name} from step {SAVE_AT}: max relative loss difference: {rel:.2e}")
     assert rel <= 1e-5, (resumed, expected)
@@ -376,19 +361,19 @@ def test_checkpoints_reshard_between_virtual_stages(name, pp2_v2, one_process, r
 
 @pytest.fixture(scope="module")
 def four_ranks(corpus):
-    return _launch(4, {"pp4 V2": Run(_job(corpus, pp=4, v=2, layers=8)),
+    return launch(4, {"pp4 V2": Run(_job(corpus, pp=4, v=2, layers=8)),
                        "pp2 V2 dp2": Run(_job(corpus, pp=2, v=2)),
                        "tp2 pp2 V2": Run(_job(corpus, tp=2, pp=2, v=2))}, timeout_s=900)
 
 
 @pytest.fixture(scope="module")
 def one_process_8_layers(corpus):
-    return _launch(1, {"(1,1,1) 8 layers": Run(_job(corpus, layers=8))})
+    return launch(1, {"(1,1,1) 8 layers": Run(_job(corpus, layers=8))}, timeout_s=400.0)
 
 
 @pytest.mark.slow
 def test_pp4_v2_matches_one_process(four_ranks, one_process_8_layers, record_property):
-    rel = _max_rel(four_ranks["pp4 V2"]["losses"], one_process_8_layers["(1,1,1) 8 layers"]["losses"])
+    rel = max_rel(four_ranks["pp4 V2"]["losses"], one_process_8_layers["(1,1,1) 8 layers"]["losses"])
     record_property("max_rel_loss_diff", rel)
     print(f"pp 4 V 2 (8 layers): max relative loss difference to (1,1,1) over {STEPS} steps: {rel:.2e}")
     assert rel <= 1e-5
@@ -397,7 +382,7 @@ def test_pp4_v2_matches_one_process(four_ranks, one_process_8_layers, record_pro
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["pp2 V2 dp2", "tp2 pp2 V2"])
 def test_pp2_v2_with_dp_or_tp_matches_one_process(name, four_ranks, one_process, record_property):
-    rel = _max_rel(four_ranks[name]["losses"], one_process["(1,1,1)"]["losses"])
+    rel = max_rel(four_ranks[name]["losses"], one_process["(1,1,1)"]["losses"])
     record_property("max_rel_loss_diff", rel)
     print(f"{name}: max relative loss difference to (1,1,1) over {STEPS} steps: {rel:.2e}")
     assert rel <= 1e-5
@@ -405,7 +390,7 @@ def test_pp2_v2_with_dp_or_tp_matches_one_process(name, four_ranks, one_process,
 
 @pytest.fixture(scope="module")
 def zero_with_chunks(corpus):
-    return _launch(4, {f"pp2 V2 dp2 ZeRO-{z}": Run(_job(corpus, pp=2, v=2, zero_stage=z)) for z in (2, 3)},
+    return launch(4, {f"pp2 V2 dp2 ZeRO-{z}": Run(_job(corpus, pp=2, v=2, zero_stage=z)) for z in (2, 3)},
                    timeout_s=600)
 
 
@@ -414,7 +399,7 @@ def test_pp2_v2_with_zero_matches_one_process(zero_stage, zero_with_chunks, one_
     # ZeRO-3 with chunks: the root bucket (embedding, head) is gathered by each chunk's forward
     # (the schedule never calls StageChunks.forward) and stays gathered until the step ends.
     name = f"pp2 V2 dp2 ZeRO-{zero_stage}"
-    rel = _max_rel(zero_with_chunks[name]["losses"], one_process["(1,1,1)"]["losses"])
+    rel = max_rel(zero_with_chunks[name]["losses"], one_process["(1,1,1)"]["losses"])
     record_property("max_rel_loss_diff", rel)
     print(f"{name}: max relative loss difference to (1,1,1) over {STEPS} steps: {rel:.2e}")
     assert rel <= 1e-5

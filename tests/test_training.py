@@ -31,7 +31,7 @@ import pytest
 
 from m6_engine.config import ConfigError
 from tests.distributed import free_port, run_ranks
-from tests.training_job import STEPS, Run, build_corpus, fault_job, run_jobs, small_job
+from tests.training_job import STEPS, Run, build_corpus, fault_job, launch, max_rel, small_job
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = [(2, 2, 1), (1, 2, 2), (2, 1, 2)]
@@ -42,23 +42,6 @@ def _name(tp, pp, dp):
     return f"({tp},{pp},{dp})"
 
 
-def _merge(rank_results: list, names: list) -> dict:
-    """Per run name, the logging rank's result (exactly one rank logs)."""
-    merged = {}
-    for i, name in enumerate(names):
-        logged = [r[i] for r in rank_results if r[i] is not None]
-        assert len(logged) == 1, f"{name}: {len(logged)} ranks logged"
-        merged[name] = logged[0]
-    return merged
-
-
-def _launch(world: int, runs: dict, timeout_s: float = 300.0) -> dict:
-    return _merge(run_ranks(run_jobs, world, list(runs.values()), timeout_s=timeout_s), list(runs))
-
-
-def _max_rel(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +59,7 @@ def four_ranks(corpus, tmp_path_factory):
             "(2,1,2)": Run(small_job(corpus, tp=2, pp=1, evaluate=True))}
     runs["reshard (1,2,2)"] = Run(small_job(corpus, pp=2, train={"load": str(save / "step_000003")}),
                                   stop_after=RESHARD_STOP)
-    return _launch(4, runs) | {"save": save}
+    return launch(4, runs) | {"save": save}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +75,7 @@ def one_rank(corpus, four_ranks):
         "fp16": Run(small_job(corpus, model=o2_model, train=o2_train,
                               optimizer={"precision": "fp16", "initial_loss_scale": 2.0 ** 40})),
     }
-    return _launch(1, runs)
+    return launch(1, runs)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +93,7 @@ def two_ranks(corpus, tmp_path_factory):
         "first 3 steps": Run(fault_job(corpus, save_dir=str(split), save_interval=3), stop_after=3),
         "resumed": Run(fault_job(corpus, save_dir=str(split), save_interval=3, load="auto")),
     }
-    return _launch(2, runs)
+    return launch(2, runs)
 
 
 # ---- parity -------------------------------------------------------------------------------------
@@ -119,18 +102,18 @@ def two_ranks(corpus, tmp_path_factory):
 def test_layout_parity_of_training_steps(layout, four_ranks, one_rank, record_property):
     ours, reference = four_ranks[_name(*layout)], one_rank["(1,1,1)"]
     assert sorted(reference["losses"]) == list(range(1, STEPS + 1))
-    rel = _max_rel(ours["losses"], reference["losses"])
+    rel = max_rel(ours["losses"], reference["losses"])
     record_property("max_rel_loss_diff", rel)
     print(f"{_name(*layout)}: max relative loss difference to (1,1,1) over {STEPS} steps: {rel:.2e}")
     assert rel <= 1e-5, (ours["losses"], reference["losses"])
     assert reference["losses"][STEPS] < reference["losses"][1]     # it trains
     assert ours["eval"].keys() == reference["eval"].keys() and "loss/image_to_text" in ours["eval"]
-    assert _max_rel(ours["eval"], reference["eval"]) <= 1e-5
+    assert max_rel(ours["eval"], reference["eval"]) <= 1e-5
 
 
 def test_zero1_matches_unsharded(two_ranks, record_property):
     plain, sharded = two_ranks["(1,1,2)"], two_ranks["(1,1,2) zero"]
-    rel = _max_rel(sharded["losses"], plain["losses"])
+    rel = max_rel(sharded["losses"], plain["losses"])
     record_property("max_rel_loss_diff", rel)
     print(f"ZeRO-1 at (1,1,2): max relative loss difference to unsharded: {rel:.2e}")
     assert len(plain["losses"]) == 5 and rel <= 1e-6
@@ -149,7 +132,7 @@ def test_zero2_and_zero3_trainers_match_unsharded(two_ranks, stage):
     # The Trainer wraps the stage for zero_stage (parallel.data_parallel_options): M6's layers are
     # the ZeRO-3 units; with full recomputation a layer is gathered again for its recomputed forward.
     plain, sharded = two_ranks["(1,1,2)"], two_ranks[f"(1,1,2) zero{stage}"]
-    rel = _max_rel(sharded["losses"], plain["losses"])
+    rel = max_rel(sharded["losses"], plain["losses"])
     print(f"ZeRO-{stage} at (1,1,2): max relative loss difference to unsharded: {rel:.2e}")
     assert len(sharded["losses"]) == 5 and rel <= 1e-5
 
@@ -175,7 +158,7 @@ def test_resharded_resume_continues_the_run(target, four_ranks, one_rank, record
     resumed = (one_rank if target == "(1,1,1)" else four_ranks)[f"reshard {target}"]["losses"]
     source = four_ranks[_name(2, 2, 1)]["losses"]
     expected = {step: source[step] for step in range(RESHARD_FROM + 1, RESHARD_STOP + 1)}
-    rel = _max_rel(resumed, expected)
+    rel = max_rel(resumed, expected)
     record_property("max_rel_loss_diff", rel)
     print(f"(2,2,1) step {RESHARD_FROM} -> {target}: max relative loss difference over steps "
           f"{RESHARD_FROM + 1}..{RESHARD_STOP}: {rel:.2e}")

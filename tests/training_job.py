@@ -158,6 +158,26 @@ def run_jobs(runs: list[Run]) -> list[dict | None]:
     return results
 
 
+def launch(world: int, runs: dict, timeout_s: float = 300.0) -> dict:
+    """Run the named ``runs`` (name -> :class:`Run`) with :func:`run_jobs` on ``world`` ranks;
+    per name, the logging rank's result (exactly one rank logs)."""
+    from tests.distributed import run_ranks
+
+    results = run_ranks(run_jobs, world, list(runs.values()), timeout_s=timeout_s)
+    merged = {}
+    for i, name in enumerate(runs):
+        logged = [r[i] for r in results if r[i] is not None]
+        assert len(logged) == 1, f"{name}: {len(logged)} ranks logged"
+        merged[name] = logged[0]
+    return merged
+
+
+def max_rel(a: dict, b: dict) -> float:
+    """The largest relative difference of ``a`` to ``b`` over their (equal) keys, e.g. losses by step."""
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
+
+
 def _kill_rank_after(step: int, rank: int):
     def callback(trainer):
         if trainer.step == step and trainer.state.rank == rank:

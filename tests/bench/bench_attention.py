@@ -26,7 +26,6 @@ one process; the figure is unfused / fused step time.
 ``--quick``: small sizes, a check of the plumbing only.
 """
 
-import argparse
 import contextlib
 import os
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 import m6_engine.ops as ops
 from m6_engine.ops.reference import prefix_lm_mask
-from tests.bench.common import print_table, time_fns, write_json
+from tests.bench.common import print_table, time_fns, write_json, quick_main
 from tests.distributed import run_ranks
 
 CONTENDERS = ("fused", "unfused", "sdpa_mask", "sdpa_causal")
@@ -259,11 +258,7 @@ def run(out_dir: str = "bench-results", quick: bool = False) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench-results", help="folder for bench_attention.json")
-    parser.add_argument("--quick", action="store_true", help="small sizes: checks the plumbing only")
-    args = parser.parse_args(argv)
-    run(args.out, args.quick)
+    quick_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

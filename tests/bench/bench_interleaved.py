@@ -21,14 +21,13 @@ Usage: ``python -m tests.bench.bench_interleaved --out DIR`` (writes
 ``run(out_dir)`` from another script.
 """
 
-import argparse
 import os
 import statistics
 import time
 
 import torch
 
-from tests.bench.common import print_table, write_json
+from tests.bench.common import print_table, write_json, quick_main
 from tests.distributed import init_state, run_ranks
 from tests.toy_lm import ToyLMConfig, ToyLMStage, forward_step, microbatches, ops_for_tests
 
@@ -112,11 +111,7 @@ def run(out_dir: str = "bench-results", quick: bool = False) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench-results", help="folder for bench_interleaved.json")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, pp = 2: checks the plumbing only")
-    args = parser.parse_args(argv)
-    run(args.out, args.quick)
+    quick_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

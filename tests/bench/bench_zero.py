@@ -24,11 +24,10 @@ Usage: ``python -m tests.bench.bench_zero --out DIR`` (writes ``DIR/bench_zero.j
 ``run(out_dir)`` from another script; ``quick=True`` is a seconds-long version for tests.
 """
 
-import argparse
 import statistics
 import time
 
-from tests.bench.common import print_table, write_json
+from tests.bench.common import print_table, write_json, quick_main
 from tests.distributed import init_state, run_ranks
 from tests.toy_lm import ToyLMConfig
 
@@ -148,11 +147,7 @@ def run(out_dir: str = "bench-results", quick: bool = False) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench-results", help="folder for bench_zero.json")
-    parser.add_argument("--quick", action="store_true", help="the seconds-long version")
-    args = parser.parse_args(argv)
-    run(args.out, args.quick)
+    quick_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -128,3 +128,13 @@ def out_dir_main(run, description: str, argv=None) -> dict:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default="bench-results", help="folder for the JSON result")
     return run(parser.parse_args(argv).out)
+
+
+def quick_main(run, description: str, argv=None) -> dict:
+    """Command line of a benchmark whose ``run`` takes the output folder and ``quick``:
+    ``--out DIR`` and ``--quick`` (small sizes that check the plumbing, as its quick test runs)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON result")
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks the plumbing only")
+    args = parser.parse_args(argv)
+    return run(args.out, args.quick)
