@@ -108,10 +108,12 @@ class Trainer:
         job.model.check_layout(state.tp_size, state.pp_size, virtual)
         self.num_microbatches = train.num_microbatches(state.dp_size)
         check_virtual_stages(job, self.num_microbatches)
+        check_sequence_parallel(job)
         self.tracker = seed_parallel_rng(train.seed, state)
         chunks = [M6Model(job.model, state, seed=train.seed, dtype=opt.param_dtype,
                           recompute=train.recompute, rng_tracker=self.tracker, chunk=c,
-                          virtual_stages=virtual) for c in range(virtual)]
+                          virtual_stages=virtual, sequence_parallel=job.parallel.sequence_parallel)
+                  for c in range(virtual)]
         # Interleaved 1F1B: the rank's chunks as one stage (one gradient buffer, optimizer and
         # checkpoint names of a plain stage); the schedule runs the chunks.
         stage = chunks[0] if virtual == 1 else StageChunks(chunks)
@@ -357,6 +359,18 @@ def check_job(job: JobConfig, world_size: int) -> None:
         raise ConfigError(f"world size {world_size} is not divisible by tp * pp = {tp} * {pp}")
     job.model.check_layout(tp, pp, job.parallel.virtual_stages)
     check_virtual_stages(job, job.train.num_microbatches(world_size // (tp * pp)))
+    check_sequence_parallel(job)
+
+
+def check_sequence_parallel(job: JobConfig) -> None:
+    """Sequence parallelism splits every sample's num_patches + max_text_positions positions over
+    tp: ConfigError when they do not split evenly."""
+    tp, model = job.parallel.tp, job.model
+    seq_length = model.num_patches + model.max_text_positions
+    if job.parallel.sequence_parallel and tp > 1 and seq_length % tp:
+        raise ConfigError(f"ParallelConfig.sequence_parallel splits the sequence over tp = {tp} ranks: "
+                          f"model.num_patches + model.max_text_positions = {model.num_patches} + "
+                          f"{model.max_text_positions} = {seq_length} is not divisible by {tp}")
 
 
 def check_virtual_stages(job: JobConfig, num_microbatches: int) -> None:

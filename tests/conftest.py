@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import m6_engine.ops as ops
 
@@ -28,6 +29,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind(request):
+    """Fail the test that leaves a default process group in the pytest process.
+
+    A group left by one test changes what later ones see (``initialize`` then reuses it instead
+    of reading RANK / WORLD_SIZE), so the failure would show up in some unrelated test, by order.
+    Tests that need groups run their ranks in child processes (tests/distributed.py).
+    """
+    was = dist.is_initialized()
+    yield
+    if dist.is_initialized() and not was:
+        dist.destroy_process_group()
+        pytest.fail(f"{request.node.nodeid} left a default process group in the pytest process; "
+                    "run its ranks through tests.distributed.run_ranks")
 
 
 # Test ids of a device parameter; "cuda" carries the marker above.

@@ -181,15 +181,20 @@ def _ranks_chunk_names(layers):
     return {n: tuple(p.shape) for n, p in chunks.named_parameters()}
 
 
-def test_parameter_names_do_not_depend_on_pp_or_v():
+def _whole_model_names(layers):
+    """Names and shapes of the one-process model (its own rank: no group in the pytest process)."""
     from m6_engine.config import ModelConfig
     from m6_engine.model import M6Model
-    from m6_engine.parallel import initialize
+    from tests.distributed import init_state
 
-    ranks = run_ranks(_ranks_chunk_names, 2, 4)
-    config = ModelConfig(num_layers=4, hidden_size=32, num_heads=2, vocab_size=64,
+    config = ModelConfig(num_layers=layers, hidden_size=32, num_heads=2, vocab_size=64,
                          max_text_positions=16, num_patches=2, patch_feature_dim=8)
-    whole = {n: tuple(p.shape) for n, p in M6Model(config, initialize(1, 1, backend="gloo")).named_parameters()}
+    return {n: tuple(p.shape) for n, p in M6Model(config, init_state()).named_parameters()}
+
+
+def test_parameter_names_do_not_depend_on_pp_or_v():
+    ranks = run_ranks(_ranks_chunk_names, 2, 4)
+    (whole,) = run_ranks(_whole_model_names, 1, 4, torchrun_env=False)
     assert {n for r in ranks for n in r} == set(whole)
     assert all(whole[n] == s for r in ranks for n, s in r.items())
     assert sorted({n.split(".")[1] for n in ranks[0] if n.startswith("layers.")}) == ["0", "2"]

@@ -8,6 +8,9 @@ With t = tp size, H heads of size hd = d / H, rank r holds heads [r H/t, (r+1) H
     ctx  = p v                                (B, H/t, Sq, hd) -> (B, Sq, d / t)
     out  = RowParallel(ctx)                   (B, Sq, d), all-reduced over tp
 
+With sequence parallelism x and out hold this rank's S/t positions: QKV all-gathers x, the
+output layer reduce-scatters (``parallel.layers``); the core sees the whole sequence.
+
 The three middle lines are the "unfused" attention backend (ModelConfig.attention_backend), kept as
 the reference; "fused" (the default where it exists) computes them in one op that keeps nothing of
 size Sq x Sk (``m6_engine.ops.prefix_lm_attention``, dropout inside it from the same stream), and
@@ -71,7 +74,7 @@ class SelfAttention(nn.Module):
     """Column-parallel QKV, the attention core of the model's backend, row-parallel output."""
 
     def __init__(self, config: ModelConfig, state: ParallelState, init: ParamInit, ops,
-                 prefix: str, rng_tracker: RNGTracker | None):
+                 prefix: str, rng_tracker: RNGTracker | None, *, sequence_parallel: bool = False):
         super().__init__()
         self.heads_per_rank = config.num_heads // state.tp_size
         self.head_dim = config.head_dim
@@ -81,14 +84,18 @@ class SelfAttention(nn.Module):
         self.tp_size = state.tp_size
         d = config.hidden_size
         self.qkv = ColumnParallelLinear(d, 3 * d, state, generator=init.generator(f"{prefix}qkv.weight"),
-                                        init_method=init.init_method, dtype=init.dtype, device=init.device)
+                                        init_method=init.init_method, dtype=init.dtype, device=init.device,
+                                        sequence_parallel=sequence_parallel)
         self.out = RowParallelLinear(d, d, state, generator=init.generator(f"{prefix}out.weight"),
-                                     init_method=init.init_method, dtype=init.dtype, device=init.device)
+                                     init_method=init.init_method, dtype=init.dtype, device=init.device,
+                                     sequence_parallel=sequence_parallel)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, S, d) -> q, k, v, each (B, H/t, S, hd) for this rank's heads."""
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.heads_per_rank, 3, self.head_dim)
+        """x (B, S, d) -> q, k, v, each (B, H/t, S, hd) for this rank's heads (with sequence
+        parallelism x holds S/t positions; the QKV layer gathers all S)."""
+        qkv = self.qkv(x)
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.heads_per_rank, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))
         return q, k, v
 

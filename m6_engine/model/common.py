@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m6_engine.parallel.init import InitMethod, init_generator, master_weight, normal_init
+from m6_engine.parallel.random import RNGTracker
 
 
 def _leave_uninitialised(weight: torch.Tensor, generator: torch.Generator) -> None:
@@ -47,6 +48,23 @@ class ParamInit:
     def constant(self, shape: tuple[int, ...], value: float) -> nn.Parameter:
         """A replicated parameter filled with ``value`` (LayerNorm gains and biases)."""
         return nn.Parameter(torch.full(shape, value, dtype=self.dtype, device=self.device))
+
+
+def sequence_dropout(x: torch.Tensor, p: float, training: bool, rng_tracker: RNGTracker | None,
+                     sequence_parallel: bool) -> torch.Tensor:
+    """Dropout of an activation that is replicated over tp, or with sequence parallelism holds this
+    tp rank's positions only: then each rank must draw its own mask, from the model-parallel
+    stream (seeded per tp rank), as Megatron does; the replicated case uses the default stream,
+    identical on every tp rank, so every rank drops the same elements."""
+    if not (training and p > 0):
+        return x
+    if not sequence_parallel:
+        return F.dropout(x, p, True)
+    if rng_tracker is None:
+        raise RuntimeError("dropout under sequence parallelism needs the model-parallel RNG stream: "
+                           "build M6Model with rng_tracker=seed_parallel_rng(seed, state)")
+    with rng_tracker.fork():
+        return F.dropout(x, p, True)
 
 
 class LayerNorm(nn.Module):

@@ -25,6 +25,11 @@ hidden state at ``valid_len - 1``, and the micro-batch's loss becomes
 
 (either term 0 when the micro-batch has none of its samples: the schedule averages this over
 micro-batches and DataParallel over dp, as for the decoding loss alone).
+
+With ``sequence_parallel`` (tp > 1) the hidden state between blocks and between stages holds this
+tp rank's S/t positions (``m6_engine.model.block``); the last stage all-gathers it before the final
+LayerNorm, whose consumers (the vocab-parallel head, the matching head) give every tp rank the
+whole gradient, so the gather's backward keeps this rank's positions.
 """
 
 import dataclasses
@@ -42,7 +47,7 @@ from m6_engine.model.common import LayerNorm, ParamInit
 from m6_engine.model.embeddings import M6Embeddings
 from m6_engine.model.heads import MatchingHead, last_valid_states, matching_loss
 from m6_engine.parallel.cross_entropy import vocab_parallel_cross_entropy
-from m6_engine.parallel.mappings import gather_from_tp
+from m6_engine.parallel.mappings import gather_from_sequence, gather_from_tp, sequence_chunk
 from m6_engine.parallel.p2p import TensorSpec
 from m6_engine.parallel.random import RNGTracker
 from m6_engine.parallel.state import ParallelState
@@ -112,13 +117,16 @@ class M6Model(nn.Module):
     ``dtype`` of the weights (fp32, or fp16 / bf16 for O2 training); ``device`` (default
     ``state.device``; "meta" builds shapes only); ``recompute`` "none" | "selective" | "full";
     ``rng_tracker`` (``parallel.seed_parallel_rng``) holds the model-parallel dropout stream,
-    required when training with attention dropout and tp > 1.
+    required when training with attention dropout and tp > 1 (any dropout with sequence
+    parallelism); ``sequence_parallel`` (a no-op at tp = 1; training only, not KV-cache decoding)
+    shards the hidden state along the sequence over tp (module docstring).
     """
 
     def __init__(self, config: ModelConfig, state: ParallelState, *, pre_process: bool | None = None,
                  post_process: bool | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, recompute: str = "none",
-                 rng_tracker: RNGTracker | None = None, chunk: int = 0, virtual_stages: int = 1):
+                 rng_tracker: RNGTracker | None = None, chunk: int = 0, virtual_stages: int = 1,
+                 sequence_parallel: bool = False):
         super().__init__()
         config.check_layout(state.tp_size, state.pp_size, virtual_stages)
         self.config, self.state = config, state
@@ -127,6 +135,7 @@ class M6Model(nn.Module):
         self.post_process = state.is_last_stage and last if post_process is None else post_process
         self.recompute = check_recompute(recompute)
         self.rng_tracker = rng_tracker
+        self.sequence_parallel = sequence_parallel and state.tp_size > 1
         device = torch.device(state.device if device is None else device)
         self.ops = m6_ops.select_ops(config.fused_kernels, config.attention_backend, device)
         m6_ops.log_attention_backend(config.attention_backend, self.ops.attention_backend, device)
@@ -137,10 +146,12 @@ class M6Model(nn.Module):
         self.embedding = None
         if self.pre_process or self.post_process:
             self.embedding = M6Embeddings(config, state, init, word_only=not self.pre_process,
-                                          head_on_stage=self.post_process)
+                                          head_on_stage=self.post_process,
+                                          sequence_parallel=self.sequence_parallel, rng_tracker=rng_tracker)
             mark_tied(self.embedding.word.weight)
         self.layers = nn.ModuleDict({
-            str(i): TransformerBlock(config, state, init, self.ops, f"layers.{i}.", rng_tracker)
+            str(i): TransformerBlock(config, state, init, self.ops, f"layers.{i}.", rng_tracker,
+                                     sequence_parallel=self.sequence_parallel)
             for i in self.layer_ids})
         self.final_ln = (LayerNorm(config.hidden_size, config.layernorm_eps, self.ops, init)
                          if self.post_process else None)
@@ -148,7 +159,10 @@ class M6Model(nn.Module):
                          if self.post_process and config.itm_head else None)
 
     def activation_spec(self, micro_batch: int, seq_length: int) -> TensorSpec:
-        """Shape and dtype of the activation between stages (the schedules' ``tensor_spec``)."""
+        """Shape and dtype of the activation between stages (the schedules' ``tensor_spec``):
+        (B, S, d), or this rank's positions (B, S/t, d) with sequence parallelism."""
+        if self.sequence_parallel:
+            seq_length = sequence_chunk(seq_length, self.state.tp_size)
         return TensorSpec((micro_batch, seq_length, self.config.hidden_size), self.dtype)
 
     @property
@@ -160,9 +174,11 @@ class M6Model(nn.Module):
         return next(self.parameters()).device
 
     def hidden_states(self, batch: MicroBatch, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """This stage's blocks on the embedded batch (first stage) or on ``input_tensor``: (B, S, d).
-        ``batch`` must be on this stage's device (MicroBatch.to)."""
+        """This stage's blocks on the embedded batch (first stage) or on ``input_tensor``: (B, S, d)
+        ((B, S/t, d) with sequence parallelism). ``batch`` must be on this stage's device."""
         check_on_device(batch, self.device, f"pipeline stage {self.state.pp_rank}")
+        if self.sequence_parallel:
+            sequence_chunk(batch.tokens.shape[1], self.state.tp_size, "the micro-batch's sequence length")
         if self.pre_process:
             h = self.embedding(batch)
         elif input_tensor is None:
@@ -176,7 +192,11 @@ class M6Model(nn.Module):
     def forward(self, batch: MicroBatch, input_tensor: torch.Tensor | None = None):
         """(B, S, d) activation on a stage that is not the last, else the micro-batch's M6Loss."""
         h = self.hidden_states(batch, input_tensor)
-        return self.loss(h, batch) if self.post_process else h
+        return self.loss(self._whole_sequence(h), batch) if self.post_process else h
+
+    def _whole_sequence(self, h: torch.Tensor) -> torch.Tensor:
+        """The last stage's hidden state over all S positions (gathered under sequence parallelism)."""
+        return gather_from_sequence(h, self.state.group("tp")) if self.sequence_parallel else h
 
     def _require_head(self, what: str):
         if not self.post_process:
@@ -230,7 +250,7 @@ class M6Model(nn.Module):
         """Logits of every position: (B, S, vocab_size) gathered over tp, or with ``gather=False``
         this rank's vocab-parallel shard (B, S, V/t) with padding columns at -inf."""
         self._require_head("logits")
-        h = self.final_ln(self.hidden_states(batch, input_tensor))
+        h = self.final_ln(self._whole_sequence(self.hidden_states(batch, input_tensor)))
         logits = self.embedding.word.logits(h)
         if not gather:
             return logits
@@ -242,7 +262,7 @@ class M6Model(nn.Module):
         self._require_head("match_logits")
         if self.itm_head is None:
             raise RuntimeError("match_logits needs the matching head (model.itm_head: true)")
-        h = self.hidden_states(batch, input_tensor)
+        h = self._whole_sequence(self.hidden_states(batch, input_tensor))
         rows = torch.arange(h.shape[0], device=h.device)
         return self.itm_head(self.final_ln(last_valid_states(h, batch.valid_len, rows)))
 

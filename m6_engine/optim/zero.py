@@ -21,28 +21,9 @@ no :class:`ParamBuffer`.
 
 import torch
 from m6_engine.parallel.collectives import all_gather_single
-from m6_engine.parallel.data_parallel import Bucket, BufferLayout, DataParallel
+from m6_engine.parallel.data_parallel import Bucket, DataParallel, owned_pieces, whole_pieces
 
-
-def owned_pieces(layout: BufferLayout, dp_size: int, dp_rank: int) -> list[tuple[int, int, int]]:
-    """(parameter index, first, end): the flat element ranges of the parameters (indices into the
-    layout's ``param_ranges``) that dp rank ``dp_rank`` owns, in buffer order. Pure."""
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
-    pieces = []
-    for k, ((start, end), members) in enumerate(zip(layout.bucket_ranges, layout.bucket_members)):
-        s0, s1 = Bucket(k, start, end, (), dp_size).shard(dp_rank)
-        for i in members:
-            p0, p1 = layout.param_ranges[i]
-            lo, hi = max(p0, s0), min(p1, s1)
-            if lo < hi:
-                pieces.append((i, lo - p0, hi - p0))
-    return pieces
-
-
-def whole_pieces(layout: BufferLayout) -> list[tuple[int, int, int]]:
-    """Every parameter as one piece: what a rank owns without sharding."""
-    return [(i, 0, end - start) for i, (start, end) in enumerate(layout.param_ranges)]
+__all__ = ["ParamBuffer", "gather_pieces", "owned_pieces", "whole_pieces"]
 
 
 class ParamBuffer:

@@ -119,6 +119,27 @@ def layout_grad_buffer(numels: list[int], bucket_numel: int, dp_size: int,
     return BufferLayout(offset, tuple(param_ranges), tuple(bucket_ranges), tuple(members))
 
 
+def owned_pieces(layout: BufferLayout, dp_size: int, dp_rank: int) -> list[tuple[int, int, int]]:
+    """(parameter index, first, end): the flat element ranges of the parameters (indices into the
+    layout's ``param_ranges``) that dp rank ``dp_rank`` owns, in buffer order. Pure."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
+    pieces = []
+    for k, ((start, end), members) in enumerate(zip(layout.bucket_ranges, layout.bucket_members)):
+        s0, s1 = Bucket(k, start, end, (), dp_size).shard(dp_rank)
+        for i in members:
+            p0, p1 = layout.param_ranges[i]
+            lo, hi = max(p0, s0), min(p1, s1)
+            if lo < hi:
+                pieces.append((i, lo - p0, hi - p0))
+    return pieces
+
+
+def whole_pieces(layout: BufferLayout) -> list[tuple[int, int, int]]:
+    """Every parameter as one piece: what a rank owns without sharding."""
+    return [(i, 0, end - start) for i, (start, end) in enumerate(layout.param_ranges)]
+
+
 def _group_by_unit(params: list[nn.Parameter], units: list[nn.Module]):
     """(params reordered so each unit's are consecutive, unit id per parameter): units keep the
     order in which ``params`` (buffer order) first reaches them; parameters outside every unit
@@ -267,7 +288,7 @@ class DataParallel(nn.Module):
 
     def grad_piece(self, index: int, first: int, end: int) -> torch.Tensor:
         """Flat elements [first, end) of parameter ``params[index]``'s gradient, as a view of the
-        persistent buffer; with ZeRO-2 only this rank's pieces (``optim.zero.owned_pieces``) or
+        persistent buffer; with ZeRO-2 only this rank's pieces (:func:`owned_pieces`) or
         those of a whole-held bucket are there."""
         bucket = self._bucket_of[id(self.params[index])]
         p0 = self.layout.param_ranges[index][0]
@@ -279,6 +300,14 @@ class DataParallel(nn.Module):
             raise ValueError(f"DataParallel (ZeRO-2): elements [{first}, {end}) of parameter {index} "
                              f"are not inside this rank's shard [{s0}, {s1}) of bucket {bucket.index}")
         return self.shard_grad(bucket.index)[p0 + first - s0:p0 + end - s0]
+
+    def reduced_pieces(self) -> list[tuple[int, int, int]]:
+        """(parameter index, first, end) of the gradient elements that hold the dp mean after
+        ``finish_grad_sync()``: every parameter whole with "all_reduce", this rank's owned pieces
+        with the ZeRO reductions (what the optimizer reads through :meth:`grad_piece`)."""
+        if self.grad_reduce == "all_reduce":
+            return whole_pieces(self.layout)
+        return owned_pieces(self.layout, self.dp_size, self.dp_rank)
 
     def grad_buffer_bytes(self) -> int:
         """Bytes of gradient storage this rank holds between steps (the staging tensors of ZeRO-2

@@ -24,7 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from m6_engine.parallel.init import InitMethod, master_weight, normal_init
-from m6_engine.parallel.mappings import gather_from_tp, reduce_from_tp, scatter_to_tp
+from m6_engine.parallel.mappings import (
+    all_gather_sequence, gather_from_tp, reduce_from_tp, reduce_scatter_sequence,
+    reduce_scatter_to_sequence, scatter_to_tp,
+)
 from m6_engine.parallel.roles import param_role
 from m6_engine.parallel.state import ParallelState
 
@@ -89,18 +92,26 @@ def _weight_grads(ctx, grad2: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 class _ColumnParallelLinear(torch.autograd.Function):
     """y_r = x W_r^T + b_r (copy_to_tp then linear); backward all-reduces dx = dy_r W_r over tp
-    asynchronously while dW_r = dy_r^T x is computed. x (..., in), W_r (out/t, in), b_r (out/t,)."""
+    asynchronously while dW_r = dy_r^T x is computed. x (..., in), W_r (out/t, in), b_r (out/t,).
+
+    With ``sequence_parallel`` x is this rank's positions (B, S/t, in): forward all-gathers it
+    (B, S, in) and keeps only the shard for backward, which gathers it again (overlapping dx's
+    matmul) and reduce-scatters dx (B, S, in) -> (B, S/t, in) overlapping dW_r (Megatron's SP)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, tp_size, fuse_weight_grad):
+    def forward(ctx, x, weight, bias, group, tp_size, fuse_weight_grad, sequence_parallel=False):
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.tp_size, ctx.has_bias = group, tp_size, bias is not None
-        ctx.fuse_weight_grad = fuse_weight_grad
+        ctx.fuse_weight_grad, ctx.sequence_parallel = fuse_weight_grad, sequence_parallel
+        if sequence_parallel:
+            x = all_gather_sequence(x, group)                                     # (B, S, in)
         return _matmul_out(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        if ctx.sequence_parallel:
+            return _ColumnParallelLinear._backward_sequence_parallel(ctx, grad, x, weight)
         grad2 = grad.reshape(-1, grad.shape[-1])                                   # (M, out/t)
         grad_x, work = None, None
         if ctx.needs_input_grad[0]:
@@ -110,21 +121,44 @@ class _ColumnParallelLinear(torch.autograd.Function):
         grad_w, grad_b = _weight_grads(ctx, grad2, x, weight)
         if work is not None:
             work.wait()
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+    @staticmethod
+    def _backward_sequence_parallel(ctx, grad, x_shard, weight):
+        gathering, gathered = all_gather_sequence(x_shard, ctx.group, async_op=True)
+        grad2 = grad.reshape(-1, grad.shape[-1])                                   # (M, out/t)
+        grad_x_full = grad2.mm(weight) if ctx.needs_input_grad[0] else None        # (M, in)
+        gathering.wait()
+        x = gathered()                                                             # (B, S, in)
+        work = grad_x = None
+        if grad_x_full is not None:
+            work, grad_x = reduce_scatter_sequence(grad_x_full.view(x.shape), ctx.group, async_op=True)
+        grad_w, grad_b = _weight_grads(ctx, grad2, x, weight)
+        if work is not None:
+            work.wait()
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class _RowParallelLinear(torch.autograd.Function):
     """y = all-reduce_tp(x_r W_r^T) + b, reduced in place in its fresh buffer; backward is local.
-    x_r (..., in/t), W_r (out, in/t), b (out,) replicated."""
+    x_r (..., in/t), W_r (out, in/t), b (out,) replicated.
+
+    With ``sequence_parallel`` the partial sums are reduce-scattered instead, y (B, S/t, out) holds
+    this rank's positions, and backward all-gathers dy first (B, S, out). db is summed over the
+    gathered dy, so it is the whole bias gradient on every rank (no tp reduction needed)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, tp_size):
+    def forward(ctx, x, weight, bias, group, tp_size, sequence_parallel=False):
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.fuse_weight_grad = bias is not None, True
+        ctx.group, ctx.sequence_parallel = group, sequence_parallel
         # With one rank the bias goes into the matmul; otherwise it is added once, after the sum.
         y = _matmul_out(x, weight, bias if tp_size == 1 else None)
         if tp_size > 1:
-            dist.all_reduce(y, group=group)
+            if sequence_parallel:
+                y = reduce_scatter_sequence(y, group)                             # (B, S/t, out)
+            else:
+                dist.all_reduce(y, group=group)
             if bias is not None:
                 y.add_(bias)
         return y
@@ -132,10 +166,12 @@ class _RowParallelLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        if ctx.sequence_parallel:
+            grad = all_gather_sequence(grad, ctx.group)                           # (B, S, out)
         grad2 = grad.reshape(-1, grad.shape[-1])                                   # (M, out)
         grad_x = grad2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
         grad_w, grad_b = _weight_grads(ctx, grad2, x, weight)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _VocabLookup(torch.autograd.Function):
@@ -170,12 +206,20 @@ class ColumnParallelLinear(nn.Module):
     Forward:      y_r = x W_r^T + b_r                          (no communication)
     Input grad:   dx = all-reduce_tp(dy_r W_r)                 (async, overlapping dW_r)
     Weight grad:  dW_r = dy_r^T x,  db_r = sum(dy_r)           (local, no communication)
+
+    ``sequence_parallel`` (tp > 1): x is this rank's positions (B, S/t, in), all-gathered into
+    the matmul; the input grad is reduce-scattered back to (B, S/t, in) instead of all-reduced.
     """
 
     def __init__(self, in_features: int, out_features: int, state: ParallelState, *,
                  generator: torch.Generator, bias: bool = True, gather_output: bool = False,
-                 init_method: InitMethod = normal_init(), dtype=torch.float32, device=None):
+                 init_method: InitMethod = normal_init(), dtype=torch.float32, device=None,
+                 sequence_parallel: bool = False):
         super().__init__()
+        if sequence_parallel and gather_output:
+            raise ValueError("ColumnParallelLinear: sequence_parallel and gather_output do not combine "
+                             "(the sequence-parallel input is gathered, the output stays split)")
+        self.sequence_parallel = sequence_parallel and state.tp_size > 1
         device = state.device if device is None else device
         self.in_features, self.out_features = in_features, out_features
         self.out_per_rank = _divide(out_features, state.tp_size, "ColumnParallelLinear out_features")
@@ -186,7 +230,8 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _bias(self.out_per_rank, dtype, device, sharded=True) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _ColumnParallelLinear.apply(x, self.weight, self.bias, self.group, self.tp_size, True)
+        y = _ColumnParallelLinear.apply(x, self.weight, self.bias, self.group, self.tp_size, True,
+                                        self.sequence_parallel)
         return gather_from_tp(y, self.group) if self.gather_output else y   # (..., out/t)
 
 
@@ -198,12 +243,17 @@ class RowParallelLinear(nn.Module):
     Forward:      y = all-reduce_tp(x_r W_r^T) + b
     Input grad:   dx_r = dy W_r                                (local; all-gathered if x was full)
     Weight grad:  dW_r = dy^T x_r,  db = sum(dy)               (local, no communication)
+
+    ``sequence_parallel`` (tp > 1): y is reduce-scattered to this rank's positions (B, S/t, out)
+    instead of all-reduced; backward all-gathers dy.
     """
 
     def __init__(self, in_features: int, out_features: int, state: ParallelState, *,
                  generator: torch.Generator, bias: bool = True, input_is_parallel: bool = True,
-                 init_method: InitMethod = normal_init(), dtype=torch.float32, device=None):
+                 init_method: InitMethod = normal_init(), dtype=torch.float32, device=None,
+                 sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel and state.tp_size > 1
         device = state.device if device is None else device
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = _divide(in_features, state.tp_size, "RowParallelLinear in_features")
@@ -216,7 +266,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)                          # (..., in/t)
-        return _RowParallelLinear.apply(x, self.weight, self.bias, self.group, self.tp_size)
+        return _RowParallelLinear.apply(x, self.weight, self.bias, self.group, self.tp_size,
+                                        self.sequence_parallel)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -226,8 +277,10 @@ class VocabParallelEmbedding(nn.Module):
     every shard has the same, aligned size). Real rows are drawn from the generator; padding rows
     are zero and are never predicted: :meth:`logits` sets their columns to -inf.
 
-    Shapes:       ids (...) int, replicated on the tp group -> (..., dim), replicated.
+    Shapes:       ids (...) int, replicated on the tp group -> (..., dim), replicated; with
+                  ``sequence_parallel`` ids (B, S) -> this rank's positions (B, S/t, dim).
     Forward:      e = all-reduce_tp(E_r[ids - r V/t] masked to zero where ids are not in shard r)
+                  (reduce-scatter along the sequence with ``sequence_parallel``)
     Input grad:   none (integer input).
     Weight grad:  dE_r[i] = sum of de over the positions whose id is i (local, no communication),
                   the same on every device: dense (V/t, dim), or with ``single_use`` under
@@ -236,8 +289,12 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int, state: ParallelState, *,
                  generator: torch.Generator, init_method: InitMethod = normal_init(),
-                 vocab_multiple: int = 128, dtype=torch.float32, device=None, single_use: bool = False):
+                 vocab_multiple: int = 128, dtype=torch.float32, device=None, single_use: bool = False,
+                 sequence_parallel: bool = False):
         super().__init__()
+        # The lookup's output as this rank's sequence positions (B, S/t, dim): reduce-scattered
+        # instead of all-reduced. The head (``logits``) is unaffected.
+        self.sequence_parallel = sequence_parallel and state.tp_size > 1
         if vocab_size < 1 or dim < 1 or vocab_multiple < 1:
             raise ValueError(f"VocabParallelEmbedding: vocab_size = {vocab_size}, dim = {dim} and "
                              f"vocab_multiple = {vocab_multiple} must all be >= 1")
@@ -266,6 +323,8 @@ class VocabParallelEmbedding(nn.Module):
         e = _VocabLookup.apply(local.masked_fill(outside, 0), self.weight, self.single_use)  # (..., dim)
         # In place: e is fresh and the lookup's backward keeps the ids, not its output.
         e = e.masked_fill_(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence(e, self.group)                      # (B, S/t, dim)
         return reduce_from_tp(e, self.group, in_place=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,26 @@ act on the last tensor dim (size ``n`` before a split, ``n / t`` after).
     gather_from_tp   all-gather the last dim       keep chunk r of the last dim
 
 copy/reduce and scatter/gather are each other's adjoints, which is why they come in pairs.
+
+Sequence parallelism (Megatron's SP) adds three along the sequence dim (dim 1 of (B, S, d); each
+rank holds positions [r S / t, (r + 1) S / t)):
+
+    operator                    forward                         backward
+    scatter_to_sequence         keep chunk r of dim 1           all-gather dim 1
+    gather_from_sequence        all-gather dim 1                keep chunk r of dim 1
+    reduce_scatter_to_sequence  reduce-scatter dim 1 (sum)      all-gather dim 1
+
+``gather_from_sequence``'s backward assumes what follows it is replicated over tp (every rank
+computes the same gradient, as the loss head's do); a tensor-parallel consumer whose gradient is
+partial over tp is fed by the column-parallel layer's own gather instead (``parallel.layers``),
+whose backward reduce-scatters. The flat collectives work on the rank-major layout (t, B, S / t, d),
+so dim 1 is moved to the front and back with one copy each way.
 """
 
 import torch
 import torch.distributed as dist
+
+from m6_engine.parallel.collectives import all_gather_single, reduce_scatter_single
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -118,3 +134,93 @@ def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     """(..., n / t) -> (..., n), chunks in rank order; backward keeps this rank's chunk."""
     return x if dist.get_world_size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+def sequence_chunk(seq_length: int, tp_size: int, what: str = "sequence length") -> int:
+    """S / t, or a ValueError naming ``what`` when the sequence does not split evenly."""
+    if seq_length % tp_size:
+        raise ValueError(f"sequence parallelism splits the sequence over the {tp_size} tensor-parallel "
+                         f"ranks: {what} {seq_length} is not divisible by {tp_size}")
+    return seq_length // tp_size
+
+
+def split_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, S, ...) -> this rank's positions (B, S / t, ...), a contiguous copy."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk = sequence_chunk(x.shape[1], size)
+    return x.narrow(1, rank * chunk, chunk).contiguous()
+
+
+def all_gather_sequence(x: torch.Tensor, group, *, async_op: bool = False):
+    """(B, S / t, ...) on every rank -> (B, S, ...), positions in rank order. With ``async_op``
+    returns (work, finish) where ``finish()`` (after ``work.wait()``) gives the tensor."""
+    size = dist.get_world_size(group)
+    x = x.contiguous()
+    stacked = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    work = all_gather_single(stacked, x, group=group, async_op=async_op)
+
+    def finish() -> torch.Tensor:                     # (t, B, S/t, ...) -> (B, t * S/t, ...)
+        parts = stacked.view(size, *x.shape)
+        return parts.transpose(0, 1).reshape(x.shape[0], size * x.shape[1], *x.shape[2:])
+
+    return (work, finish) if async_op else finish()
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group, *, async_op: bool = False):
+    """(B, S, ...) partial sums on every rank -> the sum's positions of this rank (B, S / t, ...).
+    With ``async_op`` returns (work, out): ``out`` holds the result once ``work.wait()`` returned."""
+    size = dist.get_world_size(group)
+    chunk = sequence_chunk(x.shape[1], size)
+    b, rest = x.shape[0], x.shape[2:]
+    stacked = x.reshape(b, size, chunk, *rest).transpose(0, 1).contiguous()    # (t, B, S/t, ...)
+    out = torch.empty((b, chunk, *rest), dtype=x.dtype, device=x.device)
+    work = reduce_scatter_single(out, stacked.view(size * b, chunk, *rest), group=group, async_op=async_op)
+    return (work, out) if async_op else out
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_sequence(grad, ctx.group), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split_sequence(grad, ctx.group), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_sequence(grad, ctx.group), None
+
+
+def scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """Replicated (B, S, ...) -> this rank's positions (B, S / t, ...); backward all-gathers."""
+    return x if dist.get_world_size(group) == 1 else _ScatterToSequence.apply(x, group)
+
+
+def gather_from_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, S / t, ...) -> (B, S, ...) for a replicated consumer; backward keeps this rank's positions."""
+    return x if dist.get_world_size(group) == 1 else _GatherFromSequence.apply(x, group)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """Partial sums (B, S, ...) -> this rank's positions of the sum (B, S / t, ...); backward all-gathers."""
+    return x if dist.get_world_size(group) == 1 else _ReduceScatterToSequence.apply(x, group)

@@ -4,6 +4,10 @@ attributes read with ``getattr``.
 
 - ``tp_dim``: the dim it is split along over the tp group, in rank order (``parallel.layers``);
   None: replicated over tp, with identical gradients on every tp rank by construction.
+- ``sequence_parallel``: replicated over tp, but applied to this rank's sequence positions only
+  (sequence parallelism: the LayerNorms, the embeddings' position / segment tables and patch
+  projection), so each tp rank's gradient is a partial sum; ``parallel.grad_sync`` sums it over tp
+  after the data-parallel reduction.
 - ``tied_across_stages``: one copy of a weight shared by the first and last pipeline stage
   (``parallel.tied``; the word embedding and the output head).
 - ``main_grad``: the fp32 tensor of the parameter's shape its gradient accumulates in
@@ -30,6 +34,7 @@ class ParamRole:
     """The parallel role of one parameter (module docstring)."""
 
     tp_dim: int | None = None
+    sequence_parallel: bool = False
     tied_across_stages: bool = False
     main_grad_source: Callable[[], torch.Tensor] | None = None
     main_grad_added: Callable[[], None] | None = None
@@ -59,3 +64,9 @@ def param_role(param: torch.Tensor) -> ParamRole:
         role = ParamRole()
         setattr(param, _ATTRIBUTE, role)
     return role
+
+
+def mark_sequence_parallel(params) -> None:
+    """Mark ``params`` as applied to this rank's sequence positions only (``ParamRole.sequence_parallel``)."""
+    for param in params:
+        param_role(param).sequence_parallel = True

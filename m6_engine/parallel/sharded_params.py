@@ -122,7 +122,7 @@ class ShardedParameters:
 
     def param_piece(self, index: int, first: int, end: int) -> torch.Tensor:
         """Flat elements [first, end) of ``model.params[index]`` in ``shards`` (they must lie in
-        this rank's shard of its bucket: an owned piece, ``optim.zero.owned_pieces``)."""
+        this rank's shard of its bucket: an owned piece, ``parallel.data_parallel.owned_pieces``)."""
         model = self.model
         bucket = model._bucket_of[id(model.params[index])]
         p0 = model.layout.param_ranges[index][0]
