@@ -44,6 +44,20 @@ TORCH_LIBRARY(m6, m) {
   // Returns grad_x (x's shape and dtype), grad_weight and grad_bias (N,) in weight's dtype.
   m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "
         "-> (Tensor, Tensor, Tensor)");
+  // One AdamW update in place, the host step of ZeRO-Offload (CPU only). Per element, in fp32:
+  //   g = grad * grad_scale   (grad_scale folds the loss unscaling and the clip coefficient into
+  //                            the step: no separate pass over the gradient)
+  //   p <- p * (1 - lr * weight_decay)
+  //   m <- beta1 m + (1 - beta1) g          v <- beta2 v + (1 - beta2) g^2
+  //   p <- p - lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
+  // and, when param_copy is given, param_copy <- p cast to its dtype in the same pass (the fp16 or
+  // bf16 weights sent back to the GPU, e.g. into pinned host memory). grad is only read.
+  // param, exp_avg, exp_avg_sq, grad: fp32, contiguous, one numel, on the CPU; param_copy: fp32,
+  // fp16 or bf16, contiguous, param's numel, on the CPU. step >= 1 (this update's number);
+  // lr, eps, weight_decay, grad_scale finite and >= 0; beta1, beta2 in [0, 1).
+  m.def("adamw_step_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grad, "
+        "Tensor(d!)? param_copy, float lr, float beta1, float beta2, float eps, float weight_decay, "
+        "int step, float grad_scale) -> ()");
 }
 
 namespace {

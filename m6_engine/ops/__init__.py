@@ -2,7 +2,8 @@
 
 ``masked_softmax`` and ``layer_norm`` are ``torch.library`` custom ops (namespace ``m6``) with CPU
 and CUDA kernels, autograd and fake kernels; ``prefix_lm_attention`` is one with a CPU kernel (on
-CUDA it runs torch's FlexAttention / SDPA for the same mask, ``ops.attention``); ``reference``
+CUDA it runs torch's FlexAttention / SDPA for the same mask, ``ops.attention``); ``adamw_step_`` is
+the in-place AdamW update on the CPU (ZeRO-Offload's host step, ``ops.adamw_step``); ``reference``
 holds their plain-PyTorch twins, which are also the test oracles. Calling a fused op without the built extension raises
 :class:`ExtensionNotBuiltError` with build instructions; the model takes the reference path only
 when its config says so (:func:`select_ops`).
@@ -18,6 +19,7 @@ from m6_engine.ops._extension import (
     extension_available,
     require_extension,
 )
+from m6_engine.ops.adamw_step import adamw_step_
 from m6_engine.ops.attention import (
     log_attention_backend,
     prefix_lm_attention,
@@ -28,6 +30,7 @@ from m6_engine.ops.layer_norm import layer_norm
 from m6_engine.ops.masked_softmax import masked_softmax
 from m6_engine.ops.output_cache import cpu_output_cache_stats, empty_cpu_output_cache, set_cpu_output_cache_limit
 from m6_engine.ops.reference import (
+    adamw_step_reference_,
     layer_norm_reference,
     masked_softmax_reference,
     prefix_lm_attention_reference,
@@ -66,7 +69,8 @@ def select_ops(fused: bool, attention_backend: str = "unfused", device="cpu") ->
 
 
 __all__ = [
-    "ExtensionNotBuiltError", "OpSet", "cpu_capability", "cpu_output_cache_stats", "cuda_kernels_built",
+    "ExtensionNotBuiltError", "OpSet", "adamw_step_", "adamw_step_reference_", "cpu_capability",
+    "cpu_output_cache_stats", "cuda_kernels_built",
     "empty_cpu_output_cache", "extension_available", "set_cpu_output_cache_limit",
     "layer_norm", "layer_norm_reference", "log_attention_backend", "masked_softmax", "masked_softmax_reference",
     "prefix_lm_attention", "prefix_lm_attention_reference", "prefix_lm_mask", "require_extension",

@@ -77,3 +77,21 @@ def layer_norm_reference(x, weight, bias, eps: float = 1e-5):
     math = _math_dtype(x.dtype)
     y = torch.nn.functional.layer_norm(x.to(math), (n,), weight.to(math), bias.to(math), eps)
     return y.to(x.dtype)
+
+
+@torch.no_grad()
+def adamw_step_reference_(param, exp_avg, exp_avg_sq, grad, *, lr: float, betas, eps: float, weight_decay: float,
+                          step: int, grad_scale: float = 1.0, param_copy=None) -> None:
+    """One AdamW update in place, in the tensors' own precision (fp32, or fp64 for the exact answer),
+    written as the formula of ``m6::adamw_step_`` reads (m6_engine/ops/adamw_step.py):
+    g = grad * grad_scale; p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+    p -= lr (m / (1 - b1^step)) / (sqrt(v / (1 - b2^step)) + eps); param_copy = p in its dtype."""
+    beta1, beta2 = betas
+    g = grad * grad_scale
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+    if param_copy is not None:
+        param_copy.copy_(param)
