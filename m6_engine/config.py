@@ -440,8 +440,8 @@ class OptimizerConfig:
     ``dataclasses.replace`` of the stage is never overridden by a stale alias."""
     offload: str = "none"
     """ZeRO-Offload: "cpu" keeps fp32 masters and Adam moments in host memory and runs the step
-    there (m6::cpu_adamw); gradients stream to the host during backward, weights come back.
-    Works with zero_stage 0, 1 and 2."""
+    there (the fused CPU op m6::adamw_step_); gradients stream to the host as their buckets finish
+    reducing, the updated weights come back. Works with zero_stage 0, 1 and 2."""
     adam_backend: str = "auto"
     """"auto" (Apex FusedAdam when importable and on CUDA, else torch), "apex" or "torch"."""
 

@@ -9,6 +9,9 @@ tests): the figures and end-to-end checks that need the whole engine on one GPU.
   loss_scaler   fp16 O2 with an inf injected into the gradients: the step is skipped, weights unchanged
   checkpoint    saved on the device, loaded on the CPU (a subprocess): every weight equal
   decode        KV-cache greedy decoding vs recomputing the sequence per token: tokens/s
+  offload       the training stage's model and batches (fewer steps), bf16, with the optimizer on the
+                device (torch fused AdamW) and under ZeRO-Offload (optimizer.offload: cpu): step time,
+                peak GPU memory, the host optimizer step's time, and the losses of the two agree
   attention     prefix_lm_attention (FlexAttention with the lengths' block mask on CUDA) against SDPA
                 causal (flash backend), FlexAttention causal and SDPA with the boolean mask, bf16,
                 fwd and fwd+bwd at (8,16,528,64) prefix 272 and (2,16,2048,64) prefix 1040: ms, ratios,
@@ -62,19 +65,20 @@ class Sizes:
     decode_tokens: int
     quick_bench: bool
     attention_cases: tuple = ()   # (B, H, S, D, prefix_len) of the attention stage
+    offload_steps: int = 6        # steps of each run of the offload stage (the first is warm-up)
 
 
 FULL = Sizes(train_model={"num_layers": 8}, train_steps=30, timed_from=5, micro_batch=8, global_batch=64,
              tiny_model={"num_layers": 2, "max_text_positions": 64}, tiny_steps=6,
              decode_batches=(1, 16), decode_tokens=64, quick_bench=False,
-             attention_cases=((8, 16, 528, 64, 272), (2, 16, 2048, 64, 1040)))
+             attention_cases=((8, 16, 528, 64, 272), (2, 16, 2048, 64, 1040)), offload_steps=6)
 DRY = Sizes(train_model={"num_layers": 1, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 256,
                          "max_text_positions": 32, "vocab_size": 512},
             train_steps=3, timed_from=1, micro_batch=2, global_batch=4,
             tiny_model={"num_layers": 1, "hidden_size": 32, "num_heads": 2, "max_text_positions": 16,
                         "vocab_size": 256},
             tiny_steps=2, decode_batches=(1,), decode_tokens=3, quick_bench=True,
-            attention_cases=((2, 2, 40, 16, 20),))
+            attention_cases=((2, 2, 40, 16, 20),), offload_steps=2)
 
 
 # ---- jobs and data --------------------------------------------------------------------------------
@@ -179,6 +183,58 @@ def stage_training(state, sizes: Sizes, out: str) -> dict:
             "tokens_per_s": tokens / seconds, "tflops_per_s": tflops, "peak_tflops": trainer.peak,
             "mfu": tflops / trainer.peak, "peak_memory_gib": peak_memory_gib(state.device),
             "planned_memory_gib": plan.total / 2 ** 30, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def _offload_run(state, sizes: Sizes, offload: str) -> dict:
+    """One run of the offload stage: step and optimizer-step times, peak device memory, losses."""
+    from m6_engine.metrics import losses_of, peak_memory_gib
+
+    precision = "bf16" if state.device.type == "cuda" else "fp32"
+    job = _job("m6-base", sizes.train_model, precision=precision, micro_batch=sizes.micro_batch,
+               global_batch=2 * sizes.micro_batch, steps=sizes.offload_steps, recompute="selective",
+               dropout=False, optimizer={"offload": offload})
+    batches = multimodal_batches(job.model, sizes.micro_batch, 2)
+    if state.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(state.device)
+    trainer = _trainer(job, state, batches)
+    optimizer_seconds, step = [], trainer.optimizer.step
+
+    def timed_step():                 # the optimizer's share of the step, device work included
+        if state.device.type == "cuda":
+            torch.cuda.synchronize(state.device)
+        start = time.perf_counter()
+        stats = step()
+        if state.device.type == "cuda":
+            torch.cuda.synchronize(state.device)
+        optimizer_seconds.append(time.perf_counter() - start)
+        return stats
+
+    trainer.optimizer.step = timed_step
+    reports = [trainer.train_step() for _ in range(sizes.offload_steps)]
+    timed = slice(1, None) if len(reports) > 1 else slice(None)
+    return {"precision": precision, "adam_backend": trainer.optimizer.adam_backend,
+            "step_s": float(np.median([r.seconds for r in reports[timed]])),
+            "optimizer_step_s": float(np.median(optimizer_seconds[timed])),
+            "peak_memory_gib": peak_memory_gib(state.device),
+            "host_state_gib": trainer.optimizer.host_state_bytes() / 2 ** 30,
+            "device_optimizer_gib": (0 if offload == "cpu" else trainer.optimizer.state_bytes()) / 2 ** 30,
+            "losses": [losses_of(r.loss_parts)["loss"] for r in reports]}
+
+
+def stage_offload(state, sizes: Sizes, out: str) -> dict:
+    runs = {name: _offload_run(state, sizes, name) for name in ("none", "cpu")}
+    device, offloaded = runs["none"], runs["cpu"]
+    # Same weights, data and update rule: the runs differ only by where AdamW runs (and its rounding).
+    worst = max(abs(a - b) / abs(b) for a, b in zip(offloaded["losses"], device["losses"]))
+    tolerance = 2e-2 if device["precision"] == "bf16" else 1e-4
+    if not worst <= tolerance:
+        raise AssertionError(f"offload losses {offloaded['losses']} differ from the device run's "
+                             f"{device['losses']} by {worst:.2e} (> {tolerance})")
+    return {"layers": sizes.train_model.get("num_layers"), "runs": runs,
+            "max_rel_loss_difference": worst,
+            "step_time_ratio_offload_vs_device": offloaded["step_s"] / device["step_s"],
+            "peak_memory_ratio_offload_vs_device": offloaded["peak_memory_gib"] / max(device["peak_memory_gib"], 1e-9)}
 
 
 def _run_on_cpu(task: str, payload: dict) -> dict:
@@ -357,7 +413,7 @@ def stage_attention(state, sizes: Sizes, out: str) -> dict:
 
 STAGES = {"kernels": stage_kernels, "training": stage_training, "parity": stage_parity,
           "loss_scaler": stage_loss_scaler, "checkpoint": stage_checkpoint, "decode": stage_decode,
-          "attention": stage_attention}
+          "attention": stage_attention, "offload": stage_offload}
 
 
 # ---- the CPU side of the parity and checkpoint stages (run by _run_on_cpu) --------------------------
@@ -432,6 +488,12 @@ def print_summary(results: dict) -> None:
                     [[str(r["shape"]), r["prefix_len"], r["dtype"], *(r["fwd_ms"][n] for n in names),
                       *(f"{r['fwd_bwd_ms'][n]:.2f} ({r['fwd_bwd_ms']['prefix_lm_attention'] / r['fwd_bwd_ms'][n]:.2f})"
                         for n in names), r["max_abs_difference_vs_fp32_reference"]] for r in attention["cases"]])
+    offload = results.get("offload", {})
+    if offload.get("ok"):
+        print_table("ZeRO-Offload vs AdamW on the device (one rank, medians over the steps after the first)",
+                    ["optimizer", "backend", "step ms", "optimizer step ms", "peak GiB", "host state GiB"],
+                    [[name, r["adam_backend"], r["step_s"] * 1e3, r["optimizer_step_s"] * 1e3,
+                      r["peak_memory_gib"], r["host_state_gib"]] for name, r in offload["runs"].items()])
     decode = results.get("decode", {})
     if decode.get("ok"):
         for row in decode["batches"]:

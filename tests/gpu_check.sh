@@ -7,7 +7,8 @@
 #   3. the CUDA tests (every `cuda`-marked test), then a subset under compute-sanitizer memcheck and
 #      racecheck where compute-sanitizer is installed
 #   4. the Python stages (tests/gpu_check.py): kernel benchmarks, a bf16 training run of
-#      m6-base-width layers, GPU-vs-CPU losses, the fp16 loss scaler, GPU->CPU checkpoint, decoding
+#      m6-base-width layers, GPU-vs-CPU losses, the fp16 loss scaler, GPU->CPU checkpoint, decoding,
+#      ZeRO-Offload against AdamW on the device, attention
 #   5. one JSON with every figure ($OUT/gpu_check.json, OUT=${GPU_CHECK_OUT:-bench-results}) and a
 #      one-screen summary; the exit status is non-zero when any step failed.
 # `--dry-run` checks this script's plumbing on the CPU (no GPU, no build: it uses the existing one,

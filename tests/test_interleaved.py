@@ -26,7 +26,8 @@ from m6_engine.parallel.interleaved import (
     ACTIVATION, BACKWARD, FORWARD, GRADIENT, rank_order, schedule_table, warmup_forwards,
 )
 from tests.distributed import run_ranks
-from tests.training_job import Run, build_corpus, launch, max_rel, small_job
+from tests.training_job import Run, launch, max_rel, small_job
+from tests.training_job import corpus_fixture  # noqa: F401  (provides the module-scoped "corpus" fixture)
 
 SHAPES = [(2, 2, 2), (2, 2, 4), (2, 3, 6), (3, 2, 3), (3, 2, 9), (4, 2, 4), (4, 2, 8), (4, 3, 12),
           (4, 4, 8), (8, 2, 16)]
@@ -307,11 +308,6 @@ def _job(corpus, *, tp=1, pp=1, v=1, layers=4, save="", save_interval=0, load=""
                     optimizer={"zero_stage": zero_stage},
                     train={"save_dir": save, "save_interval": save_interval, "load": load})
     return job_config_from_dict(job.to_dict(), {"parallel.virtual_stages": str(v)})
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import torch
 
 from m6_engine.config import ConfigError, ModelConfig, job_config_from_dict
 from tests.distributed import assert_checks, run_ranks
-from tests.training_job import STEPS, Run, build_corpus, launch, max_rel, small_job
+from tests.training_job import Run, STEPS, launch, max_rel, small_job
+from tests.training_job import corpus_fixture  # noqa: F401  (provides the module-scoped "corpus" fixture)
 
 # Sequence 6 patches + 14 text positions = 20: at tp 4 rank 0 holds patch slots 0-4, rank 1 slot 5
 # and four text positions, ranks 2-3 text only, so every case of the patch split runs.
@@ -202,11 +203,6 @@ def _job(corpus, *, tp=1, pp=1, sp=False, recompute="none", zero_stage=0, save="
                     train={"recompute": recompute, "save_dir": save, "save_interval": SAVE_AT if save else 0,
                            "load": load})
     return job_config_from_dict(job.to_dict(), {"parallel.sequence_parallel": str(sp).lower()})
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,8 @@ import pytest
 
 from m6_engine.config import ConfigError
 from tests.distributed import free_port, run_ranks
-from tests.training_job import STEPS, Run, build_corpus, fault_job, launch, max_rel, small_job
+from tests.training_job import Run, STEPS, fault_job, launch, max_rel, small_job
+from tests.training_job import corpus_fixture  # noqa: F401  (provides the module-scoped "corpus" fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = [(2, 2, 1), (1, 2, 2), (2, 1, 2)]
@@ -42,11 +43,6 @@ def _name(tp, pp, dp):
     return f"({tp},{pp},{dp})"
 
 
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from m6_engine.config import JobConfig, job_config_from_dict
@@ -80,6 +81,12 @@ def build_corpus(folder, *, num_images: int = 24, paragraphs: int = 120, vocab_f
         vocab.write_bytes(Path(vocab_file).read_bytes())
     prepare_demo.prepare(folder, config, tagged, vocab)
     return Corpus(folder)
+
+
+@pytest.fixture(scope="module", name="corpus")
+def corpus_fixture(tmp_path_factory) -> Corpus:
+    """The default :func:`build_corpus`, once per test module that imports this fixture."""
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def small_job(corpus: Corpus, *, tp: int = 1, pp: int = 1, steps: int = STEPS, dropout: float = 0.0,
@@ -154,6 +161,7 @@ def run_jobs(runs: list[Run]) -> list[dict | None]:
                         "history": trainer.history, "param_dtype": str(trainer.stage.dtype),
                         "optimizer_bytes_per_param": trainer.optimizer.state_bytes()
                         / sum(p.numel() for p in trainer.stage.parameters()),
+                        "host_copies": trainer.optimizer.host_copies,
                         "eval": evaluation} if trainer.logs_here else None)
     return results
 

@@ -62,12 +62,17 @@ def global_grad_norm(grads: list[torch.Tensor], counted: list[bool], state: Para
     return math.sqrt(sum_squares), False
 
 
-def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: float) -> float:
-    """Scale ``grads`` in place by max_norm / (total_norm + 1e-6) when that is below 1 (Megatron's
-    rule); ``max_norm`` 0 disables clipping. Returns the factor applied (1.0 when none)."""
+def clip_coefficient(max_norm: float, total_norm: float) -> float:
+    """min(1, max_norm / (total_norm + 1e-6)) (Megatron's rule); 1.0 when ``max_norm`` is 0 (off)."""
     if max_norm <= 0:
         return 1.0
-    coefficient = max_norm / (total_norm + 1e-6)
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: float) -> float:
+    """Scale ``grads`` in place by :func:`clip_coefficient` when that is below 1; returns the
+    factor applied (1.0 when none)."""
+    coefficient = clip_coefficient(max_norm, total_norm)
     if coefficient >= 1.0:
         return 1.0
     if grads:

@@ -19,20 +19,28 @@ state of a rank is 12 bytes per owned element (8 when the masters alias fp32 par
 
 The loss must be multiplied by ``loss_scale`` before backward (:meth:`scale_loss`); gradients
 then carry the factor, which ``step`` removes. Only fp16 uses a scale other than 1.
+
+ZeRO-Offload (``config.offload == "cpu"``, ``optim.offload``): the masters and moments of the
+pieces live on the host and the update runs there (``m6::adamw_step_``); the gradients, streamed
+to the host during backward, are never rewritten on the device: the norm is taken of the scaled
+gradients and divided by the scale, and unscaling and clipping become the host op's grad_scale.
 """
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from m6_engine.optim.adamw import AdamW, decays
-from m6_engine.optim.clip import clip_grads_, counts_in_norm, global_grad_norm
+from m6_engine.optim.clip import clip_coefficient, clip_grads_, counts_in_norm, global_grad_norm
 from m6_engine.config import OptimizerConfig
 from m6_engine.optim.loss_scaler import make_loss_scaler
 from m6_engine.optim.lr_schedule import LRSchedule
+from m6_engine.optim.offload import HostAdamW, OffloadPiece
 from m6_engine.optim.zero import ParamBuffer, gather_pieces, owned_pieces, whole_pieces
 from m6_engine.parallel.data_parallel import DataParallel, grad_reduce_for
+from m6_engine.parallel.roles import param_role
 from m6_engine.parallel.state import ParallelState
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -83,6 +91,7 @@ class MixedPrecisionOptimizer:
             raise ValueError(f"precision {config.precision!r} needs {config.param_dtype} parameters, "
                              f"the model has {wrong}: cast the stage before wrapping it")
         self.model, self.config, self.state = model, config, state
+        self.offload = config.offload == "cpu"
         self.scaler = make_loss_scaler(config)
         self.schedule = LRSchedule.from_config(config, total_steps)
         self.iterations = self.steps = self.skipped_steps = self.lr_position = 0
@@ -101,17 +110,45 @@ class MixedPrecisionOptimizer:
                              else sharded_params.param_piece(i, lo, hi) for i, lo, hi in self._pieces]
         # Views of the buffer that holds gradients between steps (with ZeRO-2 only the shards).
         self._grads = [model.grad_piece(i, lo, hi) for i, lo, hi in self._pieces]
+        self._counted = [counts_in_norm(params[i], self.state) for i, _, _ in self._pieces]
+        decay = [decays(params[i]) for i, _, _ in self._pieces]
+        if self.offload:
+            self._build_offloaded(decay)
+            return
         self._copy_back = self.config.param_dtype != torch.float32
         # fp32 parameters are their own masters (the views above are leaves sharing their storage).
         self._masters = [v.float().clone() if self._copy_back else v for v in self._param_views]
         for master, grad in zip(self._masters, self._grads):
             master.grad = grad
-        self._counted = [counts_in_norm(params[i], self.state) for i, _, _ in self._pieces]
-        decay = [decays(params[i]) for i, _, _ in self._pieces]
         groups = [([m for m, d in zip(self._masters, decay) if d], self.config.weight_decay),
                   ([m for m, d in zip(self._masters, decay) if not d], 0.0)]
         self._adam = (AdamW(groups, betas=self.config.betas, eps=self.config.eps,
                             backend=self.config.adam_backend) if self._masters else None)
+
+    def _build_offloaded(self, decay: list[bool]) -> None:
+        """ZeRO-Offload (``optim.offload``): host masters and the host step, fed by gradients the
+        model streams to the host as its buckets finish reducing."""
+        model, params = self.model, self.model.params
+        self._copy_back = True           # the masters are never the parameters
+        self._masters = [v.detach().to("cpu", torch.float32, copy=True).view(-1) for v in self._param_views]
+        # grad_sync sums these over tp / the embedding group after the dp reduction.
+        tied_summed = len(self.state.group_ranks("embedding")) > 1
+        late = [param_role(params[i]).sequence_parallel or (tied_summed and param_role(params[i]).tied_across_stages)
+                for i, _, _ in self._pieces]
+        pieces = [OffloadPiece(grad=g.view(-1), param=v.view(-1), bucket=model.bucket_of(i), late=lt,
+                               weight_decay=self.config.weight_decay if d else 0.0)
+                  for (i, _, _), g, v, lt, d in zip(self._pieces, self._grads, self._param_views, late, decay)]
+        self._adam = (HostAdamW(pieces, self._masters, betas=self.config.betas, eps=self.config.eps)
+                      if pieces else None)
+        if self._adam is not None:
+            adam = weakref.ref(self._adam)     # a replaced optimizer stops streaming
+
+            def stream(bucket: int) -> None:
+                live = adam()
+                if live is not None:
+                    live.stream_bucket(bucket)
+
+            model.add_reduced_hook(stream)
 
     @property
     def loss_scale(self) -> float:
@@ -134,6 +171,8 @@ class MixedPrecisionOptimizer:
         """Unscale, check, clip and apply this step's gradients (see the module doc); collective."""
         scale = self.scaler.scale
         self.iterations += 1
+        if self.offload:
+            return self._offloaded_step(scale)
         if scale != 1.0 and self._grads:
             torch._foreach_mul_(self._grads, 1.0 / scale)
         norm, found_inf = global_grad_norm(self._grads, self._counted, self.state, sharded=self.sharded)
@@ -152,6 +191,37 @@ class MixedPrecisionOptimizer:
         if self._param_buffer is not None:
             self._param_buffer.all_gather()
         return StepStats(False, norm, lr, scale, coefficient)
+
+    def _offloaded_step(self, scale: float) -> StepStats:
+        """The step with ZeRO-Offload: the norm of the still-scaled device gradients (divided by
+        the scale), then the host step with unscaling and clipping folded into its grad_scale."""
+        norm, found_inf = global_grad_norm(self._grads, self._counted, self.state, sharded=self.sharded)
+        norm /= scale
+        lr = self.schedule.lr(self.lr_position)
+        self.scaler.update(found_inf)
+        if found_inf:
+            self.skipped_steps += 1
+            if self._adam is not None:
+                self._adam.discard()
+            return StepStats(True, norm, lr, scale, 1.0)
+        coefficient = clip_coefficient(self.config.clip_grad, norm)
+        if self._adam is not None:
+            self._adam.step(lr, grad_scale=coefficient / scale)
+        self.steps += 1
+        self.lr_position += 1
+        if self._param_buffer is not None:
+            self._param_buffer.all_gather()
+        return StepStats(False, norm, lr, scale, coefficient)
+
+    @property
+    def host_copies(self) -> dict | None:
+        """With offload, how the last step's gradients reached the host: {"streamed": pieces
+        copied during backward, "at_step": pieces copied by the step}; else None."""
+        return self._adam.last_copies if self.offload and self._adam is not None else None
+
+    def host_state_bytes(self) -> int:
+        """Host memory of the offloaded optimizer (0 without offload; ``HostAdamW.host_bytes``)."""
+        return self._adam.host_bytes() if self.offload and self._adam is not None else 0
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank: masters that are not the parameters themselves,
@@ -231,7 +301,10 @@ class MixedPrecisionOptimizer:
         with torch.no_grad():
             for master in self._masters:
                 master.copy_(masters[id(master)])
-            if self._copy_back and self._masters:
+            if self.offload:      # host masters -> device parameters, one copy per piece
+                for view, master in zip(self._param_views, self._masters):
+                    view.copy_(master)
+            elif self._copy_back and self._masters:
                 torch._foreach_copy_(self._param_views, self._masters)
         if self._adam is not None:
             self._adam.load(self.steps, [moments[id(t)] for t in self._adam.tensors])

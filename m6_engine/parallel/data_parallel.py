@@ -237,6 +237,8 @@ class DataParallel(nn.Module):
             role.main_grad_added = functools.partial(self._grad_ready, p)
         self._ready = [set() for _ in self.buckets]
         self._works: dict[int, object] = {}
+        self._launched_final: set[int] = set()   # buckets whose last reduction of the step was launched
+        self._reduced_hooks: list = []
         self._sync = True
         self._synced = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
@@ -365,8 +367,24 @@ class DataParallel(nn.Module):
         if len(ready) == len(bucket.params):
             self._launch(bucket)
 
+    def add_reduced_hook(self, hook) -> None:
+        """Call ``hook(bucket_index)`` once per step for each bucket, as soon as its last reduction
+        of the step has finished (inside backward where the collective completed early, else in
+        :meth:`finish_grad_sync`): its dp-mean gradient pieces (:meth:`grad_piece`) are final from
+        then on, except for what ``parallel.grad_sync`` sums afterwards (sequence-parallel and tied
+        parameters). ZeRO-Offload streams gradients to the host from here."""
+        self._reduced_hooks.append(hook)
+
+    def bucket_of(self, index: int) -> int:
+        """The bucket holding parameter ``params[index]``."""
+        return self._bucket_of[id(self.params[index])].index
+
     def _launch(self, bucket: Bucket) -> None:
         self._ready[bucket.index].clear()
+        if self._sync:
+            self._launched_final.add(bucket.index)
+        if self._reduced_hooks:
+            self._retire_finished()
         if not self._held_whole(bucket):
             self._launch_staged(bucket)
             return
@@ -414,11 +432,15 @@ class DataParallel(nn.Module):
             bucket = self.buckets[index]
             s0, s1 = bucket.shard(self.dp_rank)
             self.shard_grad(index).add_(staging[s0 - bucket.start:s1 - bucket.start])
+        if index in self._launched_final:
+            for hook in self._reduced_hooks:
+                hook(index)
 
     def _retire_finished(self) -> None:
-        """Free the staging tensors whose reduce-scatter is done (a cheap poll, no wait)."""
-        for index in [k for k, w in self._works.items() if k in self._staging and
-                      (w is None or w.is_completed())]:
+        """Retire the collectives that are done (a cheap poll, no wait): free the staging tensors
+        whose reduce-scatter finished, and with reduced hooks also the whole-held buckets."""
+        for index in [k for k, w in self._works.items() if (k in self._staging or self._reduced_hooks)
+                      and (w is None or w.is_completed())]:
             self._retire(index)
 
     def finish_grad_sync(self) -> None:
@@ -426,8 +448,11 @@ class DataParallel(nn.Module):
         in this rank's shards with ``grad_reduce="reduce_scatter"``, and only in ``grad_buffer``'s
         shards with "reduce_scatter_shard"; see the module doc)."""
         for bucket in self.buckets:
-            if bucket.index not in self._works:
-                self._launch(bucket)      # ZeRO-2: a no-op for a bucket without staging
+            # Not launched in this synced backward (retired early or still in flight: skip).
+            # ZeRO-2: a no-op for a bucket without staging.
+            if bucket.index not in self._works and (bucket.index not in self._launched_final
+                                                    or not self._held_whole(bucket)):
+                self._launch(bucket)
         for index in list(self._works):
             self._retire(index)
         for ready in self._ready:
@@ -443,6 +468,7 @@ class DataParallel(nn.Module):
                                "call finish_grad_sync() first")
         self.grad_buffer.zero_()
         self._staging.clear()
+        self._launched_final.clear()
         for bucket in self.buckets:
             for p in bucket.params:
                 p.grad = None

@@ -56,25 +56,29 @@ def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
+def _region_operator(name: str, forward, backward) -> type:
+    """An autograd function ``apply(x, group)`` computing ``forward(x, group)``, whose backward is
+    ``backward(grad, group)``: every operator of the tables above but the in-place reduce."""
+
+    def forward_(ctx, x, group):
         ctx.group = group
-        return x.view_as(x)
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+    def backward_(ctx, grad):
+        return backward(grad, ctx.group), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_),
+                                                   "backward": staticmethod(backward_)})
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x.view_as(x)     # a new tensor object, so autograd records the operator
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+
+_CopyToTP = _region_operator("_CopyToTP", _identity, _all_reduce)
+_ReduceFromTP = _region_operator("_ReduceFromTP", _all_reduce, _identity)
+_ScatterToTP = _region_operator("_ScatterToTP", _split_last, _gather_last)
+_GatherFromTP = _region_operator("_GatherFromTP", _gather_last, _split_last)
 
 
 class _ReduceFromTPInPlace(torch.autograd.Function):
@@ -87,28 +91,6 @@ class _ReduceFromTPInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last(grad, ctx.group), None
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
@@ -178,37 +160,10 @@ def reduce_scatter_sequence(x: torch.Tensor, group, *, async_op: bool = False):
     return (work, out) if async_op else out
 
 
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_sequence(grad, ctx.group), None
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split_sequence(grad, ctx.group), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_sequence(grad, ctx.group), None
+_ScatterToSequence = _region_operator("_ScatterToSequence", split_sequence, all_gather_sequence)
+_GatherFromSequence = _region_operator("_GatherFromSequence", all_gather_sequence, split_sequence)
+_ReduceScatterToSequence = _region_operator("_ReduceScatterToSequence", reduce_scatter_sequence,
+                                            all_gather_sequence)
 
 
 def scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
