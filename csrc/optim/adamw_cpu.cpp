@@ -74,9 +74,10 @@ Coefficients coefficients(double lr, double beta1, double beta2, double eps, dou
 }
 
 // x, opaque to the optimiser: a product passed through it is rounded to fp32 before the next add.
-// GCC's default -ffp-contract=fast fuses a * b + c into one FMA where the vector ops are plain
-// vector arithmetic (the AVX2 and scalar builds; not AVX-512, whose intrinsics are builtins), which
-// would change the rounding with the build. The empty asm costs no instruction.
+// GCC's default -ffp-contract=fast fuses a * b + c into one FMA wherever it sees one (the AVX2 and
+// AVX-512 intrinsics are plain vector arithmetic to it), choosing which product to fuse itself, so
+// the roundings would be the compiler's rather than these lines' (torch's fused CPU AdamW has its
+// compiler's). The empty asm costs no instruction.
 inline Vec rounded(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   __m512 r = x;
