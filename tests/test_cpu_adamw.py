@@ -94,6 +94,20 @@ def test_param_copy_equals_param_cast(dtype, n):
     assert torch.equal(copy, with_copy[0].to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_large_param_copy(dtype, offset):
+    # A copy of 16 MiB or more goes out with non-temporal stores when it is vector-aligned
+    # (offset 0), with plain stores otherwise (offset 1: a view one element into its buffer).
+    n = 8 * 2 ** 20 + 33
+    state, grads = _state(n, seed=4)
+    plain = _run(ops.adamw_step_, state, grads[:1], weight_decay=0.1)
+    copy = torch.full((n + offset,), float("nan"), dtype=dtype)[offset:]
+    with_copy = _run(ops.adamw_step_, state, grads[:1], weight_decay=0.1, param_copy=copy)
+    assert torch.equal(plain[0], with_copy[0])
+    assert torch.equal(copy, with_copy[0].to(dtype))
+
+
 def test_results_do_not_depend_on_thread_count():
     state, grads = _state(300_001, seed=3)  # several 32K-element tasks, and a tail
     threads = torch.get_num_threads()
@@ -213,3 +227,9 @@ def test_missing_extension_raises(monkeypatch):
     (p, m, v), (g, *_) = _state(4)
     with pytest.raises(ops.ExtensionNotBuiltError, match=r"not built \(simulated\)"):
         ops.adamw_step_(p, m, v, g, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, step=1)
+
+
+def test_registered_for_the_cpu_only():
+    # The host half of offload: a CPU kernel and a fake kernel, and no CUDA kernel in any build.
+    has = lambda key: torch._C._dispatch_has_kernel_for_dispatch_key("m6::adamw_step_", key)  # noqa: E731
+    assert has("CPU") and has("Meta") and not has("CUDA")

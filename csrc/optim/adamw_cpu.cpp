@@ -74,9 +74,10 @@ Coefficients coefficients(double lr, double beta1, double beta2, double eps, dou
 }
 
 // x, opaque to the optimiser: a product passed through it is rounded to fp32 before the next add.
-// GCC's default -ffp-contract=fast fuses a * b + c into one FMA where the vector ops are plain
-// vector arithmetic (the AVX2 and scalar builds; not AVX-512, whose intrinsics are builtins), which
-// would change the rounding with the build. The empty asm costs no instruction.
+// GCC's default -ffp-contract=fast fuses a * b + c into one FMA wherever it sees one (the AVX2 and
+// AVX-512 intrinsics are plain vector arithmetic to it), choosing which product to fuse itself, so
+// the roundings would be the compiler's rather than these lines' (torch's fused CPU AdamW has its
+// compiler's). The empty asm costs no instruction.
 inline Vec rounded(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   __m512 r = x;
@@ -124,19 +125,43 @@ inline Vec update_vector(const Coefficients& c, float* p, float* m, float* v, co
 // The CopyT of a call without param_copy: nothing is written.
 struct NoCopy {};
 
-// copy[0:count) = (lo, hi)[0:count) (count <= kStep), cast to the copy's dtype, rounding to nearest even.
+// copy[0:count) = (lo, hi)[0:count) (count <= kStep), cast to the copy's dtype, rounding to
+// nearest even. kStream (count == kStep, copy vector-aligned): non-temporal stores. The copy is
+// only written, so a normal store would first read its lines into the cache (2 more bytes per
+// element of a bf16 copy, 4 of an fp32 one); the caller fences (cpu::stream_fence).
+template <bool kStream>
 inline void store_copy(const Vec& lo, const Vec& hi, float* copy, int64_t count) {
-  store_n(lo, copy, std::min(count, kVecWidth));
-  if (count > kVecWidth) store_n(hi, copy + kVecWidth, count - kVecWidth);
+  if constexpr (kStream) {
+    cpu::store_stream(lo, copy);
+    cpu::store_stream(hi, copy + kVecWidth);
+  } else {
+    store_n(lo, copy, std::min(count, kVecWidth));
+    if (count > kVecWidth) store_n(hi, copy + kVecWidth, count - kVecWidth);
+  }
 }
 
-template <typename T, std::enable_if_t<std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>, int> = 0>
+template <bool kStream, typename T,
+          std::enable_if_t<std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>, int> = 0>
 inline void store_copy(const Vec& lo, const Vec& hi, T* copy, int64_t count) {
-  at::vec::convert_from_float<T>(lo, hi).store(copy, static_cast<int>(count));
+  const at::vec::Vectorized<T> half = at::vec::convert_from_float<T>(lo, hi);
+  static_assert(sizeof(half) == sizeof(Vec), "a 16-bit vector has the fp32 vector's bytes");
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(copy), half);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(copy), half);
+    return;
+  }
+#endif
+  half.store(copy, static_cast<int>(count));
 }
 
-// The update of elements [0, n) of the four tensors, and of the copy (CopyT: NoCopy, float, Half, BFloat16).
-template <typename CopyT>
+// The update of elements [0, n) of the four tensors, and of the copy (CopyT: NoCopy, float, Half,
+// BFloat16; kStream: the full vectors of the copy with non-temporal stores, the copy aligned).
+template <typename CopyT, bool kStream>
 void update_range(const Coefficients& c, float* p, float* m, float* v, const float* g, CopyT* copy, int64_t n) {
   constexpr bool kCopy = !std::is_same_v<CopyT, NoCopy>;
   int64_t j = 0;
@@ -144,26 +169,42 @@ void update_range(const Coefficients& c, float* p, float* m, float* v, const flo
     const Vec lo = update_vector(c, p + j, m + j, v + j, g + j, kVecWidth);
     const int64_t k = j + kVecWidth;
     const Vec hi = update_vector(c, p + k, m + k, v + k, g + k, kVecWidth);
-    if constexpr (kCopy) store_copy(lo, hi, copy + j, kStep);
+    if constexpr (kCopy) store_copy<kStream>(lo, hi, copy + j, kStep);
   }
   if (j < n) {  // the last n - j < kStep elements: one or two masked vectors
     const int64_t rest = n - j;
     const Vec lo = update_vector(c, p + j, m + j, v + j, g + j, std::min(rest, kVecWidth));
     const int64_t k = j + kVecWidth;
     const Vec hi = rest > kVecWidth ? update_vector(c, p + k, m + k, v + k, g + k, rest - kVecWidth) : Vec(0.f);
-    if constexpr (kCopy) store_copy(lo, hi, copy + j, rest);
+    if constexpr (kCopy) store_copy<false>(lo, hi, copy + j, rest);
+  }
+  if constexpr (kStream) cpu::stream_fence();
+}
+
+// Whether the copy's full vectors go out with non-temporal stores: a copy far larger than the
+// caches (cpu::use_streaming_stores) at a vector-aligned address. Then every full vector of every
+// chunk is aligned too: chunks start on a multiple of kUnit elements, vectors on kStep.
+template <typename CopyT>
+bool stream_copy(const CopyT* copy, int64_t n) {
+  if constexpr (std::is_same_v<CopyT, NoCopy>) {
+    return false;
+  } else {
+    return cpu::use_streaming_stores(n * static_cast<int64_t>(sizeof(CopyT))) &&
+           reinterpret_cast<uintptr_t>(copy) % sizeof(Vec) == 0;
   }
 }
 
 template <typename CopyT>
 void update_all(const Coefficients& c, float* p, float* m, float* v, const float* g, CopyT* copy, int64_t n) {
   const int64_t units = (n + kUnit - 1) / kUnit;
+  const bool stream = stream_copy(copy, n);
   at::parallel_for(0, units, kElementsPerTask / kUnit, [&](int64_t unit_begin, int64_t unit_end) {
     const int64_t begin = unit_begin * kUnit;
     const int64_t end = std::min(n, unit_end * kUnit);
     CopyT* chunk_copy = nullptr;
     if constexpr (!std::is_same_v<CopyT, NoCopy>) chunk_copy = copy + begin;
-    update_range(c, p + begin, m + begin, v + begin, g + begin, chunk_copy, end - begin);
+    const auto range = stream ? update_range<CopyT, true> : update_range<CopyT, false>;
+    range(c, p + begin, m + begin, v + begin, g + begin, chunk_copy, end - begin);
   });
 }
 

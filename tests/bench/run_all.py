@@ -19,6 +19,7 @@ BENCHMARKS = (
     ("tests.bench.bench_pipeline", {}),
     ("tests.bench.bench_interleaved", {}),
     ("tests.bench.bench_optim", {"device": "cpu"}),
+    ("tests.bench.bench_cpu_adamw", {}),
     ("tests.bench.bench_zero", {}),
     ("tests.bench.bench_sequence_parallel", {}),
     ("tests.bench.bench_decode", {}),
