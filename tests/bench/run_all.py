@@ -21,6 +21,7 @@ BENCHMARKS = (
     ("tests.bench.bench_optim", {"device": "cpu"}),
     ("tests.bench.bench_zero", {}),
     ("tests.bench.bench_sequence_parallel", {}),
+    ("tests.bench.bench_plan_vs_measured", {}),
     ("tests.bench.bench_decode", {}),
     ("tests.bench.bench_training", {}),
     ("tests.bench.bench_megatron_race", {}),
