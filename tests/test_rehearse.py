@@ -4,7 +4,9 @@ the real trainer on a small demo corpus. Per rank: the losses are finite and fal
 weights, gradients, optimizer state and saved activations are within 10% of the planner's
 prediction for that configuration, no saved activation outlives the steps, and the sharded
 checkpoint saved after the steps loads back into overwritten weights equal to the saved ones.
-``examples/rehearse_10b.sh`` runs the full-size one."""
+Then pp 2 x V 2 (interleaved 1F1B, 4 blocks): every chunk's forwards are metered (the schedule
+runs the chunks, not the stage) and match the plan. ``examples/rehearse_10b.sh`` runs the
+full-size one."""
 
 import math
 
@@ -70,3 +72,33 @@ def test_checkpoint_reloads_the_saved_weights(results):
     for r in results:
         c = r["checkpoint"]
         assert c["weights"] > 0 and c["differing_weights"] == [], (r["rank"], c)
+
+
+def _interleaved_rank(corpus_dir: str, vocab_file: str, vocab_size: int, ckpt_dir: str) -> dict:
+    from m6_engine.plan.rehearse import rehearsal_job, rehearse
+
+    job = rehearsal_job(corpus_dir, vocab_file, model={**SMALL, "num_layers": 4, "vocab_size": vocab_size},
+                        tp=1, steps=2, lr=1e-3, timeout_s=60.0, parallel={"pp": 2, "virtual_stages": 2},
+                        optimizer={"zero_stage": 0}, train={"global_batch": 2})
+    return rehearse(job, init_state(job.parallel.tp, job.parallel.pp), ckpt_dir, check_reload=False)
+
+
+def test_rehearsal_with_interleaved_chunks(tmp_path_factory):
+    """pp 2 x V 2 (the schedule runs the StageChunks' chunks, never the stage): every chunk's
+    forwards are metered, and the held activations and resident state are the plan's."""
+    corpus = build_corpus(tmp_path_factory.mktemp("corpus_v2"))
+    out = run_ranks(_interleaved_rank, 2, corpus.train, corpus.vocab_file, corpus.vocab_size,
+                    str(tmp_path_factory.mktemp("ckpt_v2")), timeout_s=180.0)
+    from m6_engine.plan.rehearse import format_report
+
+    print(format_report(out))
+    assert all(math.isfinite(s["loss"]) for s in out[-1]["steps"])      # the last stage's losses
+    for r in out:
+        assert "interleaved 1F1B with 2 virtual stages" in r["layout"]
+        a = r["activations"]
+        assert a["measured"] > 0 and a["left_after_steps"] == 0, (r["rank"], a)
+        assert abs(a["predicted_exact"] - a["measured"]) <= TOLERANCE * a["measured"], (r["rank"], a)
+        for part, (measured, predicted) in r["resident"].items():
+            assert abs(predicted - measured) <= TOLERANCE * measured, (r["rank"], part, measured, predicted)
+        assert abs(r["predicted_total"] - r["measured_total"]) <= TOLERANCE * r["measured_total"], r
+        assert r["checkpoint"] is None

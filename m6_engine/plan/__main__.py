@@ -3,7 +3,8 @@
     python -m m6_engine.plan --preset paper-96xV100 [--meta]     the paper's cluster (A.1)
     python -m m6_engine.plan --preset h200-8x8                   8 nodes x 8 H200
     python -m m6_engine.plan --model m6-large --device A100-80G --tp 8 --pp 4 --dp 2 \
-        --micro-batch 2 --global-batch 1024 --recompute selective --precision bf16 --zero
+        --micro-batch 2 --global-batch 1024 --recompute selective --precision bf16 --zero-stage 1 \
+        --sequence-parallel --virtual-stages 2
     python -m m6_engine.plan --config examples/configs/m6-large-8xH200.yaml --gpus 64 --device H200-141G
     python -m m6_engine.plan --model m6-large --device H100-80G --gpus 128 --global-batch 4096 --search
 
@@ -14,8 +15,10 @@ the parameter counts against the plan's.
 import argparse
 import dataclasses
 
-from m6_engine.config import RECOMPUTE_MODES, ConfigError, job_config_from_dict, load_yaml, model_preset
-from m6_engine.plan.devices import DEVICE_NAMES, device_preset
+from m6_engine.config import (
+    OFFLOAD_MODES, RECOMPUTE_MODES, ZERO_STAGES, ConfigError, job_config_from_dict, load_yaml, model_preset,
+)
+from m6_engine.plan.devices import DEVICE_NAMES, GiB, device_preset
 from m6_engine.plan.layout import TASK_SHAPES, Layout, SequenceLayout
 from m6_engine.plan.memory import stage_parameters, unique_parameters
 from m6_engine.plan.perf import CostModel
@@ -38,8 +41,13 @@ def parse_args(argv=None):
     p.add_argument("--global-batch", type=int)
     p.add_argument("--recompute", choices=RECOMPUTE_MODES)
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--zero", action=argparse.BooleanOptionalAction, default=None,
-                   help="ZeRO-1 optimizer sharding")
+    p.add_argument("--zero-stage", type=int, choices=ZERO_STAGES,
+                   help="ZeRO stage (OptimizerConfig.zero_stage); with --search: pins it")
+    p.add_argument("--offload", choices=OFFLOAD_MODES, help="optimizer offload (OptimizerConfig.offload)")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="sequence parallelism (ParallelConfig.sequence_parallel, tp > 1)")
+    p.add_argument("--virtual-stages", type=int,
+                   help="model chunks per pipeline rank: interleaved 1F1B (ParallelConfig.virtual_stages)")
     p.add_argument("--task", choices=TASK_SHAPES, default="multimodal_to_text",
                    help="sample shape the model FLOPs are counted for")
     p.add_argument("--seq-length", type=int, help="padded positions (default patches + text = 528)")
@@ -47,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=10, help="layouts listed by --search / --preset")
     p.add_argument("--gpus-per-node", type=int)
     p.add_argument("--inter-node-gbps", type=float, help="per-GPU network share, Gb/s")
+    p.add_argument("--pcie-gbytes", type=float, help="per-GPU PCIe bandwidth to the host, GB/s one way")
+    p.add_argument("--host-gbytes", type=float, help="per-GPU share of the host memory bandwidth, GB/s")
+    p.add_argument("--host-memory-gib", type=float, help="per-GPU share of the host memory, GiB")
     p.add_argument("--compute-efficiency", type=float, default=CostModel.compute_efficiency)
     p.add_argument("--comm-efficiency", type=float, default=CostModel.comm_efficiency)
     p.add_argument("--half-rate-rows", type=int, default=CostModel.half_rate_rows,
@@ -61,19 +72,26 @@ def _device(args, name):
         device = dataclasses.replace(device, gpus_per_node=args.gpus_per_node)
     if args.inter_node_gbps:
         device = dataclasses.replace(device, inter_node_bandwidth=args.inter_node_gbps * 1e9 / 8)
+    if args.pcie_gbytes:
+        device = dataclasses.replace(device, pcie_bandwidth=args.pcie_gbytes * 1e9)
+    if args.host_gbytes:
+        device = dataclasses.replace(device, host_memory_bandwidth=args.host_gbytes * 1e9)
+    if args.host_memory_gib:
+        device = dataclasses.replace(device, host_memory_bytes=int(args.host_memory_gib * GiB))
     return device
+
+
+LAYOUT_FLAGS = ("tp", "pp", "micro_batch", "global_batch", "recompute", "precision", "zero_stage",
+                "offload", "sequence_parallel", "virtual_stages")
 
 
 def _explicit_layout(args, job=None) -> Layout:
     """The layout of the flags, defaulting to the job config's fields (or to 1 / none / bf16)."""
-    base = dict(tp=1, pp=1, micro_batch=1, global_batch=None, recompute="none", precision="bf16",
-                optimizer_sharding=False)
+    base = dict(tp=1, pp=1, micro_batch=1, global_batch=None, recompute="none", precision="bf16")
     if job is not None:
-        base.update(tp=job.parallel.tp, pp=job.parallel.pp, micro_batch=job.train.micro_batch,
-                    global_batch=job.train.global_batch, recompute=job.train.recompute,
-                    precision=job.optimizer.precision, optimizer_sharding=job.optimizer.zero_stage >= 1)
-    flags = dict(tp=args.tp, pp=args.pp, micro_batch=args.micro_batch, global_batch=args.global_batch,
-                 recompute=args.recompute, precision=args.precision, optimizer_sharding=args.zero)
+        of_job = Layout.of_job(job, dp=1)
+        base = {name: getattr(of_job, name) for name in LAYOUT_FLAGS}
+    flags = {name: getattr(args, name) for name in LAYOUT_FLAGS}
     fields = {**base, **{k: v for k, v in flags.items() if v is not None}}
     tp, pp = fields["tp"], fields["pp"]
     dp = args.dp or (args.gpus // (tp * pp) if args.gpus else 1)
@@ -84,15 +102,24 @@ def _explicit_layout(args, job=None) -> Layout:
     return Layout(dp=dp, **fields)
 
 
+def _search_space(args) -> SearchSpace:
+    """The search space with every layout flag given pinned."""
+    pinned = {"recompute": args.recompute, "zero_stage": args.zero_stage, "offload": args.offload,
+              "sequence_parallel": args.sequence_parallel, "virtual_stages": args.virtual_stages,
+              "tp": args.tp, "pp": args.pp, "micro_batch": args.micro_batch}
+    return SearchSpace(**{k: (v,) for k, v in pinned.items() if v is not None})
+
+
 def _meta_check(config, layout) -> str:
     """Build every rank on the meta device; compare with the plan's parameter counts."""
     from m6_engine.parallel import initialize
     from m6_engine.plan.meta import meta_build
 
     state = initialize(backend="gloo")
-    ranks = meta_build(config, layout.tp, layout.pp, layout.dp, state.group("tp"))
+    ranks = meta_build(config, layout.tp, layout.pp, layout.dp, state.group("tp"), layout.virtual_stages)
     lines = [f"meta-device build of each (stage, tp rank) of {layout.describe()}:"]
-    wrong = [r for r in ranks if r.count != stage_parameters(config, layout.tp, layout.pp, r.pp_rank)]
+    wrong = [r for r in ranks if r.count != stage_parameters(config, layout.tp, layout.pp, r.pp_rank,
+                                                             layout.virtual_stages)]
     for r in ranks:
         if r.tp_rank == 0:
             lines.append(f"  stage {r.pp_rank:>2} tp 0: {len(r.shapes):>4} tensors, "
@@ -135,10 +162,8 @@ def main(argv=None):
     elif args.search:
         if not args.gpus or not args.global_batch:
             raise SystemExit("--search needs --gpus and --global-batch")
-        space = SearchSpace(recompute=(args.recompute,) if args.recompute else RECOMPUTE_MODES,
-                            optimizer_sharding=(args.zero,) if args.zero is not None else (False, True))
         plans = search(config, args.gpus, args.global_batch, args.precision or "bf16",
-                       _device(args, args.device), seq, space=space, cost=cost)
+                       _device(args, args.device), seq, space=_search_space(args), cost=cost)
         print(format_search(plans, args.top))
         if plans:
             print("\nbest:\n" + format_plan(plans[0]))

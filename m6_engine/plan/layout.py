@@ -1,17 +1,19 @@
 """What a plan is about: the parallel layout of a job and the shape of its samples.
 
 A :class:`Layout` is the whole cluster-side description of a training job: the mesh
-(tp, pp, dp), batch sizes, activation recomputation, precision and ZeRO-1. A
-:class:`SequenceLayout` is one packed sample as ``m6_engine.data.tasks`` builds it: every sample
-is padded to ``seq_length`` positions (what memory and executed FLOPs depend on), and only its
-``valid_len`` positions, ``prefix_len`` bidirectional ones and ``loss_tokens`` predicted ones count
-as model FLOPs.
+(tp, pp, dp), batch sizes, activation recomputation, precision, sequence parallelism, interleaved
+1F1B (virtual stages), the ZeRO stage and optimizer offload. A :class:`SequenceLayout` is one
+packed sample as ``m6_engine.data.tasks`` builds it: every sample is padded to ``seq_length``
+positions (what memory and executed FLOPs depend on), and only its ``valid_len`` positions,
+``prefix_len`` bidirectional ones and ``loss_tokens`` predicted ones count as model FLOPs.
 """
 
 import dataclasses
 from dataclasses import dataclass
 
-from m6_engine.config import PRECISIONS, RECOMPUTE_MODES, ConfigError, ModelConfig
+from m6_engine.config import (
+    OFFLOAD_MODES, PRECISIONS, RECOMPUTE_MODES, ZERO_STAGES, ConfigError, JobConfig, ModelConfig,
+)
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -34,11 +36,21 @@ class Layout:
     """Activation checkpointing: "none", "selective" (attention core) or "full" (whole blocks)."""
     precision: str = "bf16"
     """Parameter / activation dtype: "fp32", "fp16" or "bf16" (O2: fp32 master weights)."""
-    optimizer_sharding: bool = False
-    """ZeRO-1: fp32 master weights and Adam moments sharded over dp."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (``ParallelConfig.sequence_parallel``): the hidden state
+    between blocks holds S / tp positions per tp rank; needs tp > 1."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (``ParallelConfig.virtual_stages``): V > 1 is interleaved
+    1F1B, which needs pp >= 2 and micro-batches per replica in whole groups of pp."""
+    zero_stage: int = 0
+    """``OptimizerConfig.zero_stage``: 1 shards fp32 masters and Adam moments over dp, 2 also the
+    fp32 gradients, 3 also the half-precision weights (gathered layer by layer)."""
+    offload: str = "none"
+    """``OptimizerConfig.offload``: "cpu" keeps the fp32 masters and Adam moments in host memory
+    and runs the optimizer step there (zero_stage 0, 1 or 2)."""
 
     def __post_init__(self):
-        for name in ("tp", "pp", "dp", "micro_batch", "global_batch"):
+        for name in ("tp", "pp", "dp", "micro_batch", "global_batch", "virtual_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"Layout.{name} must be an integer >= 1, got {value!r}")
@@ -50,6 +62,35 @@ class Layout:
         if self.global_batch % per_round:
             raise ConfigError(f"Layout.global_batch = {self.global_batch} is not divisible by "
                               f"micro_batch * dp = {self.micro_batch} * {self.dp} = {per_round}")
+        if not isinstance(self.sequence_parallel, bool):
+            raise ConfigError(f"Layout.sequence_parallel must be a bool, got {self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("Layout.sequence_parallel splits the sequence over the tp ranks: it needs "
+                              "tp > 1 (with tp = 1 it changes nothing; leave it off)")
+        if self.virtual_stages > 1 and self.pp < 2:
+            raise ConfigError(f"Layout.virtual_stages = {self.virtual_stages} (interleaved 1F1B) needs "
+                              f"pp >= 2, got pp = {self.pp}")
+        if self.virtual_stages > 1 and self.num_microbatches % self.pp:
+            raise ConfigError(f"Layout.virtual_stages = {self.virtual_stages} (interleaved 1F1B) runs "
+                              f"micro-batches in groups of pp: global_batch / (micro_batch * dp) = "
+                              f"{self.num_microbatches} is not a multiple of pp = {self.pp}")
+        if self.zero_stage not in ZERO_STAGES or isinstance(self.zero_stage, bool):
+            raise ConfigError(f"Layout.zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage!r}")
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(f"Layout.offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
+        if self.offload != "none" and self.zero_stage == 3:
+            raise ConfigError("Layout.offload = 'cpu' works with zero_stage 0, 1 or 2, not 3 (as "
+                              "OptimizerConfig refuses it)")
+
+    @classmethod
+    def of_job(cls, job: JobConfig, dp: int) -> "Layout":
+        """The layout ``job`` runs with ``dp`` data-parallel replicas (sequence parallelism only
+        counts with tp > 1, where the engine applies it)."""
+        parallel, train, opt = job.parallel, job.train, job.optimizer
+        return cls(tp=parallel.tp, pp=parallel.pp, dp=dp, micro_batch=train.micro_batch,
+                   global_batch=train.global_batch, recompute=train.recompute, precision=opt.precision,
+                   sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
+                   virtual_stages=parallel.virtual_stages, zero_stage=opt.zero_stage, offload=opt.offload)
 
     @property
     def world_size(self) -> int:
@@ -65,15 +106,32 @@ class Layout:
         """Bytes of one parameter / activation element at this precision."""
         return ELEMENT_BYTES[self.precision]
 
-    def check(self, config: ModelConfig) -> None:
-        """Raise ConfigError when ``config`` cannot be split this way."""
-        config.check_layout(self.tp, self.pp)
+    @property
+    def owns_shards(self) -> bool:
+        """True when each dp rank keeps optimizer state for its 1/dp of the elements (ZeRO >= 1)."""
+        return self.zero_stage >= 1
+
+    def check(self, config: ModelConfig, seq: "SequenceLayout | None" = None) -> None:
+        """Raise ConfigError when ``config`` cannot be split this way (or, given ``seq``, when
+        sequence parallelism cannot split its positions over tp)."""
+        config.check_layout(self.tp, self.pp, self.virtual_stages)
+        if seq is not None and self.sequence_parallel and seq.seq_length % self.tp:
+            raise ConfigError(f"Layout.sequence_parallel splits the sequence over tp = {self.tp} ranks: "
+                              f"seq_length = {seq.seq_length} is not divisible by {self.tp}")
 
     def describe(self) -> str:
-        zero = "ZeRO-1" if self.optimizer_sharding else "no ZeRO"
+        zero = f"ZeRO-{self.zero_stage}" if self.zero_stage else "no ZeRO"
+        extras = [zero]
+        if self.offload != "none":
+            extras.append(f"optimizer offloaded to the {self.offload.upper()}")
+        if self.sequence_parallel:
+            extras.append("sequence parallel")
+        if self.virtual_stages > 1:
+            extras.append(f"interleaved 1F1B with {self.virtual_stages} virtual stages per rank")
         return (f"tp {self.tp} x pp {self.pp} x dp {self.dp} = {self.world_size} ranks, micro-batch "
                 f"{self.micro_batch}, global batch {self.global_batch} ({self.num_microbatches} "
-                f"micro-batches per replica), recompute {self.recompute}, {self.precision}, {zero}")
+                f"micro-batches per replica), recompute {self.recompute}, {self.precision}, "
+                + ", ".join(extras))
 
 
 TASK_SHAPES = ("multimodal_to_text", "image_to_text", "text_denoising", "language_modelling")

@@ -42,15 +42,21 @@ class RankParameters:
     unique: int
     """Elements this rank contributes when each parameter of the model is counted once: sharded
     ones on every tp rank, replicated ones on tp rank 0 only, the last stage's tied copy never."""
+    numels: tuple[int, ...] = ()
+    """Elements of each parameter in registration order (what DataParallel lays out, reversed)."""
 
 
 def meta_stage(config: ModelConfig, tp: int, pp: int, dp: int, pp_rank: int, tp_rank: int,
-               group) -> RankParameters:
-    """Build stage ``pp_rank``'s tp rank ``tp_rank`` on the meta device and count its parameters."""
+               group, virtual_stages: int = 1) -> RankParameters:
+    """Build stage ``pp_rank``'s tp rank ``tp_rank`` (its ``virtual_stages`` chunks as the Trainer
+    does, ``StageChunks``) on the meta device and count its parameters."""
     from m6_engine.model import M6Model
+    from m6_engine.model.m6 import StageChunks
 
     state = stand_in_state(tp, pp, dp, pp_rank=pp_rank, tp_rank=tp_rank, group=group)
-    model = M6Model(config, state, device="meta")
+    chunks = [M6Model(config, state, device="meta", chunk=c, virtual_stages=virtual_stages)
+              for c in range(virtual_stages)]
+    model = chunks[0] if virtual_stages == 1 else StageChunks(chunks)
     shapes, count, unique = {}, 0, 0
     for name, p in model.named_parameters():
         shapes[name] = tuple(p.shape)
@@ -59,9 +65,11 @@ def meta_stage(config: ModelConfig, tp: int, pp: int, dp: int, pp_rank: int, tp_
         sharded = param_role(p).tp_dim is not None
         if not tied_copy and (sharded or tp_rank == 0):
             unique += p.numel()
-    return RankParameters(pp_rank, tp_rank, shapes, count, unique)
+    return RankParameters(pp_rank, tp_rank, shapes, count, unique,
+                          tuple(p.numel() for p in model.parameters()))
 
 
-def meta_build(config: ModelConfig, tp: int, pp: int, dp: int, group) -> list[RankParameters]:
+def meta_build(config: ModelConfig, tp: int, pp: int, dp: int, group,
+               virtual_stages: int = 1) -> list[RankParameters]:
     """Every (pp_rank, tp_rank) of the layout built on the meta device (dp ranks are copies)."""
-    return [meta_stage(config, tp, pp, dp, p, t, group) for p in range(pp) for t in range(tp)]
+    return [meta_stage(config, tp, pp, dp, p, t, group, virtual_stages) for p in range(pp) for t in range(tp)]

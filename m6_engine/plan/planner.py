@@ -3,7 +3,7 @@
 import itertools
 from dataclasses import dataclass
 
-from m6_engine.config import RECOMPUTE_MODES, ConfigError, ModelConfig
+from m6_engine.config import OFFLOAD_MODES, RECOMPUTE_MODES, ZERO_STAGES, ConfigError, ModelConfig
 from m6_engine.plan.devices import Device
 from m6_engine.plan.layout import Layout, SequenceLayout
 from m6_engine.plan.memory import StageMemory, all_stages
@@ -27,15 +27,22 @@ class Plan:
         return max(stage.total for stage in self.stages)
 
     @property
+    def host_bytes(self) -> int:
+        """The most host memory a rank's offloaded optimizer needs (0 without offload)."""
+        return max(stage.host for stage in self.stages)
+
+    @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.device.usable_bytes
+        """Device memory of the fullest rank fits, and so does its offloaded state on the host."""
+        return (self.peak_bytes <= self.device.usable_bytes
+                and self.host_bytes <= self.device.host_usable_bytes)
 
 
 def make_plan(config: ModelConfig, layout: Layout, seq: SequenceLayout, device: Device,
               cost: CostModel = CostModel()) -> Plan:
     """Plan ``layout``; ConfigError when the model cannot be split that way or the device lacks
     the precision."""
-    layout.check(config)
+    layout.check(config, seq)
     device.peak(layout.precision)
     return Plan(config, layout, seq, device, tuple(all_stages(config, layout, seq, device)),
                 estimate_step(config, layout, seq, device, cost))
@@ -50,7 +57,13 @@ class SearchSpace:
     """What ``search`` may vary; a one-element tuple pins a choice."""
 
     recompute: tuple[str, ...] = RECOMPUTE_MODES
-    optimizer_sharding: tuple[bool, ...] = (False, True)
+    zero_stage: tuple[int, ...] = ZERO_STAGES
+    offload: tuple[str, ...] = OFFLOAD_MODES
+    """"cpu" is tried with ZeRO 0-2 only (the engine refuses it with stage 3)."""
+    sequence_parallel: tuple[bool, ...] = (False, True)
+    """True is tried where tp > 1 and tp divides the sequence."""
+    virtual_stages: tuple[int, ...] = (1, 2, 4)
+    """V > 1 is tried where pp > 1, pp divides the micro-batches and pp V <= num_layers."""
     tp: tuple[int, ...] | None = None
     """None: every tp that divides the model and fits in a node."""
     pp: tuple[int, ...] | None = None
@@ -58,9 +71,24 @@ class SearchSpace:
     micro_batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
+def _mesh_options(config: ModelConfig, seq: SequenceLayout, tp: int, pp: int, dp: int, micro_batch: int,
+                  global_batch: int, space: SearchSpace):
+    """(sequence_parallel, virtual_stages, zero_stage, offload) worth trying at this mesh: SP only
+    with tp > 1, V > 1 only where interleaving can run, ZeRO > 0 only with dp > 1 unless pinned."""
+    m = global_batch // (micro_batch * dp)
+    sps = [sp for sp in space.sequence_parallel if not sp or (tp > 1 and seq.seq_length % tp == 0)]
+    vs = [v for v in space.virtual_stages
+          if v == 1 or (pp > 1 and m % pp == 0 and pp * v <= config.num_layers)]
+    zeros = [0] if dp == 1 and 0 in space.zero_stage else list(space.zero_stage)
+    for sp, v, zero, offload in itertools.product(sps, vs, zeros, space.offload):
+        if offload == "none" or zero != 3:
+            yield sp, v, zero, offload
+
+
 def candidate_layouts(config: ModelConfig, world_size: int, global_batch: int, precision: str,
-                      device: Device, space: SearchSpace = SearchSpace()):
-    """Every layout of ``world_size`` ranks in ``space`` the model can be split into."""
+                      device: Device, space: SearchSpace = SearchSpace(), seq: SequenceLayout | None = None):
+    """Every layout of ``world_size`` ranks in ``space`` the model (and ``seq``) can be split into."""
+    seq = seq or SequenceLayout.for_task(config)
     for tp, pp in itertools.product(_divisors(world_size), repeat=2):
         if world_size % (tp * pp) or tp > device.gpus_per_node or pp > config.num_layers:
             continue
@@ -71,13 +99,14 @@ def candidate_layouts(config: ModelConfig, world_size: int, global_batch: int, p
         except ConfigError:
             continue
         dp = world_size // (tp * pp)
-        for micro_batch, recompute, sharding in itertools.product(
-                space.micro_batch, space.recompute, space.optimizer_sharding):
-            pointless_zero = sharding and dp == 1 and len(space.optimizer_sharding) > 1
-            if global_batch % (micro_batch * dp) or pointless_zero:
+        for micro_batch, recompute in itertools.product(space.micro_batch, space.recompute):
+            if global_batch % (micro_batch * dp):
                 continue
-            yield Layout(tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, global_batch=global_batch,
-                         recompute=recompute, precision=precision, optimizer_sharding=sharding)
+            for sp, v, zero, offload in _mesh_options(config, seq, tp, pp, dp, micro_batch, global_batch,
+                                                      space):
+                yield Layout(tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, global_batch=global_batch,
+                             recompute=recompute, precision=precision, sequence_parallel=sp,
+                             virtual_stages=v, zero_stage=zero, offload=offload)
 
 
 def search(config: ModelConfig, world_size: int, global_batch: int, precision: str, device: Device,
@@ -87,6 +116,6 @@ def search(config: ModelConfig, world_size: int, global_batch: int, precision: s
     memory)."""
     device.peak(precision)
     plans = (make_plan(config, layout, seq, device, cost)
-             for layout in candidate_layouts(config, world_size, global_batch, precision, device, space))
+             for layout in candidate_layouts(config, world_size, global_batch, precision, device, space, seq))
     fitting = [plan for plan in plans if plan.fits]
     return sorted(fitting, key=lambda plan: (round(plan.step.step_s, 6), plan.peak_bytes))

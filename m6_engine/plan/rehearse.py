@@ -7,11 +7,20 @@ sequence of 16 + 512 = 528 positions. :func:`rehearse` runs that slice with the 
 parallelism) for a few steps on one rank of the job, and reports per step the loss and time, and
 per rank the measured memory against ``plan.memory.stage_memory`` for the very same layout:
 
-- resident: weights, fp32 gradient buffer, optimizer state (``plan.measure.resident_bytes``);
-- activations: the saved-for-backward bytes alive after each forward of the stage
-  (``plan.measure.SavedActivations``), against two predictions: the planned figure (the longest
-  sample, ``SequenceLayout.max_loss_tokens`` loss tokens) and the formula evaluated at the loss
-  tokens the measured micro-batch really had (what the tests hold to 10%);
+- resident: weights as stored, fp32 gradient buffer, optimizer state
+  (``plan.measure.resident_bytes``; ZeRO-3 stores parameter shards);
+- transient state inside a step: ZeRO-2/3's full-size gradient staging
+  (``DataParallel.peak_staging_numel``) and ZeRO-3's gathered parameters
+  (``ShardedParameters.peak_gathered_numel``), each its peak over the steps;
+- activations: the saved-for-backward bytes alive after each forward of the stage, or of each of
+  its chunks with interleaved 1F1B (``plan.measure.SavedActivations``), against two predictions:
+  the planned figure (the longest sample, ``SequenceLayout.max_loss_tokens`` loss tokens) and the
+  formula evaluated at the sequence length and loss tokens the measured micro-batches really had
+  (what the tests hold to 10%);
+- ``measured_total``: the sum of those measured terms (each at its own peak, so an upper bound on
+  what they hold at once) against ``predicted_total``, the plan's same terms at the measured
+  sample (``StageMemory.measured_terms``: everything but the temporaries, which no CPU
+  measurement sees: there is no allocator peak on the CPU);
 - the process's peak resident set size, a sanity figure only (allocator, libraries and the
   interpreter are in it; the planner's terms are not).
 
@@ -24,6 +33,7 @@ the checkpoint back and checks each weight equals what was saved.
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -39,39 +49,49 @@ from m6_engine.parallel import ParallelState
 from m6_engine.plan.devices import cpu_device
 from m6_engine.plan.layout import Layout, SequenceLayout
 from m6_engine.plan.measure import SavedActivations, resident_bytes
-from m6_engine.plan.memory import ActivationDtype, stage_activation_bytes, stage_memory
+from m6_engine.plan.memory import held_activations, microbatch_activations, stage_memory
 
 MiB = 2 ** 20
 RESIDENT_PARTS = ("weights", "gradients", "optimizer")
+TRANSIENT_PARTS = ("staging", "gathered")
 
 
 def rehearsal_job(corpus: str, vocab_file: str = "", *, model: dict | None = None, tp: int = 2,
-                  steps: int = 3, lr: float = 2e-5, timeout_s: float = 600.0) -> JobConfig:
+                  steps: int = 3, lr: float = 2e-5, timeout_s: float = 600.0, parallel: dict | None = None,
+                  optimizer: dict | None = None, train: dict | None = None) -> JobConfig:
     """M6-large cut to 2 layers (``model`` overrides any field), tp-way, fp32, full recomputation,
-    one micro-batch of one sample per step, AdamW at ``lr`` after one warm-up step."""
+    one micro-batch of one sample per step, AdamW at ``lr`` after one warm-up step; ``parallel``,
+    ``optimizer`` and ``train`` override fields of their sections (e.g. pp, virtual_stages,
+    zero_stage, global_batch)."""
     return job_config_from_dict({
         "model": {"preset": "m6-large", "num_layers": 2, **(model or {})},
-        "parallel": {"tp": tp, "pp": 1, "timeout_s": timeout_s},
-        "optimizer": {"lr": lr, "min_lr": lr / 10, "warmup_fraction": 1 / steps, "precision": "fp32"},
+        "parallel": {"tp": tp, "pp": 1, "timeout_s": timeout_s, **(parallel or {})},
+        "optimizer": {"lr": lr, "min_lr": lr / 10, "warmup_fraction": 1 / steps, "precision": "fp32",
+                      **(optimizer or {})},
         # peak_tflops given: no matmul measurement at start-up (MFU is not what is rehearsed).
         "train": {"train_steps": steps, "micro_batch": 1, "global_batch": 1, "recompute": "full",
-                  "log_interval": 1, "peak_tflops": 1.0},
+                  "log_interval": 1, "peak_tflops": 1.0, **(train or {})},
         "data": {"corpus": corpus, "vocab_file": vocab_file, "exhausted": "wrap"},
     })
 
 
 def plan_layout(job: JobConfig, state: ParallelState) -> Layout:
     """The planner's description of ``job`` running on ``state``'s mesh."""
-    return Layout(tp=state.tp_size, pp=state.pp_size, dp=state.dp_size,
-                  micro_batch=job.train.micro_batch, global_batch=job.train.global_batch,
-                  recompute=job.train.recompute, precision=job.optimizer.precision,
-                  optimizer_sharding=job.optimizer.zero_stage >= 1)
+    return Layout.of_job(job, state.dp_size)
+
+
+def forward_modules(stage: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """The modules the schedule runs forwards of: the stage, or the chunks of a ``StageChunks``
+    (interleaved 1F1B runs those; the stage itself never runs)."""
+    return tuple(getattr(stage, "chunks", (stage,)))
 
 
 @contextlib.contextmanager
-def metered_forwards(module: torch.nn.Module, meter: SavedActivations):
-    """Run every forward of ``module`` under ``meter.hooks()``; yields a list that receives, per
-    forward, (saved bytes alive after it, sequence length, loss tokens of its batch)."""
+def metered_forwards(modules, meter: SavedActivations):
+    """Run every forward of each of ``modules`` (a module or a sequence of them) under
+    ``meter.hooks()``; yields a list that receives, per forward, (saved bytes alive after it,
+    sequence length, loss tokens of its batch)."""
+    modules = (modules,) if isinstance(modules, torch.nn.Module) else tuple(modules)
     records, open_hooks = [], []
 
     def before(_module, args):
@@ -84,8 +104,8 @@ def metered_forwards(module: torch.nn.Module, meter: SavedActivations):
         hooks.__exit__(None, None, None)
         records.append((meter.live, seq_length, loss_tokens))
 
-    handles = [module.register_forward_pre_hook(before),
-               module.register_forward_hook(after, always_call=True)]
+    handles = [handle for module in modules for handle in (
+        module.register_forward_pre_hook(before), module.register_forward_hook(after, always_call=True))]
     try:
         yield records
     finally:
@@ -119,12 +139,13 @@ def _check_reload(trainer, state: ParallelState, ckpt_dir: str) -> dict:
             "differing_weights": differing}
 
 
-def rehearse(job: JobConfig, state: ParallelState, ckpt_dir: str) -> dict:
+def rehearse(job: JobConfig, state: ParallelState, ckpt_dir: str, *, check_reload: bool = True) -> dict:
     """Rank function: train ``job`` (module docstring), measure against the plan, save and reload.
 
-    Returns this rank's figures: "steps" [{step, loss, seconds}], "resident" {part: (measured,
-    predicted)}, "activations" {measured, predicted_exact, planned}, "temporaries_planned",
-    "peak_rss", "rss_before", "planned_total", "checkpoint".
+    Returns this rank's figures: "steps" [{step, loss, seconds}], "resident" and "transient"
+    {part: (measured, predicted)}, "activations" {measured, predicted_exact, planned},
+    "measured_total", "predicted_total", "temporaries_planned", "peak_rss", "rss_before",
+    "planned_total", "checkpoint" (None without ``check_reload``).
     """
     from m6_engine.training import Trainer, make_datasets
 
@@ -133,7 +154,7 @@ def rehearse(job: JobConfig, state: ParallelState, ckpt_dir: str) -> dict:
     trainer = Trainer(job, state, train_data, log_rank_output=False)
     meter = SavedActivations(trainer.stage)
     steps = []
-    with metered_forwards(trainer.stage, meter) as forwards:
+    with metered_forwards(forward_modules(trainer.stage), meter) as forwards:
         while trainer.step < job.train.train_steps:
             report = trainer.train_step()
             steps.append({"step": trainer.step, "loss": losses_of(report.loss_parts)["loss"],
@@ -144,25 +165,42 @@ def rehearse(job: JobConfig, state: ParallelState, ckpt_dir: str) -> dict:
     seq = SequenceLayout.for_task(job.model)
     plan = stage_memory(job.model, layout, seq, device, state.pp_rank)
     measured = resident_bytes(trainer.model, trainer.model.grad_buffer, trainer.optimizer)
+    transient = _transient_bytes(trainer.model)
     live, seq_length, loss_tokens = max(forwards)
-    exact = stage_activation_bytes(
-        job.model, tp=state.tp_size, pp=state.pp_size, stage_id=state.pp_rank,
-        micro_batch=job.train.micro_batch, seq_length=seq_length, loss_tokens=loss_tokens,
-        dtype=ActivationDtype.of(layout, device), recompute=job.train.recompute)
+    _, exact = held_activations(layout, state.pp_rank, microbatch_activations(
+        job.model, layout, seq.with_length(seq_length), device, state.pp_rank, loss_tokens=loss_tokens,
+        tp_rank=state.tp_rank))
+    measured_total = sum(measured.values()) + sum(transient.values()) + live
+    predicted_total = dataclasses.replace(plan, activations=exact).measured_terms
     return {"rank": state.rank, "tp_rank": state.tp_rank, "layout": layout.describe(),
             "parameters": plan.parameters, "steps": steps,
             "resident": {part: (measured[part], getattr(plan, part)) for part in RESIDENT_PARTS},
+            "transient": {part: (transient[part], getattr(plan, part)) for part in TRANSIENT_PARTS},
             "activations": {"measured": live, "predicted_exact": exact, "planned": plan.activations,
                             "seq_length": seq_length, "loss_tokens": loss_tokens,
                             "planned_loss_tokens": seq.max_loss_tokens,
                             "left_after_steps": meter.live},
+            "measured_total": measured_total, "predicted_total": predicted_total,
             "temporaries_planned": plan.temporaries, "planned_total": plan.total,
             "rss_before": rss_before, "peak_rss": peak_rss,
-            "checkpoint": _check_reload(trainer, state, ckpt_dir)}
+            "checkpoint": _check_reload(trainer, state, ckpt_dir) if check_reload else None}
+
+
+def _transient_bytes(model) -> dict[str, int]:
+    """The peaks of the state ZeRO-2/3 hold only inside a step: full-size gradient staging and
+    ZeRO-3's gathered parameters."""
+    sharded = model.sharded_params
+    element = model.params[0].element_size()
+    return {"staging": 4 * model.peak_staging_numel,
+            "gathered": 0 if sharded is None else sharded.peak_gathered_numel * element}
 
 
 def _mib(n: int) -> str:
     return f"{n / MiB:10.1f} MiB"
+
+
+def _relative(measured: int, predicted: int) -> str:
+    return f"({(predicted - measured) / measured:+.2%})" if measured else "(none measured)"
 
 
 def format_report(results: list[dict]) -> str:
@@ -174,19 +212,23 @@ def format_report(results: list[dict]) -> str:
     for r in results:
         a = r["activations"]
         lines.append(f"-- rank {r['rank']} (tp rank {r['tp_rank']}): measured vs predicted")
-        for part, (measured, predicted) in r["resident"].items():
-            lines.append(f"  {part:<12} {_mib(measured)} {_mib(predicted)}  "
-                         f"({(predicted - measured) / measured:+.2%})")
+        for part, (measured, predicted) in [*r["resident"].items(), *r["transient"].items()]:
+            if measured or predicted:
+                lines.append(f"  {part:<12} {_mib(measured)} {_mib(predicted)}  {_relative(measured, predicted)}")
         lines.append(f"  {'activations':<12} {_mib(a['measured'])} {_mib(a['predicted_exact'])}  "
-                     f"({(a['predicted_exact'] - a['measured']) / a['measured']:+.2%}; "
-                     f"{a['loss_tokens']} loss tokens of {a['seq_length']} positions)")
+                     f"{_relative(a['measured'], a['predicted_exact'])} "
+                     f"({a['loss_tokens']} loss tokens of {a['seq_length']} positions)")
+        lines.append(f"  {'total':<12} {_mib(r['measured_total'])} {_mib(r['predicted_total'])}  "
+                     f"{_relative(r['measured_total'], r['predicted_total'])} (each term at its peak; "
+                     "temporaries not measured)")
         lines.append(f"  planned activations (longest sample, {a['planned_loss_tokens']} loss tokens) "
                      f"{_mib(a['planned'])}; planned temporaries {_mib(r['temporaries_planned'])}")
         lines.append(f"  planned total {_mib(r['planned_total'])}; process peak RSS {_mib(r['peak_rss'])} "
                      f"(before the model: {_mib(r['rss_before'])})")
         c = r["checkpoint"]
-        lines.append(f"  checkpoint: saved in {c['save_s']:.1f} s, loaded in {c['load_s']:.1f} s, "
-                     f"{c['weights'] - len(c['differing_weights'])}/{c['weights']} weights equal")
+        if c is not None:
+            lines.append(f"  checkpoint: saved in {c['save_s']:.1f} s, loaded in {c['load_s']:.1f} s, "
+                         f"{c['weights'] - len(c['differing_weights'])}/{c['weights']} weights equal")
     return "\n".join(lines)
 
 
