@@ -198,17 +198,20 @@ def test_sp_stage(sp_checks, name):
 
 # ---- training ---------------------------------------------------------------------------------------
 
-def _job(corpus, *, tp=1, pp=1, sp=False, recompute="none", zero_stage=0, save="", load=""):
+def _job(corpus, *, tp=1, pp=1, sp=False, recompute="none", zero_stage=0, save="", load="", v=1, layers=2):
     job = small_job(corpus, tp=tp, pp=pp, steps=STEPS, optimizer={"zero_stage": zero_stage},
+                    model={"num_layers": layers},
                     train={"recompute": recompute, "save_dir": save, "save_interval": SAVE_AT if save else 0,
                            "load": load})
-    return job_config_from_dict(job.to_dict(), {"parallel.sequence_parallel": str(sp).lower()})
+    return job_config_from_dict(job.to_dict(), {"parallel.sequence_parallel": str(sp).lower(),
+                                                "parallel.virtual_stages": str(v)})
 
 
 @pytest.fixture(scope="module")
 def one_process(corpus, tmp_path_factory):
     save = tmp_path_factory.mktemp("ckpt_111")
-    return launch(1, {"(1,1,1)": Run(_job(corpus, save=str(save)))}, timeout_s=400.0) | {"save": save}
+    runs = {"(1,1,1)": Run(_job(corpus, save=str(save))), "(1,1,1) 4 layers": Run(_job(corpus, layers=4))}
+    return launch(1, runs, timeout_s=400.0) | {"save": save}
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +236,8 @@ def resumed_in_one_process(corpus, two_ranks):
 def four_ranks(corpus):
     runs = {"tp4 SP": Run(_job(corpus, tp=4, sp=True)),
             "tp2 SP pp2 full recompute": Run(_job(corpus, tp=2, pp=2, sp=True, recompute="full")),
-            "tp2 SP dp2 ZeRO-2": Run(_job(corpus, tp=2, sp=True, zero_stage=2))}
+            "tp2 SP dp2 ZeRO-2": Run(_job(corpus, tp=2, sp=True, zero_stage=2)),
+            "tp2 SP pp2 V2": Run(_job(corpus, tp=2, pp=2, sp=True, v=2, layers=4))}
     return launch(4, runs, timeout_s=900.0)
 
 
@@ -255,6 +259,11 @@ def test_tp2_sp_matches_one_process(name, two_ranks, one_process, record_propert
 @pytest.mark.parametrize("name", ["tp4 SP", "tp2 SP pp2 full recompute", "tp2 SP dp2 ZeRO-2"])
 def test_sp_layouts_match_one_process(name, four_ranks, one_process, record_property):
     _compare(name, four_ranks[name], one_process["(1,1,1)"], record_property)
+
+
+def test_sp_with_interleaved_chunks_matches_one_process(four_ranks, one_process, record_property):
+    _compare("tp2 SP pp2 V2 (4 layers)", four_ranks["tp2 SP pp2 V2"], one_process["(1,1,1) 4 layers"],
+             record_property)
 
 
 @pytest.mark.parametrize("name", ["(1,1,1) -> tp2 SP", "tp2 SP -> (1,1,1)"])
