@@ -26,7 +26,7 @@ from m6_engine.parallel.interleaved import (
     ACTIVATION, BACKWARD, FORWARD, GRADIENT, rank_order, schedule_table, warmup_forwards,
 )
 from tests.distributed import run_ranks
-from tests.training_job import Run, launch, max_rel, small_job
+from tests.training_job import Run, launch, max_rel, small_job, check_resumed
 from tests.training_job import corpus_fixture  # noqa: F401  (provides the module-scoped "corpus" fixture)
 
 SHAPES = [(2, 2, 2), (2, 2, 4), (2, 3, 6), (3, 2, 3), (3, 2, 9), (4, 2, 4), (4, 2, 8), (4, 3, 12),
@@ -353,11 +353,7 @@ def test_checkpoints_reshard_between_virtual_stages(name, pp2_v2, one_process, r
                                                     record_property):
     resumed = (resumed_in_one_process if name.endswith("(1,1,1)") else pp2_v2)[name]["losses"]
     source = (one_process["(1,1,1)"] if name.startswith("(1,1,1)") else pp2_v2["pp2 V2"])["losses"]
-    expected = {step: source[step] for step in range(SAVE_AT + 1, STEPS + 1)}
-    rel = max_rel(resumed, expected)
-    record_property("max_rel_loss_diff", rel)
-    print(f"{name} from step {SAVE_AT}: max relative loss difference: {rel:.2e}")
-    assert rel <= 1e-5, (resumed, expected)
+    check_resumed(name, resumed, source, SAVE_AT, record_property)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from m6_engine.config import ConfigError, job_config_from_dict
 from m6_engine.optim import AdamW
 from m6_engine.optim.offload import HostAdamW, OffloadPiece
-from tests.training_job import Run, STEPS, launch, max_rel, small_job
+from tests.training_job import Run, STEPS, launch, max_rel, small_job, check_resumed
 from tests.training_job import corpus_fixture  # noqa: F401  (provides the module-scoped "corpus" fixture)
 
 SAVE_AT = 5
@@ -162,11 +162,7 @@ def test_checkpoints_resume_across_offload(name, two_ranks, one_process, resumed
                                            record_property):
     resumed = (two_ranks if name.startswith("(1,1,1) ->") else resumed_in_one_process)[name]["losses"]
     source = one_process["(1,1,1)" if name.startswith("(1,1,1) ->") else "(1,1,1) offload"]["losses"]
-    expected = {step: source[step] for step in range(SAVE_AT + 1, STEPS + 1)}
-    rel = max_rel(resumed, expected)
-    record_property("max_rel_loss_diff", rel)
-    print(f"{name} from step {SAVE_AT}: max relative loss difference: {rel:.2e}")
-    assert rel <= 1e-5, (resumed, expected)
+    check_resumed(name, resumed, source, SAVE_AT, record_property)
 
 
 def test_offload_with_bf16_weights_matches_the_device_step(corpus):

@@ -11,7 +11,7 @@ import torch
 
 from m6_engine.config import ConfigError, ModelConfig, job_config_from_dict
 from tests.distributed import assert_checks, run_ranks
-from tests.training_job import Run, STEPS, launch, max_rel, small_job
+from tests.training_job import Run, STEPS, launch, max_rel, small_job, check_resumed
 from tests.training_job import corpus_fixture  # noqa: F401  (provides the module-scoped "corpus" fixture)
 
 # Sequence 6 patches + 14 text positions = 20: at tp 4 rank 0 holds patch slots 0-4, rank 1 slot 5
@@ -271,11 +271,7 @@ def test_checkpoints_resume_across_sequence_parallelism(name, two_ranks, one_pro
                                                         resumed_in_one_process, record_property):
     resumed = (two_ranks if name.startswith("(1,1,1)") else resumed_in_one_process)[name]["losses"]
     source = (one_process["(1,1,1)"] if name.startswith("(1,1,1)") else two_ranks["tp2 SP"])["losses"]
-    expected = {step: source[step] for step in range(SAVE_AT + 1, STEPS + 1)}
-    rel = max_rel(resumed, expected)
-    record_property("max_rel_loss_diff", rel)
-    print(f"{name} from step {SAVE_AT}: max relative loss difference: {rel:.2e}")
-    assert rel <= 1e-5, (resumed, expected)
+    check_resumed(name, resumed, source, SAVE_AT, record_property)
 
 
 def test_a_sequence_that_does_not_split_over_tp_is_a_config_error(corpus):

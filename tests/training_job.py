@@ -186,6 +186,18 @@ def max_rel(a: dict, b: dict) -> float:
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
 
 
+def check_resumed(name: str, resumed: dict, source: dict, save_at: int, record_property,
+                  tolerance: float = 1e-5) -> float:
+    """A run resumed from step ``save_at``'s checkpoint continues with ``source``'s losses: the
+    largest relative difference over the steps after it (recorded, printed), at most ``tolerance``."""
+    expected = {step: source[step] for step in range(save_at + 1, max(source) + 1)}
+    rel = max_rel(resumed, expected)
+    record_property("max_rel_loss_diff", rel)
+    print(f"{name} from step {save_at}: max relative loss difference: {rel:.2e}")
+    assert rel <= tolerance, (resumed, expected)
+    return rel
+
+
 def _kill_rank_after(step: int, rank: int):
     def callback(trainer):
         if trainer.step == step and trainer.state.rank == rank:

@@ -18,7 +18,6 @@ attention core (scores, softmax, dropout, context: the S^2-sized activations) in
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from m6_engine.config import ConfigError, ModelConfig
