@@ -69,6 +69,16 @@ class SearchSpace:
     pp: tuple[int, ...] | None = None
     """None: every pp that divides the world (1 .. num_layers)."""
     micro_batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    num_microbatches: tuple[int, ...] | None = None
+    """Micro-batches per replica per step (gradient accumulation) to allow: None, any that
+    ``micro_batch`` gives; pinned (the paper's 8 for M6-large), the micro-batch follows from it,
+    global_batch / (dp * m), and ``micro_batch`` is not used."""
+
+    def micro_batches(self, global_batch: int, dp: int) -> list[int]:
+        """The micro-batch sizes to try at ``dp`` replicas."""
+        if self.num_microbatches is None:
+            return [b for b in self.micro_batch if global_batch % (b * dp) == 0]
+        return [global_batch // (dp * m) for m in self.num_microbatches if global_batch % (dp * m) == 0]
 
 
 def _mesh_options(config: ModelConfig, seq: SequenceLayout, tp: int, pp: int, dp: int, micro_batch: int,
@@ -99,9 +109,7 @@ def candidate_layouts(config: ModelConfig, world_size: int, global_batch: int, p
         except ConfigError:
             continue
         dp = world_size // (tp * pp)
-        for micro_batch, recompute in itertools.product(space.micro_batch, space.recompute):
-            if global_batch % (micro_batch * dp):
-                continue
+        for micro_batch, recompute in itertools.product(space.micro_batches(global_batch, dp), space.recompute):
             for sp, v, zero, offload in _mesh_options(config, seq, tp, pp, dp, micro_batch, global_batch,
                                                       space):
                 yield Layout(tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, global_batch=global_batch,
