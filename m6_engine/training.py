@@ -18,6 +18,9 @@ scale, grad norm, skipped steps, tokens/s, TFLOP/s per device, MFU, peak memory.
 with the data position, RNG streams, optimizer and loss scaler, so a resumed run continues bit
 for bit (same layout, CPU fp32).
 
+A run that resumes (``load`` finds a checkpoint) builds its stage without drawing the initial
+weights (``M6Model(draw_weights=False)``): the checkpoint overwrites every one of them.
+
 Finetuning (docs/finetuning.md) is the same loop: ``init_from`` names a (pretraining) checkpoint
 whose model weights alone, resharded to this layout, replace the initial weights; optimizer, LR
 schedule, step and data position start fresh, and a matching head the checkpoint lacks keeps its
@@ -110,9 +113,12 @@ class Trainer:
         check_virtual_stages(job, self.num_microbatches)
         check_sequence_parallel(job)
         self.tracker = seed_parallel_rng(train.seed, state)
+        # Resuming overwrites every weight from the checkpoint: build the stage without drawing them.
+        self.resume_source = _resume_source(train)
         chunks = [M6Model(job.model, state, seed=train.seed, dtype=opt.param_dtype,
                           recompute=train.recompute, rng_tracker=self.tracker, chunk=c,
-                          virtual_stages=virtual, sequence_parallel=job.parallel.sequence_parallel)
+                          virtual_stages=virtual, sequence_parallel=job.parallel.sequence_parallel,
+                          draw_weights=self.resume_source is None)
                   for c in range(virtual)]
         # Interleaved 1F1B: the rank's chunks as one stage (one gradient buffer, optimizer and
         # checkpoint names of a plain stage); the schedule runs the chunks.
@@ -206,14 +212,11 @@ class Trainer:
     def resume(self) -> bool:
         """Load ``train.load`` ("auto": the latest complete checkpoint of save_dir, if any)."""
         train = self.job.train
-        if not train.load:
-            return False
-        source = train.load
-        if source == "auto":
-            if not train.save_dir or latest_checkpoint(train.save_dir) is None:
+        source = self.resume_source
+        if source is None:
+            if train.load == "auto":
                 self.log.print(f"load=auto: no complete checkpoint in {train.save_dir!r}, starting fresh")
-                return False
-            source = train.save_dir
+            return False
         try:
             loaded = load_checkpoint(source, model=self.model, state=self.state, optimizer=self.optimizer,
                                      rng_tracker=self.tracker, seed=train.seed)
@@ -350,6 +353,16 @@ def make_datasets(job: JobConfig, state: ParallelState):
     train = dataset(data.corpus, data.exhausted)
     eval_factory = (lambda: dataset(data.eval_corpus, "wrap")) if data.eval_corpus else None
     return train, eval_factory
+
+
+def _resume_source(train) -> str | None:
+    """What :meth:`Trainer.resume` loads: ``train.load``, save_dir for "auto" when it holds a complete
+    checkpoint, else None (a fresh start)."""
+    if not train.load:
+        return None
+    if train.load == "auto":
+        return train.save_dir if train.save_dir and latest_checkpoint(train.save_dir) is not None else None
+    return train.load
 
 
 def check_job(job: JobConfig, world_size: int) -> None:

@@ -30,6 +30,9 @@ class ParamInit:
     std: float
     dtype: torch.dtype
     device: torch.device
+    draw: bool = True
+    """False: allocate the weights without drawing them (a resumed run overwrites every one of them
+    from its checkpoint, so the draw would be wasted start-up time)."""
 
     def generator(self, name: str) -> torch.Generator:
         """The generator of the parameter with global name ``name``."""
@@ -37,8 +40,8 @@ class ParamInit:
 
     @property
     def init_method(self) -> InitMethod:
-        """N(0, std), or nothing at all on the meta device."""
-        return _leave_uninitialised if self.device.type == "meta" else normal_init(self.std)
+        """N(0, std), or nothing at all on the meta device or without ``draw``."""
+        return _leave_uninitialised if self.device.type == "meta" or not self.draw else normal_init(self.std)
 
     def normal(self, shape: tuple[int, ...], name: str) -> nn.Parameter:
         """A replicated parameter drawn N(0, std) from ``name``'s generator."""

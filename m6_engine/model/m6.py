@@ -119,14 +119,16 @@ class M6Model(nn.Module):
     ``rng_tracker`` (``parallel.seed_parallel_rng``) holds the model-parallel dropout stream,
     required when training with attention dropout and tp > 1 (any dropout with sequence
     parallelism); ``sequence_parallel`` (a no-op at tp = 1; training only, not KV-cache decoding)
-    shards the hidden state along the sequence over tp (module docstring).
+    shards the hidden state along the sequence over tp (module docstring); ``draw_weights=False``
+    allocates the matrices without drawing them (LayerNorm and bias constants are still set), for a
+    stage whose every weight a checkpoint is about to overwrite.
     """
 
     def __init__(self, config: ModelConfig, state: ParallelState, *, pre_process: bool | None = None,
                  post_process: bool | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, recompute: str = "none",
                  rng_tracker: RNGTracker | None = None, chunk: int = 0, virtual_stages: int = 1,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, draw_weights: bool = True):
         super().__init__()
         config.check_layout(state.tp_size, state.pp_size, virtual_stages)
         self.config, self.state = config, state
@@ -139,7 +141,7 @@ class M6Model(nn.Module):
         device = torch.device(state.device if device is None else device)
         self.ops = m6_ops.select_ops(config.fused_kernels, config.attention_backend, device)
         m6_ops.log_attention_backend(config.attention_backend, self.ops.attention_backend, device)
-        init = ParamInit(seed=seed, std=config.init_std, dtype=dtype, device=device)
+        init = ParamInit(seed=seed, std=config.init_std, dtype=dtype, device=device, draw=draw_weights)
         self.layer_ids = stage_layer_range(config.num_layers, state.pp_size, state.pp_rank,
                                            virtual_stages, chunk)
 
