@@ -354,12 +354,15 @@ class TrainConfig:
     """"a:b": write a torch.profiler trace of steps a..b-1 (TensorBoard opens it); empty disables."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device for MFU; 0 looks it up (GPUs) or measures a matmul (CPU)."""
+    prefetch: int = 2
+    """Micro-batches a background thread builds ahead of the step (``data.prefetch``; pinned on a
+    GPU); 0 builds each one inline. The data wait per step is logged either way."""
 
     def __post_init__(self):
         for name in ("train_steps", "micro_batch", "global_batch", "log_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_interval", "save_interval", "keep_last", "peak_tflops"):
+        for name in ("eval_interval", "save_interval", "keep_last", "peak_tflops", "prefetch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.recompute not in RECOMPUTE_MODES:

@@ -107,6 +107,8 @@ class IntervalTotals:
     seconds: float = 0.0
     tokens: float = 0.0
     model_flops: float = 0.0
+    data_wait: float = 0.0
+    """Seconds the steps waited for micro-batches (this rank)."""
     parts: torch.Tensor | None = None
     """loss_parts summed over the interval's steps."""
 
@@ -121,6 +123,7 @@ def interval_scalars(totals: IntervalTotals, *, world_size: int, peak: float) ->
         "tflops_per_device": tflops,
         "mfu": tflops / peak if peak > 0 else 0.0,
         "step_time_s": seconds / max(totals.steps, 1),
+        "data_wait_ms": 1e3 * totals.data_wait / max(totals.steps, 1),
     })
     return scalars
 
@@ -135,7 +138,8 @@ def format_line(step: int, train_steps: int, scalars: dict) -> str:
             f"lr {scalars['lr']:.3e} | scale {scalars['loss_scale']:.1f} | "
             f"grad-norm {scalars['grad_norm']:.3f} | skipped {scalars['skipped_steps']} | "
             f"{scalars['tokens_per_s']:.0f} tok/s | {scalars['tflops_per_device']:.3f} TFLOP/s/dev | "
-            f"MFU {100 * scalars['mfu']:.1f}% | {scalars['step_time_s'] * 1000:.0f} ms/step | "
+            f"MFU {100 * scalars['mfu']:.1f}% | {scalars['step_time_s'] * 1000:.0f} ms/step "
+            f"(data wait {scalars.get('data_wait_ms', 0.0):.1f} ms) | "
             f"peak mem {scalars['peak_memory_gib']:.2f} GiB")
 
 

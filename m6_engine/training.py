@@ -45,6 +45,7 @@ from m6_engine.checkpoint import (
 from m6_engine.config import ConfigError, JobConfig
 from m6_engine.data.batch import MicroBatch
 from m6_engine.data.model_inputs import VOCAB_FILE
+from m6_engine.data.prefetch import PrefetchingLoader
 from m6_engine.host_allocator import keep_freed_blocks_mapped
 from m6_engine.metrics import (
     IntervalTotals, ScalarLog, empty_parts, format_line, interval_scalars, loss_parts, losses_of,
@@ -69,12 +70,16 @@ class CountingIterator:
         self.source, self.config = source, config
         self.tokens = 0
         self.forward_flops = 0
+        self.wait_seconds = 0.0
+        """Time spent waiting for the source: the step's data wait."""
 
     def __iter__(self):
         return self
 
     def __next__(self) -> MicroBatch:
+        start = time.perf_counter()
         batch = next(self.source)   # still on the CPU: counting here reads no device memory
+        self.wait_seconds += time.perf_counter() - start
         self.tokens += int(batch.valid_len.sum())
         self.forward_flops += batch_forward_flops(self.config, batch)
         return batch
@@ -91,6 +96,8 @@ class StepReport:
     """``metrics.loss_parts`` of the step's micro-batches (zeros off the last stage)."""
     stats: object = None
     """The optimizer's StepStats (training only)."""
+    data_wait: float = 0.0
+    """Seconds the step waited for its micro-batches (the loader's thread was not ahead)."""
 
 
 class Trainer:
@@ -128,7 +135,10 @@ class Trainer:
         self.optimizer = self._new_optimizer()
         self.seq_length = job.model.num_patches + job.model.max_text_positions
         self.tensor_spec = stage.activation_spec(train.micro_batch, self.seq_length)
-        self.train_data = train_data
+        # A thread builds the next micro-batches while the step computes (pinned for a GPU).
+        self.train_data = (PrefetchingLoader(train_data, depth=train.prefetch,
+                                             pin_memory=state.device.type == "cuda")
+                           if train.prefetch else train_data)
         self.eval_data_factory = eval_data_factory
         self.step = 0
         self.logs_here = (state.is_last_stage and state.dp_rank == 0 and state.tp_rank == 0
@@ -169,7 +179,7 @@ class Trainer:
         if self.state.device.type == "cuda":
             torch.cuda.synchronize(self.state.device)
         return StepReport(time.perf_counter() - start, counted.tokens, 3.0 * counted.forward_flops,
-                          loss_parts(forward_step.outputs, self.state.device), stats)
+                          loss_parts(forward_step.outputs, self.state.device), stats, counted.wait_seconds)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -300,6 +310,7 @@ class Trainer:
                 totals.seconds += report.seconds
                 totals.tokens += report.tokens
                 totals.model_flops += report.model_flops
+                totals.data_wait += report.data_wait
                 totals.parts += report.loss_parts
                 if self.step % train.log_interval == 0 or self.step == train.train_steps:
                     self._log_interval(self._finish_totals(totals), report)

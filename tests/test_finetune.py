@@ -159,7 +159,7 @@ def _one_rank_runs(corpus: Corpus, tmp: str, pp2_source: str, tp2_source: str) -
                                           source.stage.eval().logits(batch))
     out["head fresh"] = all(torch.equal(v, finetune.stage.itm_head.state_dict()[k])
                             for k, v in fresh_head.items())
-    out["fresh start"] = (finetune.step, finetune.optimizer.steps, finetune.train_data.position)
+    out["fresh start"] = (finetune.step, finetune.optimizer.steps, finetune.train_data.state_dict()["position"])
 
     # From the pp = 2 checkpoint at (1,1,1): every weight but the fresh head is the source's.
     resharded = _trainer(_job(corpus, ITM, train={"init_from": pp2_source}))

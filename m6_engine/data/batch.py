@@ -76,13 +76,14 @@ class MicroBatch:
     def device(self) -> torch.device:
         return self.tokens.device
 
-    def to(self, device) -> "MicroBatch":
-        """The same batch with every tensor on ``device`` (self when they all are)."""
+    def to(self, device, non_blocking: bool = False) -> "MicroBatch":
+        """The same batch with every tensor on ``device`` (self when they all are); ``non_blocking``
+        copies asynchronously from pinned memory (``data.prefetch``)."""
         device = torch.device(device)
         if all(t is None or t.device == device for t in self._tensors()):
             return self
         return dataclasses.replace(self, **{f.name: None if getattr(self, f.name) is None
-                                            else getattr(self, f.name).to(device)
+                                            else getattr(self, f.name).to(device, non_blocking=non_blocking)
                                             for f in dataclasses.fields(self)})
 
     def _tensors(self):

@@ -335,7 +335,8 @@ class ForwardStep:
         self.outputs: list[M6Loss] = []
 
     def __call__(self, data_iterator, model, input_tensor):
-        batch = next(data_iterator).to(next(model.parameters()).device)   # moved once, here
+        # Moved once, here; asynchronously when the loader pinned it (a no-op flag otherwise).
+        batch = next(data_iterator).to(next(model.parameters()).device, non_blocking=True)
         output = model(batch, input_tensor)
         if not isinstance(output, M6Loss):
             return output
