@@ -38,7 +38,7 @@ from m6_engine.config import OptimizerConfig
 from m6_engine.optim.loss_scaler import make_loss_scaler
 from m6_engine.optim.lr_schedule import LRSchedule
 from m6_engine.optim.offload import HostAdamW, OffloadPiece
-from m6_engine.optim.zero import ParamBuffer, gather_pieces, owned_pieces, whole_pieces
+from m6_engine.optim.zero import ParamBuffer, gather_pieces
 from m6_engine.parallel.data_parallel import DataParallel, grad_reduce_for
 from m6_engine.parallel.roles import param_role
 from m6_engine.parallel.state import ParallelState
@@ -102,8 +102,8 @@ class MixedPrecisionOptimizer:
 
     def _build_pieces(self) -> None:
         model = self.model
-        self._pieces = (owned_pieces(model.layout, model.dp_size, model.dp_rank) if self.sharded
-                        else whole_pieces(model.layout))
+        # What the model's reduction leaves valid: owned pieces under ZeRO, whole parameters without.
+        self._pieces = model.reduced_pieces()
         params = model.params
         sharded_params = model.sharded_params
         self._param_views = [params[i].detach().view(-1)[lo:hi] if sharded_params is None

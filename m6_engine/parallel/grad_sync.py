@@ -7,7 +7,7 @@ reduce-scatter, (2) under sequence parallelism the replicated parameters that sa
 rank's positions (``ParamRole.sequence_parallel``) have summed their gradients over tp, and (3) the
 copies of weights tied across first and last stage have summed their gradients (``parallel.tied``).
 Sums over dp and tp commute, so (2) runs once per step on the dp-reduced gradient, and only on the
-elements this rank's optimizer reads (its ZeRO pieces): one flat all-reduce over tp. The schedules look for neither: whoever builds the step (the Trainer,
+elements this rank's optimizer reads (its ZeRO pieces): one flat all-reduce over tp. The schedules look for none of these: whoever builds the step (the Trainer,
 a test driving a schedule) passes
 
 - ``finalize_grads()``: called once after the last backward (timed as the step's grad sync);
