@@ -72,7 +72,8 @@ FLAGS = {
     "lr": "optimizer.lr", "optimizer_sharding": "optimizer.optimizer_sharding",
     "zero_stage": "optimizer.zero_stage", "offload": "optimizer.offload",
     "sequence_parallel": "parallel.sequence_parallel", "virtual_stages": "parallel.virtual_stages",
-    "data": "data.corpus", "eval_data": "data.eval_corpus", "vocab_file": "data.vocab_file",
+    "data": "data.corpus", "data_path": "data.corpora", "eval_data": "data.eval_corpus",
+    "vocab_file": "data.vocab_file",
 }
 
 
@@ -88,6 +89,8 @@ def parse_args(argv=None):
 
 def overrides_of(args) -> dict:
     overrides = {FLAGS[k]: v for k, v in vars(args).items() if k in FLAGS and v is not None}
+    if args.data_path is not None and args.data is None:
+        overrides["data.corpus"] = ""   # the blend replaces the config's single corpus
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

@@ -504,6 +504,10 @@ class DataConfig:
 
     corpus: str = ""
     """Training corpus prefix written by ``python -m m6_engine.data.preprocess``."""
+    corpora: Any = ()
+    """A weighted blend of training corpora instead of ``corpus``: a list of ``{path, weight,
+    name}`` mappings, or Megatron's ``--data-path`` form ``"W1 PREFIX1 W2 PREFIX2"``
+    (``m6_engine.data.dataset.parse_corpora``); the samples of each are logged as ``samples/<name>``."""
     eval_corpus: str = ""
     """Held-out corpus prefix for evaluation; empty disables evaluation."""
     vocab_file: str = ""
@@ -515,6 +519,12 @@ class DataConfig:
     exhausted: str = "wrap"
     """When a source runs out: "wrap" (new reshuffled epoch) or "stop" (end the run cleanly)."""
 
+    def training_corpora(self) -> dict[str, str]:
+        """{where it is configured: prefix} of every training corpus (``corpus`` or ``corpora[i]``)."""
+        if self.corpora:
+            return {f"corpora[{i}]": c["path"] for i, c in enumerate(self.corpora)}
+        return {"corpus": self.corpus} if self.corpus else {}
+
     def __post_init__(self):
         from m6_engine.data.tasks import check_task_weights
 
@@ -524,6 +534,16 @@ class DataConfig:
             raise ConfigError(f"DataConfig.task_weights: {error}") from None
         if self.exhausted not in EXHAUSTED_MODES:
             raise ConfigError(f"DataConfig.exhausted must be one of {EXHAUSTED_MODES}, got {self.exhausted!r}")
+        if self.corpora:
+            from m6_engine.data.dataset import DatasetError, parse_corpora
+
+            if self.corpus:
+                raise ConfigError("data.corpus and data.corpora are both set: give one prefix or a blend, not both")
+            try:   # plain mappings, so the config round-trips through checkpoints as data
+                blend = [dataclasses.asdict(c) for c in parse_corpora(self.corpora, "data.corpora")]
+            except DatasetError as error:
+                raise ConfigError(str(error)) from None
+            object.__setattr__(self, "corpora", tuple(blend))
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,13 @@ def format_line(step: int, train_steps: int, scalars: dict) -> str:
             f"{scalars['tokens_per_s']:.0f} tok/s | {scalars['tflops_per_device']:.3f} TFLOP/s/dev | "
             f"MFU {100 * scalars['mfu']:.1f}% | {scalars['step_time_s'] * 1000:.0f} ms/step "
             f"(data wait {scalars.get('data_wait_ms', 0.0):.1f} ms) | "
-            f"peak mem {scalars['peak_memory_gib']:.2f} GiB")
+            f"peak mem {scalars['peak_memory_gib']:.2f} GiB" + _samples_part(scalars))
+
+
+def _samples_part(scalars: dict) -> str:
+    """`` | samples a=N b=M``: the samples each training corpus has given (``samples/<name>``)."""
+    counts = " ".join(f"{k.split('/', 1)[1]}={int(v)}" for k, v in scalars.items() if k.startswith("samples/"))
+    return f" | samples {counts}" if counts else ""
 
 
 class ScalarLog:

@@ -282,9 +282,20 @@ class Trainer:
         scalars.update(lr=stats.lr, loss_scale=stats.loss_scale, grad_norm=stats.grad_norm,
                        skipped_steps=self.optimizer.skipped_steps,
                        peak_memory_gib=peak_memory_gib(self.state.device))
+        scalars.update(self._samples_per_corpus())
         self.log.print(format_line(self.step, self.job.train.train_steps, scalars))
         self.log.scalars("train", scalars, self.step)
         self.history.append({"step": self.step, **scalars})
+
+    def _samples_per_corpus(self) -> dict:
+        """``samples/<corpus>``: what each training corpus has given so far, all replicas together
+        (the data state of the micro-batches consumed); empty for data without per-corpus state."""
+        state = self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None
+        if not isinstance(state, dict) or "corpora" not in state:
+            return {}
+        from m6_engine.data.dataset import samples_per_corpus
+
+        return {f"samples/{name}": count for name, count in samples_per_corpus(state).items()}
 
     def _new_totals(self) -> IntervalTotals:
         return IntervalTotals(parts=empty_parts(self.state.device))
@@ -344,9 +355,7 @@ def make_datasets(job: JobConfig, state: ParallelState):
     from m6_engine.data.dataset import DatasetConfig, PretrainDataset
     from m6_engine.data.tasks import SampleLayout
     data = job.data
-    if not data.corpus:
-        raise ConfigError("data.corpus is empty: give the prefix written by "
-                          "`python -m m6_engine.data.preprocess` (--data on the command line)")
+    check_training_corpora(job)
     tokenizer = job_tokenizer(job)
     check_text_positions(job)
     if tokenizer.vocab_size > job.model.vocab_size:
@@ -354,16 +363,23 @@ def make_datasets(job: JobConfig, state: ParallelState):
                           f"model.vocab_size = {job.model.vocab_size}")
     layout = SampleLayout.from_model(job.model, tokenizer)
 
-    def dataset(corpus: str, exhausted: str) -> PretrainDataset:
-        config = DatasetConfig(corpus=corpus, task_weights=data.task_weights, seed=job.train.seed,
+    def dataset(corpus: str, exhausted: str, corpora=()) -> PretrainDataset:
+        config = DatasetConfig(corpus=corpus, corpora=corpora, task_weights=data.task_weights, seed=job.train.seed,
                                micro_batch_size=job.train.micro_batch,
                                num_microbatches=job.train.num_microbatches(state.dp_size),
                                exhausted=exhausted)
         return PretrainDataset.for_rank(config, layout, tokenizer, state)
 
-    train = dataset(data.corpus, data.exhausted)
+    train = dataset(data.corpus, data.exhausted, data.corpora)
     eval_factory = (lambda: dataset(data.eval_corpus, "wrap")) if data.eval_corpus else None
     return train, eval_factory
+
+
+def check_training_corpora(job: JobConfig) -> None:
+    """ConfigError when the job names no training corpus."""
+    if not job.data.training_corpora():
+        raise ConfigError("data.corpus is empty: give the prefix written by `python -m m6_engine.data.preprocess` "
+                          "(--data on the command line), or a blend in data.corpora (--data-path 'W1 P1 W2 P2')")
 
 
 def _resume_source(train) -> str | None:
@@ -436,9 +452,11 @@ def job_model_inputs(job: JobConfig):
     """The ModelInputs of the job's training corpus: what a checkpoint records of the inputs its
     model reads (m6_engine.data.model_inputs)."""
     from m6_engine.data.doc_tokens import tokenizer_fingerprint
-    from m6_engine.data.model_inputs import ModelInputs, corpus_extractor
+    from m6_engine.data.model_inputs import ModelInputs, common_extractor, corpus_extractor
 
-    return ModelInputs(tokenizer_fingerprint(job_tokenizer(job)).hex(), corpus_extractor(job.data.corpus))
+    corpora = list(job.data.training_corpora().values())
+    extractor = corpus_extractor(corpora[0]) if len(corpora) == 1 else common_extractor(corpora)
+    return ModelInputs(tokenizer_fingerprint(job_tokenizer(job)).hex(), extractor)
 
 
 def check_init_from_inputs(job: JobConfig) -> None:
@@ -459,8 +477,8 @@ def check_init_from_inputs(job: JobConfig) -> None:
     where = f"train.init_from = {job.train.init_from!r}"
     check_vocab(mine.vocab_hash, recorded, chosen_what=f"data.vocab_file = {job.data.vocab_file!r}",
                 recorded_what=where)
-    check_extractor(mine.extractor, recorded.extractor, chosen_what=f"data.corpus = {job.data.corpus!r}",
-                    recorded_what=where)
+    chosen = ", ".join(f"data.{key} = {path!r}" for key, path in job.data.training_corpora().items())
+    check_extractor(mine.extractor, recorded.extractor, chosen_what=chosen, recorded_what=where)
 
 
 def check_inputs(job: JobConfig) -> None:
@@ -475,11 +493,9 @@ def check_inputs(job: JobConfig) -> None:
 
     tokenizer = job_tokenizer(job)
     check_text_positions(job)
-    if not job.data.corpus:
-        raise ConfigError("data.corpus is empty: give the prefix written by "
-                          "`python -m m6_engine.data.preprocess` (--data on the command line)")
-    for key in ("corpus", "eval_corpus"):
-        corpus = getattr(job.data, key)
+    check_training_corpora(job)
+    corpora = {**job.data.training_corpora(), "eval_corpus": job.data.eval_corpus}
+    for key, corpus in corpora.items():
         if not corpus:
             continue
         try:

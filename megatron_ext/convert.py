@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from m6_engine.config import ModelConfig
 from m6_engine.model.embeddings import WORD_EMBEDDING
+from m6_engine.progress import progress_bar
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
@@ -121,10 +122,15 @@ def to_mcore(full: Mapping[str, torch.Tensor], model: ModelConfig, *, tp: int, p
 
 
 def to_mcore_shards(full: Mapping[str, torch.Tensor], model: ModelConfig, *, tp: int, pp: int,
-                    padded_vocab_size: int | None = None) -> list[list[dict]]:
-    """Every rank's megatron-core state dict, as ``shards[pp_rank][tp_rank]``."""
-    return [[to_mcore(full, model, tp=tp, pp=pp, tp_rank=t, pp_rank=p,
-                      padded_vocab_size=padded_vocab_size) for t in range(tp)] for p in range(pp)]
+                    padded_vocab_size: int | None = None, progress: bool = False) -> list[list[dict]]:
+    """Every rank's megatron-core state dict, as ``shards[pp_rank][tp_rank]`` (``progress``: a bar
+    over the ranks, :mod:`m6_engine.progress`)."""
+    ranks = progress_bar([(p, t) for p in range(pp) for t in range(tp)], desc="to megatron-core", unit="rank",
+                         enabled=progress)
+    shards = [[None] * tp for _ in range(pp)]
+    for p, t in ranks:
+        shards[p][t] = to_mcore(full, model, tp=tp, pp=pp, tp_rank=t, pp_rank=p, padded_vocab_size=padded_vocab_size)
+    return shards
 
 
 def _check_keys(shards: Sequence[Sequence[Mapping]], model: ModelConfig, pp: int):
@@ -140,18 +146,21 @@ def _check_keys(shards: Sequence[Sequence[Mapping]], model: ModelConfig, pp: int
                                f"unexpected {unknown[:5]}, missing {missing[:5]}")
 
 
-def from_mcore(shards: Sequence[Sequence[Mapping[str, torch.Tensor]]], model: ModelConfig) -> dict:
+def from_mcore(shards: Sequence[Sequence[Mapping[str, torch.Tensor]]], model: ModelConfig,
+               progress: bool = False) -> dict:
     """Our full state dict from megatron-core state dicts ``shards[pp_rank][tp_rank]``.
 
     Replicated tensors must agree over tp (a checkpoint whose replicas diverged is an error); the
     tied copy on the last stage (``output_layer.weight``) is not read: stage 0's embedding is.
+    ``progress``: a bar over the tensors (:mod:`m6_engine.progress`).
     """
     pp, tp = len(shards), len(shards[0])
     if any(len(stage) != tp for stage in shards):
         raise ValueError("every pipeline stage needs the same number of tp shards")
     _check_keys(shards, model, pp)
     full = {}
-    for ours, theirs, stage, dim in _names(model, pp):
+    for ours, theirs, stage, dim in progress_bar(_names(model, pp), desc="from megatron-core", unit="tensor",
+                                                 enabled=progress):
         if theirs == OUTPUT_LAYER:
             continue
         parts = [shards[stage][t][theirs].detach().cpu() for t in range(tp)]

@@ -140,7 +140,7 @@ def test_resume_from_state_dict(corpus):
     ds = _dataset(corpus, micro_batch_size=3, seed=5)
     _take(ds, 4)
     state = json.loads(json.dumps(ds.state_dict()))  # survives a checkpoint's serialisation
-    assert state["position"] == 12 and sum(state["draws"].values()) == 12
+    assert state["position"] == 12 and sum(state["corpora"][0]["draws"].values()) == 12
     after = [_rows(b) for b in _take(ds, 4)]
     resumed = _dataset(corpus, micro_batch_size=3, seed=5)
     resumed.load_state_dict(state)
@@ -152,8 +152,12 @@ def test_resume_from_state_dict(corpus):
     rows = [_rows(next(halves[0])) + _rows(next(halves[1])) for _ in range(6)]
     assert sum(rows, []) == sum(after, [])
     other = _dataset(corpus, seed=6)
-    with pytest.raises(DatasetError, match="another seed or corpus"):
+    with pytest.raises(DatasetError, match="another seed or blend"):
         other.load_state_dict(state)
+    earlier = {"position": 12, "draws": state["corpora"][0]["draws"], "seed": 5,
+               "documents": state["corpora"][0]["documents"]}  # a state of the order before keyed permutations
+    with pytest.raises(DatasetError, match="earlier m6-engine with another sample order"):
+        resumed.load_state_dict(earlier)
 
 
 @pytest.mark.parametrize("dp_size", [1, 2])
@@ -164,7 +168,7 @@ def test_stop_ends_on_a_step_boundary(corpus, dp_size):
         ds = _dataset(corpus, rank, dp_size, task_weights={"text_denoising": 1.0, "language_modelling": 1.0},
                       micro_batch_size=micro_batch_size, num_microbatches=3, exhausted="stop")
         counts.append(len(list(ds)))
-        assert ds.draws["text"] == 18
+        assert ds.streams[0].draws["text"] == 18
     # steps of 6 samples (all ranks): 3 steps read 18 of the 20 documents; the 4th would need 24, so
     # it does not start, although its first micro-batch alone (samples 18, 19) would still fit
     assert counts == [3 * 3] * dp_size

@@ -28,7 +28,7 @@ How it runs (:func:`clean_files`):
 A relative ``image`` path is relative to the JSON-lines file holding it; it is rewritten so that
 it stays valid relative to the output file (and exact dedup of pairs compares these rewritten,
 normalised paths, so one image file has one spelling whichever input names it). Progress (input
-bytes) is a tqdm bar on stderr; the report (parse failures by reason, then per filter: seen,
+bytes) is a tqdm bar on stderr when it is a terminal (:mod:`m6_engine.progress`); the report (parse failures by reason, then per filter: seen,
 dropped, changed, characters removed) is printed to stderr at the end and returned.
 """
 
@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from tqdm import tqdm
 
 from m6_engine.data.cleaning import (PARSE_REASONS, CleaningConfig, FilterStats, ParseError, PerplexityFilter,
                                      PerplexityScorer, build_filters, document_text, parse_line)
 from m6_engine.data.dedup import DedupConfig, MinHasher, NearDuplicateIndex, exact_key
 from m6_engine.data.streaming import atomic_file, ordered_map, read_line_chunks
+from m6_engine.progress import progress_bar
 
 
 @dataclass
@@ -173,8 +173,8 @@ def clean_files(inputs: Sequence[os.PathLike], output: os.PathLike, config: Clea
     cleaner = _ChunkCleaner(config, dedup, [p.resolve().parent for p in inputs], out_dir)
     report.add_filter_stats(cleaner.chain.new_stats())  # fixes the report's filter order
     deduper = _Deduplicator(dedup, config.text_fields, report)
-    with atomic_file(output) as out, tqdm(total=sum(p.stat().st_size for p in inputs), unit="B", unit_scale=True,
-                                          file=sys.stderr, disable=not progress, desc="clean") as bar:
+    with atomic_file(output) as out, progress_bar(total=sum(p.stat().st_size for p in inputs), unit="B",
+                                                  unit_scale=True, enabled=progress, desc="clean") as bar:
         # With a perplexity filter every survivor is scored and staged in a scratch file first.
         staged = tempfile.TemporaryFile(dir=out_dir) if perplexity is not None else out
         scores: List[float] = []

@@ -17,16 +17,24 @@ A finetuning corpus is preprocessed the same way (docs/finetuning.md): captionin
 matching read ``{"image": ..., "content": caption}`` lines, visual question answering
 ``{"image": ..., "content": "问：question答：answer"}`` lines.
 
-Sorting image documents into captions and question-answer texts reads each one once when the
-dataset opens (a search for the marker's first token, vectorised).
+Sorting image documents into captions and question-answer texts is done once, offline, by the
+corpus's sample index (:mod:`m6_engine.data.sample_index`; ``python -m m6_engine.data.preprocess
+--index PREFIX``, which preprocess also runs itself): every rank maps it and opens in O(1).
 
-The sample stream is one global sequence, the same on every rank. Sample ``g`` (0, 1, 2, ...):
+Several corpora can be blended (``corpora``: ``[{path, weight}]``; M6-Corpus mixes encyclopedia,
+QA, forum, crawl and image-text sources). The sample stream is one global sequence, the same on
+every rank: global sample ``g`` (0, 1, 2, ...) comes from the corpus that
+:func:`m6_engine.data.blend.blend_choice` names (Megatron's blended-dataset rule: the corpus
+furthest behind its share of the weights), as that corpus's next sample. Each corpus is a
+:class:`~m6_engine.data.corpus_stream.CorpusStream` with its own task sequence, document order and
+random choices (the first corpus seeded by ``seed``, corpus ``k > 0`` by a seed derived from
+``(seed, k)``); one corpus alone is a blend of one, whose sample ``l`` is global sample ``l``.
+Within a corpus, its sample ``l``:
 
-1. its task is ``TaskMixer(task_weights, seed).task_of(g)`` (:mod:`m6_engine.data.tasks`);
-2. its document is the next one of the task's source: the k-th draw from a source of N documents
-   is ``perm_e[k mod N]`` with ``e = k // N`` (the source's epoch) and ``perm_e`` a permutation
-   drawn from ``(seed, source, e)``: every document once per epoch, reshuffled each epoch;
-3. the task's builder packs it, random choices drawn from ``TaskMixer.rng_of(g)``:
+1. has task ``TaskMixer(task_weights, seed).task_of(l)`` (:mod:`m6_engine.data.tasks`);
+2. reads the next document of the task's source, every document once per epoch in an order
+   reshuffled every epoch (a keyed permutation, O(1) per draw: :mod:`m6_engine.data.corpus_stream`);
+3. is packed by the task's builder, random choices drawn from ``TaskMixer.rng_of(l)``:
 
    * ``text_denoising``: a random window of at most ``max_text_positions / 2 - 2`` tokens, one
      span of ~15 % replaced by a single [MASK] as the prefix, the window decoded;
@@ -47,8 +55,10 @@ neither the rank nor the tensor/pipeline layout: all tensor-parallel ranks (and 
 of one data-parallel replica get identical micro-batches, and the ranks of one step together read
 exactly the samples one process would.
 
-State: after ``m`` micro-batches the position is ``g = m·dp·B`` and each source's draw count is
-the number of samples before ``g`` that used it. :meth:`PretrainDataset.state_dict` returns both;
+State: after ``m`` micro-batches the position is ``g = m·dp·B``; each corpus's position is the
+number of samples before ``g`` it gave (the blend's counts) and each of its sources' draw count the
+number of those that used it. :meth:`PretrainDataset.state_dict` returns them all (the per-corpus
+sample counts are what the trainer logs, :func:`samples_per_corpus`);
 :meth:`PretrainDataset.load_state_dict` resumes there (with any dp size or micro-batch size).
 
 When a source runs out (``exhausted``): ``"wrap"`` starts its next epoch; ``"stop"`` ends the
@@ -58,36 +68,85 @@ document beyond its first epoch, the same step on every rank, so no rank is left
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Mapping, Optional, Tuple
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Tuple
 
 import numpy as np
 import torch
 
-from m6_engine.data import indexed, tasks
-from m6_engine.data.doc_tokens import tokenizer_fingerprint
-from m6_engine.data.preprocess import image_prefix, text_prefix
-from m6_engine.data.tasks import SampleLayout, TaskMixer
+from m6_engine.data import tasks
+from m6_engine.data.blend import blend_choice, normalized_weights
+from m6_engine.data.corpus_stream import SOURCE_OF_TASK, CorpusStream, DatasetError
+from m6_engine.data.preprocess import DEFAULT_ANSWER_MARKER
+from m6_engine.data.sample_index import SOURCES
+from m6_engine.data.tasks import SampleLayout
 
-SOURCES = ("text", "captions", "pairs")
-"""Document sources: text-only documents, image captions, all image-text documents."""
-SOURCE_OF_TASK = {"text_denoising": "text", "language_modelling": "text",
-                  "image_to_text": "captions", "multimodal_to_text": "pairs",
-                  tasks.IMAGE_TEXT_MATCHING: "captions"}
 EXHAUSTED_MODES = ("wrap", "stop")
-_PERMUTATION_TAG = 0x7065726D  # "perm"
-_SUBSTITUTE_DRAWS = 16  # uniform draws for an image-text matching negative before a scan
+ORDER_VERSION = 2
+"""Which sample order a saved state belongs to: 2 = keyed permutations and blending (a state of
+the earlier order, per-epoch ``rng.permutation`` of one corpus, would resume at other samples)."""
+_CORPUS_SEED_TAG = 0x636F7270  # "corp"
+
+__all__ = ["CorpusWeight", "DatasetConfig", "DatasetError", "PretrainDataset", "SOURCES", "SOURCE_OF_TASK",
+           "samples_per_corpus"]
 
 
-class DatasetError(ValueError):
-    """The corpus does not fit the dataset's configuration, tokenizer or layout, or a state does not fit it."""
+@dataclass(frozen=True)
+class CorpusWeight:
+    """One corpus of a blend: its prefix, its relative weight and the name it is logged under."""
+
+    path: str
+    weight: float = 1.0
+    name: str = ""
+    """Shown in logs and TensorBoard (``samples/<name>``); empty: the prefix's last component."""
+
+
+def parse_corpora(value, where: str = "corpora") -> Tuple[CorpusWeight, ...]:
+    """A blend given as a list of ``{path, weight[, name]}`` mappings (YAML), CorpusWeight objects,
+    or Megatron's ``--data-path`` string ``"W1 PREFIX1 W2 PREFIX2 ..."`` (a lone prefix: weight 1)."""
+    if isinstance(value, str):
+        words = value.split()
+        if len(words) == 1:
+            value = [{"path": words[0]}]
+        elif len(words) % 2:
+            raise DatasetError(f"{where}: {value!r} is not 'WEIGHT PREFIX' pairs")
+        else:
+            try:
+                value = [{"path": p, "weight": float(w)} for w, p in zip(words[::2], words[1::2])]
+            except ValueError:
+                raise DatasetError(f"{where}: {value!r} is not 'WEIGHT PREFIX' pairs") from None
+    if not isinstance(value, (list, tuple)):
+        raise DatasetError(f"{where} must be a list of {{path, weight}} mappings, got {value!r}")
+    corpora = []
+    for i, item in enumerate(value):
+        if isinstance(item, CorpusWeight):
+            corpora.append(item)
+            continue
+        if not isinstance(item, Mapping) or not isinstance(item.get("path"), str) or not item["path"]:
+            raise DatasetError(f"{where}[{i}] must be a mapping with a 'path' (and 'weight', 'name'), got {item!r}")
+        unknown = sorted(set(item) - {"path", "weight", "name"})
+        if unknown:
+            raise DatasetError(f"{where}[{i}] has unknown keys {unknown}; a corpus has path, weight, name")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise DatasetError(f"{where}[{i}].weight must be a number, got {weight!r}")
+        corpora.append(CorpusWeight(item["path"], float(weight), str(item.get("name", ""))))
+    try:
+        normalized_weights([c.weight for c in corpora], where)
+    except ValueError as error:
+        raise DatasetError(str(error)) from None
+    names = [c.name or Path(c.path).name for c in corpora]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{where}: corpus names {names} repeat; give each corpus a distinct 'name'")
+    return tuple(dataclasses.replace(c, name=n) for c, n in zip(corpora, names))
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """Which corpus, how tasks mix, how samples are batched, and what happens at the end of the data."""
+    """Which corpora, how tasks mix, how samples are batched, and what happens at the end of the data."""
 
-    corpus: str
-    """Corpus prefix: ``<corpus>_text`` and ``<corpus>_image`` written by preprocess."""
+    corpus: str = ""
+    """Corpus prefix: ``<corpus>_text`` and ``<corpus>_image`` written by preprocess (or ``corpora``)."""
     task_weights: Mapping[str, float] = field(default_factory=lambda: {t: 1.0 for t in tasks.TASKS})
     """Relative frequency of each task (``tasks.ALL_TASKS``); a task left out or at 0 never occurs,
     so one task alone is a finetuning mix."""
@@ -99,8 +158,10 @@ class DatasetConfig:
     """Micro-batches per optimizer step (``"stop"`` only ends on a step boundary)."""
     exhausted: str = "wrap"
     """``"wrap"``: a source that runs out starts a new, reshuffled epoch; ``"stop"``: end the iteration."""
-    answer_marker: str = "答："
+    answer_marker: str = DEFAULT_ANSWER_MARKER
     """Text that ends the question of a question-answer document (multimodal_to_text); "" disables."""
+    corpora: Tuple[CorpusWeight, ...] = ()
+    """A weighted blend of corpora instead of ``corpus`` (:func:`parse_corpora` forms)."""
 
     def __post_init__(self):
         if self.micro_batch_size < 1 or self.num_microbatches < 1:
@@ -108,45 +169,40 @@ class DatasetConfig:
                                f"{self.micro_batch_size} and {self.num_microbatches}")
         if self.exhausted not in EXHAUSTED_MODES:
             raise DatasetError(f"DatasetConfig.exhausted must be one of {EXHAUSTED_MODES}, got {self.exhausted!r}")
+        if bool(self.corpus) == bool(self.corpora):
+            raise DatasetError("DatasetConfig: give either corpus (one prefix) or corpora (a weighted blend), "
+                               f"not {'both' if self.corpus else 'neither'}")
+        if self.corpora:
+            object.__setattr__(self, "corpora", parse_corpora(self.corpora, "DatasetConfig.corpora"))
+
+    @property
+    def blend(self) -> Tuple[CorpusWeight, ...]:
+        """The corpora read: ``corpora``, or ``corpus`` alone with weight 1."""
+        return self.corpora or parse_corpora([{"path": self.corpus}])
 
 
-class _Source:
-    """Documents of one source and their per-epoch permutation (only the current epoch's is kept)."""
-
-    def __init__(self, name: str, docs: np.ndarray, seed: int):
-        self.name, self.docs, self.seed = name, docs, seed
-        self._perm: Tuple[int, Optional[np.ndarray]] = (-1, None)
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def document(self, draw: int) -> int:
-        """Document number of the ``draw``-th draw (0-based, counting over all epochs)."""
-        epoch, k = divmod(draw, len(self.docs))
-        if self._perm[0] != epoch:
-            # A 4-word seed with its own tag: TaskMixer's streams are [seed, g] and [seed, g, 1].
-            rng = np.random.default_rng([self.seed, _PERMUTATION_TAG, SOURCES.index(self.name), epoch])
-            self._perm = (epoch, rng.permutation(len(self.docs)))
-        return int(self.docs[self._perm[1][k]])
+def corpus_seed(seed: int, k: int) -> int:
+    """Seed of corpus ``k`` of a blend: ``seed`` for the first, a derived one for the others."""
+    if k == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, _CORPUS_SEED_TAG, k]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _find(ids: np.ndarray, marker: np.ndarray) -> int:
-    """Index of the first occurrence of ``marker`` in ``ids``, or -1."""
-    m = len(marker)
-    if m == 0 or len(ids) < m:
-        return -1
-    for i in np.flatnonzero(ids[:len(ids) - m + 1] == marker[0]).tolist():
-        if np.array_equal(ids[i:i + m], marker):
-            return i
-    return -1
+class _Draw(NamedTuple):
+    """What global sample ``g`` is: corpus ``corpus``'s sample ``local`` of ``task``, document draw
+    ``draw`` of ``source``."""
+
+    g: int
+    corpus: int
+    local: int
+    task: str
+    source: str
+    draw: int
 
 
-def _window(ids: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
-    """A random run of ``length`` tokens of ``ids`` (all of them when shorter)."""
-    if len(ids) <= length:
-        return ids
-    start = int(rng.integers(0, len(ids) - length + 1))
-    return ids[start:start + length]
+def samples_per_corpus(state: Mapping) -> Dict[str, int]:
+    """{corpus name: samples it gave} of a :meth:`PretrainDataset.state_dict` (all dp ranks together)."""
+    return {c["name"]: int(c["position"]) for c in state["corpora"]}
 
 
 class PretrainDataset:
@@ -164,34 +220,12 @@ class PretrainDataset:
             raise DatasetError(f"the sample layout's special ids {specials} are not the tokenizer's")
         self.config, self.layout = config, layout
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.texts = indexed.open_tokens(text_prefix(config.corpus), tokenizer.vocab_size,
-                                         tokenizer_fingerprint(tokenizer))
-        self.images = indexed.open_patches(image_prefix(config.corpus), layout.num_patches, layout.patch_feature_dim)
-        image_ids = np.asarray(self.texts.image_ids)
-        if len(image_ids) and image_ids.max() >= len(self.images):
-            raise DatasetError(f"{indexed.index_path(text_prefix(config.corpus))} pairs a document with image row "
-                               f"{int(image_ids.max())}, but {image_prefix(config.corpus)} has {len(self.images)}")
-        self.sources = {"text": _Source("text", np.flatnonzero(image_ids < 0), config.seed),
-                        "captions": _Source("captions", self._captions(image_ids, tokenizer), config.seed),
-                        "pairs": _Source("pairs", np.flatnonzero(image_ids >= 0), config.seed)}
-        self.mixer = TaskMixer(dict(config.task_weights), config.seed)
-        for task in self.mixer.tasks:
-            if not len(self.sources[SOURCE_OF_TASK[task]]):
-                kind = {"text": "text-only", "captions": "caption (image, no answer marker)",
-                        "pairs": "image-text"}[SOURCE_OF_TASK[task]]
-                raise DatasetError(f"task {task} has weight {config.task_weights[task]} but corpus "
-                                   f"{config.corpus!r} has no {kind} documents: give it weight 0")
-        self.answer_marker = np.asarray(tokenizer.encode(config.answer_marker), dtype=np.int64)
+        self.blend = config.blend
+        self.weights = normalized_weights([c.weight for c in self.blend])
+        self.streams: List[CorpusStream] = [
+            CorpusStream(c.path, corpus_seed(config.seed, k), config.task_weights, config.answer_marker,
+                         layout, tokenizer) for k, c in enumerate(self.blend)]
         self.position = 0
-        self.draws = {name: 0 for name in SOURCES}
-
-    def _captions(self, image_ids: np.ndarray, tokenizer) -> np.ndarray:
-        """Image documents without the answer marker (all of them when the marker is empty)."""
-        paired = np.flatnonzero(image_ids >= 0)
-        marker = np.asarray(tokenizer.encode(self.config.answer_marker), dtype=np.int64)
-        if not len(marker):
-            return paired
-        return np.asarray([d for d in paired.tolist() if _find(self.texts[d], marker) < 0], dtype=np.int64)
 
     @classmethod
     def for_rank(cls, config: DatasetConfig, layout: SampleLayout, tokenizer, state) -> "PretrainDataset":
@@ -202,30 +236,54 @@ class PretrainDataset:
     # ---- state ------------------------------------------------------------------------------------
 
     def _fingerprint(self) -> dict:
-        return {"seed": self.config.seed, "documents": {name: len(s) for name, s in self.sources.items()}}
+        return {"seed": self.config.seed, "order": ORDER_VERSION, "weights": [c.weight for c in self.blend]}
 
     def state_dict(self) -> dict:
-        """Position in the global sample stream and the draws from each source so far (plain ints)."""
-        return {"position": self.position, "draws": dict(self.draws), **self._fingerprint()}
+        """Position in the global sample stream and each corpus's samples and draws so far (plain data)."""
+        return {"position": self.position, **self._fingerprint(),
+                "corpora": [{"name": c.name, **s.state_dict()} for c, s in zip(self.blend, self.streams)]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at a saved position; refuses a state saved with another seed or corpus."""
+        """Resume at a saved position; refuses a state saved with another seed, order, blend or corpus."""
+        if state.get("order") != ORDER_VERSION:
+            raise DatasetError(f"data state {state} was saved by an earlier m6-engine with another sample order "
+                               f"(order {state.get('order', 1)}, this one reads {ORDER_VERSION}): it cannot resume "
+                               f"at the same samples; start the data afresh or use that version")
         mine = self._fingerprint()
         theirs = {k: state.get(k) for k in mine}
-        if theirs != mine:
-            raise DatasetError(f"data state saved with {theirs} does not fit this dataset ({mine}): "
-                               f"another seed or corpus")
-        draws = state.get("draws", {})
-        if set(draws) != set(SOURCES) or int(state["position"]) < 0:
-            raise DatasetError(f"malformed data state {state}")
+        corpora = state.get("corpora")
+        if theirs != mine or not isinstance(corpora, list) or len(corpora) != len(self.streams):
+            raise DatasetError(f"data state saved with {theirs} and {len(corpora or [])} corpora does not fit this "
+                               f"dataset ({mine}, {len(self.streams)} corpora): another seed or blend")
+        if int(state.get("position", -1)) != sum(int(c.get("position", -1)) for c in corpora):
+            raise DatasetError(f"malformed data state {state}: the corpora's positions do not add up to the position")
+        for stream, saved in zip(self.streams, corpora):
+            stream.load_state_dict(saved)
         self.position = int(state["position"])
-        self.draws = {name: int(draws[name]) for name in SOURCES}
 
     def epochs(self) -> Dict[str, float]:
-        """Passes made over each source so far (fractional)."""
-        return {name: self.draws[name] / len(s) for name, s in self.sources.items() if len(s)}
+        """Passes made over each source so far (fractional); with a blend, keyed ``<corpus>/<source>``."""
+        if len(self.streams) == 1:
+            return self.streams[0].epochs()
+        return {f"{c.name}/{k}": v for c, s in zip(self.blend, self.streams) for k, v in s.epochs().items()}
 
     # ---- iteration --------------------------------------------------------------------------------
+
+    def _plan(self, num_samples: int) -> Tuple[List[_Draw], List[int], List[Dict[str, int]]]:
+        """What the next ``num_samples`` global samples are, and the corpus positions and draw counts
+        after them; nothing is changed (a plan is committed by ``__next__``)."""
+        counts = [s.position for s in self.streams]
+        draws = [dict(s.draws) for s in self.streams]
+        plan = []
+        for g in range(self.position, self.position + num_samples):
+            k = blend_choice(self.weights, counts, g) if len(self.streams) > 1 else 0
+            local = counts[k]
+            counts[k] += 1
+            task = self.streams[k].mixer.task_of(local)
+            source = SOURCE_OF_TASK[task]
+            plan.append(_Draw(g, k, local, task, source, draws[k][source]))
+            draws[k][source] += 1
+        return plan, counts, draws
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -234,72 +292,17 @@ class PretrainDataset:
         c = self.config
         global_batch = self.dp_size * c.micro_batch_size
         if c.exhausted == "stop" and (self.position // global_batch) % c.num_microbatches == 0:
-            if self._step_overruns(global_batch * c.num_microbatches):
+            step, _, _ = self._plan(global_batch * c.num_microbatches)
+            if any(d.draw >= len(self.streams[d.corpus].sources[d.source]) for d in step):
                 raise StopIteration
-        mine = range(self.dp_rank * c.micro_batch_size, (self.dp_rank + 1) * c.micro_batch_size)
-        samples, indices = [], []
-        for j in range(global_batch):
-            g = self.position + j
-            task = self.mixer.task_of(g)
-            source = SOURCE_OF_TASK[task]
-            draw = self.draws[source]
-            self.draws[source] += 1
-            if j in mine:
-                samples.append(self.sample(g, task, self.sources[source].document(draw)))
-                indices.append(g)
+        plan, counts, draws = self._plan(global_batch)
+        mine = plan[self.dp_rank * c.micro_batch_size:(self.dp_rank + 1) * c.micro_batch_size]
+        samples = []
+        for d in mine:
+            stream = self.streams[d.corpus]
+            samples.append(stream.sample(d.local, d.task, stream.sources[d.source].document(d.draw)))
+        for stream, position, drawn in zip(self.streams, counts, draws):
+            stream.position, stream.draws = position, drawn
         self.position += global_batch
         return dataclasses.replace(tasks.collate(samples, self.layout),
-                                   sample_index=torch.tensor(indices, dtype=torch.int64))
-
-    def _substitute(self, doc: int, ids: np.ndarray, rng: np.random.Generator) -> int:
-        """A caption document whose image and text both differ from ``doc``'s: uniform draws
-        (a few), then the first such document after a random start (deterministic either way)."""
-        docs = self.sources["captions"].docs
-        image = self.texts.image_ids[doc]
-
-        def differs(other: int) -> bool:
-            return (self.texts.image_ids[other] != image
-                    and not np.array_equal(self.texts[other], ids))
-
-        for _ in range(_SUBSTITUTE_DRAWS):
-            other = int(docs[int(rng.integers(len(docs)))])
-            if differs(other):
-                return other
-        start = int(rng.integers(len(docs)))
-        for k in range(len(docs)):
-            other = int(docs[(start + k) % len(docs)])
-            if differs(other):
-                return other
-        raise DatasetError(f"image_text_matching needs a caption of another image with another text "
-                           f"to substitute for document {doc}, and corpus {self.config.corpus!r} has none")
-
-    def _step_overruns(self, num_samples: int) -> bool:
-        """Whether the next ``num_samples`` samples would draw some source past its first epoch."""
-        need = dict(self.draws)
-        for g in range(self.position, self.position + num_samples):
-            need[SOURCE_OF_TASK[self.mixer.task_of(g)]] += 1
-        return any(need[name] > len(s) for name, s in self.sources.items())
-
-    def sample(self, g: int, task: str, doc: int) -> tasks.PackedSample:
-        """Global sample ``g`` of ``task`` made from document ``doc`` (iteration picks task and doc)."""
-        layout, rng = self.layout, self.mixer.rng_of(g)
-        ids = self.texts[doc].astype(np.int64)  # (n,)
-        half = layout.max_text_positions // 2 - 2
-        if task == "text_denoising":
-            return tasks.text_denoising(layout, _window(ids, half, rng), rng)
-        if task == "language_modelling":
-            return tasks.language_modelling(layout, _window(ids, layout.max_text_positions - 2, rng))
-        patches = self.images[int(self.texts.image_ids[doc])]  # (16, 2048) fp16, a view of the file
-        if task == "image_to_text":
-            return tasks.image_to_text(layout, patches, ids)
-        if task == tasks.IMAGE_TEXT_MATCHING:
-            if rng.random() < 0.5:
-                return tasks.image_text_matching(layout, patches, ids, 1)
-            other = self._substitute(doc, ids, rng)
-            return tasks.image_text_matching(layout, patches, self.texts[other].astype(np.int64), 0)
-        at = _find(ids, self.answer_marker)
-        if at >= 0 and at + len(self.answer_marker) < len(ids):
-            split = at + len(self.answer_marker)
-            return tasks.multimodal_to_text(layout, patches, ids[:split], ids[split:])
-        ids = ids[:half]
-        return tasks.multimodal_to_text(layout, patches, tasks.mask_one_span(ids, layout.mask_id, rng), ids)
+                                   sample_index=torch.tensor([d.g for d in mine], dtype=torch.int64))

@@ -31,9 +31,12 @@ An item has shape ``(size_i, *row_shape)``: ``row_shape`` is ``()`` for tokens a
     image_ids  int64[N]  paired row in another dataset, -1 for none
 
 Opening checks the header, the sizes of both files and that the offsets tile the .bin: O(N) in
-the index, O(1) in the data. A ``.bin`` of the right size from another build (a mismatched pair)
-is caught by :meth:`IndexedDataset.verify`, which re-hashes the data (``python -m
-m6_engine.data.indexed info --verify``).
+the index, O(1) in the data. ``IndexedDataset(prefix, check_offsets=False)`` skips the tiling
+check and opens in O(1) (the training dataset does, once a sample index built offline has checked
+the whole index: :mod:`m6_engine.data.sample_index`); every item read is still bounds-checked
+against the .bin. A ``.bin`` of the right size from another build (a mismatched pair) is caught by
+:meth:`IndexedDataset.verify`, which re-hashes the data (``python -m m6_engine.data.indexed info
+--verify``).
 
 Random access is O(1) and copy-free: ``dataset[i]`` is a view into a copy-on-write ``np.memmap``
 of the ``.bin`` (writing to it never reaches the file), and :meth:`IndexedDataset.tensor` wraps
@@ -141,7 +144,8 @@ def _parse_header(raw: bytes, path: Path) -> IndexHeader:
     return IndexHeader(kind, DTYPE_CODES[code], (s0, s1)[:ndim], count, bin_nbytes, vocab, vocab_hash, digest)
 
 
-def _map_array(path: Path, dtype: str, offset: int, count: int) -> np.ndarray:
+def map_array(path: Path, dtype: str, offset: int, count: int) -> np.ndarray:
+    """``count`` items of ``dtype`` at byte ``offset`` of ``path``, mapped read-only (not read)."""
     if count == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
@@ -155,7 +159,7 @@ class IndexedDataset:
     (N,) int64; ``kind``, ``dtype``, ``row_shape``, ``vocab_size``, ``vocab_hash`` from the header.
     """
 
-    def __init__(self, prefix: PathLike):
+    def __init__(self, prefix: PathLike, check_offsets: bool = True):
         self.prefix = str(prefix)
         idx, bin_ = index_path(prefix), data_path(prefix)
         for p in (idx, bin_):
@@ -170,16 +174,19 @@ class IndexedDataset:
                                    f"{idx_nbytes}: the file is truncated or corrupt")
         n = header.count
         # Mapped read-only, not read: a corpus of 10^8 documents has a 2 GB index.
-        self.sizes = _map_array(idx, "<i4", sizes_at, n)
-        self.offsets = _map_array(idx, "<i8", offsets_at, n)
-        self.image_ids = _map_array(idx, "<i8", image_ids_at, n)
+        self.sizes = map_array(idx, "<i4", sizes_at, n)
+        self.offsets = map_array(idx, "<i8", offsets_at, n)
+        self.image_ids = map_array(idx, "<i8", image_ids_at, n)
         actual = bin_.stat().st_size
         if actual != header.bin_nbytes:
             raise IndexFormatError(f"{bin_} is {actual} bytes, its index {idx} records {header.bin_nbytes}: "
                                    f"the data file is truncated or does not belong to this index")
         self.header = header
-        self._check_offsets(idx)
-        total = header.bin_nbytes // header.dtype.itemsize
+        self._total = total = header.bin_nbytes // header.dtype.itemsize
+        if check_offsets:
+            self._check_offsets(idx)
+        elif n and int(self.offsets[-1]) + int(self.sizes[-1]) * header.row_elems != total:
+            raise IndexFormatError(f"{idx}: its last item does not end where {bin_} does: corrupt index")
         self._data = (np.memmap(bin_, dtype=header.dtype, mode="c", shape=(total,)) if total
                       else np.empty(0, dtype=header.dtype))
 
@@ -193,6 +200,11 @@ class IndexedDataset:
         expected = np.concatenate(([0], np.cumsum(elems)[:-1])) if len(elems) else elems
         if not np.array_equal(self.offsets, expected) or int(elems.sum()) * h.dtype.itemsize != h.bin_nbytes:
             raise IndexFormatError(f"{idx}: item offsets do not tile the .bin: corrupt index")
+
+    @property
+    def flat(self) -> np.ndarray:
+        """Every item's elements back to back, as stored (the mapped .bin, 1-d)."""
+        return self._data.reshape(-1)
 
     @property
     def kind(self) -> str:
@@ -238,6 +250,10 @@ class IndexedDataset:
         i %= n
         start = int(self.offsets[i])
         size = int(self.sizes[i])
+        # O(1), and what keeps an index opened without check_offsets from reading past the data.
+        if start < 0 or size < 0 or start + size * self.header.row_elems > self._total:
+            raise IndexFormatError(f"{index_path(self.prefix)}: item {i} (offset {start}, size {size}) lies "
+                                   f"outside {data_path(self.prefix)}: corrupt index")
         return self._data[start:start + size * self.header.row_elems].reshape((size, *self.row_shape))
 
     def tensor(self, i: int) -> torch.Tensor:
@@ -246,11 +262,11 @@ class IndexedDataset:
 
 
 def open_tokens(prefix: PathLike, vocab_size: Optional[int] = None,
-                vocab_hash: Optional[bytes] = None) -> IndexedDataset:
+                vocab_hash: Optional[bytes] = None, check_offsets: bool = True) -> IndexedDataset:
     """Open a token dataset; with ``vocab_size`` / ``vocab_hash``, refuse data tokenised with another
     tokenizer. The hash is compared only when the dataset recorded one (builders given no
-    fingerprint store :data:`NO_HASH`)."""
-    ds = IndexedDataset(prefix)
+    fingerprint store :data:`NO_HASH`). ``check_offsets``: as for :class:`IndexedDataset`."""
+    ds = IndexedDataset(prefix, check_offsets)
     if ds.kind != "tokens":
         raise IndexFormatError(f"{index_path(prefix)} holds {ds.kind}, expected tokens")
     if vocab_size is not None and ds.vocab_size != vocab_size:
@@ -264,14 +280,15 @@ def open_tokens(prefix: PathLike, vocab_size: Optional[int] = None,
 
 
 def open_patches(prefix: PathLike, num_patches: Optional[int] = None,
-                 feature_dim: Optional[int] = None) -> IndexedDataset:
-    """Open a patch-feature dataset; optionally check its (num_patches, feature_dim)."""
-    ds = IndexedDataset(prefix)
+                 feature_dim: Optional[int] = None, check_offsets: bool = True) -> IndexedDataset:
+    """Open a patch-feature dataset; optionally check its (num_patches, feature_dim): the patch
+    count of every image is checked only with ``check_offsets`` (it reads the whole index)."""
+    ds = IndexedDataset(prefix, check_offsets)
     if ds.kind != "patches":
         raise IndexFormatError(f"{index_path(prefix)} holds {ds.kind}, expected patches")
     if feature_dim is not None and ds.row_shape != (feature_dim,):
         raise IndexFormatError(f"{index_path(prefix)} has {ds.row_shape[0]}-d patch features, expected {feature_dim}")
-    if num_patches is not None and len(ds) and (ds.sizes != num_patches).any():
+    if check_offsets and num_patches is not None and len(ds) and (ds.sizes != num_patches).any():
         raise IndexFormatError(f"{index_path(prefix)} has images without exactly {num_patches} patches")
     return ds
 

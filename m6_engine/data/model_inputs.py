@@ -87,13 +87,19 @@ def corpus_extractor(prefix) -> dict | None:
     if "merged_from" not in meta:
         extractor = meta.get("extractor")
         return extractor if isinstance(extractor, dict) else None
-    found = {str(source): corpus_extractor(source) for source in meta["merged_from"]}
+    return common_extractor(meta["merged_from"], f"{path}: the corpus merges")
+
+
+def common_extractor(prefixes, what: str = "the blend mixes") -> dict | None:
+    """The one extractor the corpora ``prefixes`` were made with (those without images or metadata
+    aside), None when none records one; corpora made with different ones are a DatasetError
+    (``what`` starts its message), since a model reads one kind of image feature."""
+    found = {str(source): corpus_extractor(source) for source in prefixes}
     known = {source: e for source, e in found.items() if e is not None}
     identities = {extractor_identity(e) for e in known.values()}
     if len(identities) > 1:
         made = ", ".join(f"{source}: {describe_extractor(e)}" for source, e in known.items())
-        raise DatasetError(f"{path}: the corpus merges image features of different extractors ({made}); "
-                           "a model can read one kind")
+        raise DatasetError(f"{what} image features of different extractors ({made}); a model can read one kind")
     return next(iter(known.values()), None)
 
 

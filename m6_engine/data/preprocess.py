@@ -5,6 +5,7 @@ Usage::
     python -m m6_engine.data.preprocess --input cleaned.jsonl [more.jsonl ...] --output-prefix data/corpus \\
         [--vocab vocab.txt] [--workers 2] [--extractor resnet50 (--weights W | --random-weights) | --extractor pixels | pixels_edges]
     python -m m6_engine.data.preprocess --merge data/shard0 data/shard1 --output-prefix data/corpus
+    python -m m6_engine.data.preprocess --index data/corpus [more prefixes] [--vocab vocab.txt] [--answer-marker 答：]
 
 Writes two indexed datasets (:mod:`m6_engine.data.indexed`):
 
@@ -15,7 +16,10 @@ Writes two indexed datasets (:mod:`m6_engine.data.indexed`):
 * ``<prefix>_image``: one (16, 2048) fp16 item per distinct image (documents sharing an image
   file, e.g. a caption and questions about it, share its row). Always written, possibly empty.
 
-and ``<prefix>_meta.json``, written last: the tokenizer (vocab file, size, fingerprint, casing),
+then ``<prefix>_samples.idx``, the corpus's sample index: the documents of each source of the
+training dataset, found once here instead of by every rank at start-up
+(:mod:`m6_engine.data.sample_index`; ``--answer-marker`` must be the training config's
+``answer_marker``, default "答："), and ``<prefix>_meta.json``, written last: the tokenizer (vocab file, size, fingerprint, casing),
 the extractor (name, weights file or ``random_weights: true``, seed) and the run's report, so a
 corpus says how it was made. The token index itself records the vocab size and fingerprint,
 which the training dataset checks against its tokenizer.
@@ -30,7 +34,10 @@ over chunks of lines, at most ``2 * workers`` chunks in flight, results written 
 counted and skipped (the cleaning parser). Progress bars go to stderr.
 
 ``--merge`` concatenates finished corpora (``<p>_text`` + ``<p>_image`` pairs), shifting each
-shard's image ids by the images of the shards before it.
+shard's image ids by the images of the shards before it, and indexes the result when the tokenizer
+(``--vocab``, ``--cased``) is the one the shards were tokenised with. ``--index`` (re)builds the
+sample index of finished corpora: for a corpus made before sample indexes existed, or after a
+change of answer marker.
 """
 
 import argparse
@@ -44,15 +51,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from m6_engine.data import indexed
+from m6_engine.data import indexed, sample_index
 from m6_engine.data.cleaning import PARSE_REASONS, TEXT_FIELDS, ParseError, parse_line
 from m6_engine.data.doc_tokens import (ChunkTokenizer, TokenizedChunk, cached_tokenizer, resolve_image,
                                        tokenizer_fingerprint)
 from m6_engine.data.streaming import atomic_file, ordered_map, read_line_chunks
 from m6_engine.data.tokenizer import default_vocab_path
 from m6_engine.data.vision import MIN_PIXELS, ExtractorConfig, build_extractor, write_patch_features
+from m6_engine.progress import progress_bar
+
+
+DEFAULT_ANSWER_MARKER = "答："
+"""What ends the question of a question-answer document (``DatasetConfig.answer_marker``'s default)."""
 
 
 def text_prefix(prefix) -> str:
@@ -77,7 +88,8 @@ def _retire(prefix) -> None:
     between them would leave a new ``_image`` beside an old ``_text`` whose image rows point
     at other pictures. Each dataset alone is already atomic (indexed.py).
     """
-    for path in (meta_path(prefix), indexed.index_path(text_prefix(prefix)), indexed.index_path(image_prefix(prefix))):
+    for path in (meta_path(prefix), sample_index.sample_index_path(prefix), indexed.index_path(text_prefix(prefix)),
+                 indexed.index_path(image_prefix(prefix))):
         path.unlink(missing_ok=True)
 
 
@@ -106,6 +118,8 @@ class PreprocessConfig:
     """Images per extractor call."""
     min_pixels: int = MIN_PIXELS
     """Smaller images are dropped (with their documents)."""
+    answer_marker: str = DEFAULT_ANSWER_MARKER
+    """The training dataset's ``answer_marker``: the sample index sorts captions by it."""
 
 
 @dataclass
@@ -192,8 +206,8 @@ def preprocess(inputs: Sequence, output_prefix, config: PreprocessConfig, progre
     start = time.perf_counter()
     with indexed.IndexedDatasetBuilder(text_prefix(output_prefix), "tokens", dtype, vocab_size=vocab_size,
                                        vocab_hash=vocab_hash) as builder, \
-            tqdm(total=sum(p.stat().st_size for p in inputs), unit="B", unit_scale=True, file=sys.stderr,
-                 disable=not progress, desc="tokenize") as bar:
+            progress_bar(total=sum(p.stat().st_size for p in inputs), unit="B", unit_scale=True,
+                         enabled=progress, desc="tokenize") as bar:
         for chunk in ordered_map(job, read_line_chunks(inputs, config.chunk_lines), config.workers):
             report.lines += chunk.lines
             for reason, n in chunk.skipped.items():
@@ -202,6 +216,7 @@ def preprocess(inputs: Sequence, output_prefix, config: PreprocessConfig, progre
             bar.update(chunk.nbytes)
         builder.finalize()
     report.tokenize_seconds = time.perf_counter() - start
+    index_corpus(output_prefix, tokenizer, config.answer_marker, progress)
     _write_meta(output_prefix, {
         "inputs": [str(p) for p in inputs],
         "tokenizer": {"vocab_file": str(config.vocab_file), "vocab_size": vocab_size,
@@ -211,8 +226,17 @@ def preprocess(inputs: Sequence, output_prefix, config: PreprocessConfig, progre
     return report
 
 
+def index_corpus(prefix, tokenizer, answer_marker: str = DEFAULT_ANSWER_MARKER, progress: bool = True) -> Path:
+    """Write the corpus's sample index, sorting captions by ``answer_marker`` as ``tokenizer``
+    encodes it; the corpus must have been tokenised by ``tokenizer``."""
+    texts = indexed.open_tokens(text_prefix(prefix), tokenizer.vocab_size, tokenizer_fingerprint(tokenizer))
+    del texts  # opened for its checks: the corpus is whole and tokenised with this tokenizer
+    return sample_index.build_sample_index(prefix, tokenizer.encode(answer_marker), progress)
+
+
 def merge_corpora(output_prefix, prefixes: Sequence) -> Tuple[indexed.IndexedDataset, indexed.IndexedDataset]:
-    """Merge corpora ``<p>_text`` + ``<p>_image`` into ``<output_prefix>_*``, keeping every pair aligned."""
+    """Merge corpora ``<p>_text`` + ``<p>_image`` into ``<output_prefix>_*``, keeping every pair
+    aligned (:func:`index_corpus` writes the merged corpus's sample index)."""
     if not prefixes:
         raise ValueError("merge needs at least one corpus prefix")
     image_counts = [len(indexed.open_patches(image_prefix(p))) for p in prefixes]
@@ -226,12 +250,23 @@ def merge_corpora(output_prefix, prefixes: Sequence) -> Tuple[indexed.IndexedDat
     return texts, images
 
 
+def describe_sample_index(prefix) -> str:
+    """One line about a corpus's sample index: the documents of each source."""
+    index = sample_index.open_sample_index(prefix)
+    if index is None:
+        return "no sample index"
+    return ", ".join(f"{len(index.sources[s])} {s}" for s in sample_index.SOURCES) + " documents"
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help="cleaned JSON-lines files")
     src.add_argument("--merge", nargs="+", metavar="PREFIX", help="merge finished corpora instead")
-    p.add_argument("--output-prefix", required=True)
+    src.add_argument("--index", nargs="+", metavar="PREFIX", help="(re)build the sample index of finished corpora")
+    p.add_argument("--output-prefix", help="what --input or --merge writes")
+    p.add_argument("--answer-marker", default=DEFAULT_ANSWER_MARKER,
+                   help="the training config's data answer_marker: the sample index sorts captions by it")
     p.add_argument("--vocab", default=None, help="BERT vocab.txt (default: the installed bert-base-chinese)")
     p.add_argument("--cased", action="store_true", help="do not lower-case (the default vocab is uncased)")
     p.add_argument("--workers", type=int, default=1)
@@ -251,18 +286,34 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = _parse_args(argv)
     try:
+        if a.index:
+            tokenizer = cached_tokenizer(str(a.vocab or default_vocab_path()), not a.cased)
+            for prefix in a.index:
+                path = index_corpus(prefix, tokenizer, a.answer_marker, progress=not a.no_progress)
+                print(f"{path}: {describe_sample_index(prefix)}")
+            return 0
+        if not a.output_prefix:
+            raise ValueError("--output-prefix is required with --input and --merge")
         if a.merge:
             texts, images = merge_corpora(a.output_prefix, a.merge)
             print(f"merged {len(a.merge)} corpora: {len(texts)} documents, {len(images)} images")
+            tokenizer = cached_tokenizer(str(a.vocab or default_vocab_path()), not a.cased)
+            matches = (texts.vocab_size, texts.vocab_hash) == (tokenizer.vocab_size, tokenizer_fingerprint(tokenizer))
+            if matches:
+                index_corpus(a.output_prefix, tokenizer, a.answer_marker, progress=not a.no_progress)
+            else:
+                print(f"NOTE: the shards were tokenised with another vocab than {a.vocab or 'the default'}: no "
+                      f"sample index written; run --index {a.output_prefix} --vocab THEIR_VOCAB", file=sys.stderr)
             return 0
         if a.threads:
             torch.set_num_threads(a.threads)
         config = PreprocessConfig(
             vocab_file=str(a.vocab or default_vocab_path()), lower_case=not a.cased, workers=a.workers,
             chunk_lines=a.chunk_lines, image_batch_size=a.image_batch_size, min_pixels=a.min_pixels,
-            extractor=ExtractorConfig(a.extractor, a.weights, a.random_weights, a.seed, device=a.device))
+            extractor=ExtractorConfig(a.extractor, a.weights, a.random_weights, a.seed, device=a.device),
+            answer_marker=a.answer_marker)
         report = preprocess(a.input, a.output_prefix, config, progress=not a.no_progress)
-    except (indexed.IndexFormatError, FileNotFoundError, ValueError) as e:
+    except (indexed.IndexFormatError, sample_index.SampleIndexError, FileNotFoundError, ValueError) as e:
         print(f"preprocess: {e}", file=sys.stderr)
         return 1
     r = report.as_dict()

@@ -40,7 +40,6 @@ intra-op thread pool makes each small op cost milliseconds, a hundred times the 
 ResNet-50 forward, a large op, runs in torch.
 """
 
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +48,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from m6_engine.data.indexed import IndexedDatasetBuilder
 from m6_engine.data.streaming import ordered_map
+from m6_engine.progress import progress_bar
 
 PathLike = Union[str, Path]
 
@@ -322,7 +321,7 @@ def write_patch_features(paths: Sequence[PathLike], prefix: PathLike, extractor:
     feature_dim = getattr(extractor, "feature_dim", FEATURE_DIM)
     chunks = (paths[i:i + batch_size] for i in range(0, len(paths), batch_size))
     with IndexedDatasetBuilder(prefix, "patches", np.float16, (feature_dim,)) as builder, \
-            tqdm(total=len(paths), desc="images", unit="img", file=sys.stderr, disable=not progress) as bar:
+            progress_bar(total=len(paths), desc="images", unit="img", enabled=progress) as bar:
         for loaded in ordered_map(_PatchLoader(min_pixels), chunks, workers):
             batch = []
             for item in loaded:

@@ -16,6 +16,7 @@ BENCHMARKS = (
     ("tests.bench.bench_attention", {}),
     ("tests.bench.bench_tokenizer", {}),
     ("tests.bench.bench_preprocess", {}),
+    ("tests.bench.bench_sample_index", {}),
     ("tests.bench.bench_pipeline", {}),
     ("tests.bench.bench_interleaved", {}),
     ("tests.bench.bench_optim", {"device": "cpu"}),
