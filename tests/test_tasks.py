@@ -88,3 +88,24 @@ def test_task_mixer_is_deterministic_and_follows_weights():
     assert set(first) == {"text_denoising", "image_to_text"}
     with pytest.raises(ValueError, match="unknown task"):
         tasks.TaskMixer({"vqa": 1}, seed=0)
+
+
+def test_vectorised_task_draws_equal_the_per_sample_formula():
+    """tasks_of's numpy draw against the same formula in Python integers, one sample at a time."""
+    import bisect
+
+    from m6_engine.data.permutation import _mix64
+
+    weights = {"text_denoising": 1, "language_modelling": 2, "image_to_text": 0.5, "multimodal_to_text": 3}
+    mixer = tasks.TaskMixer(weights, seed=123)
+    key, edges = int(mixer._key), mixer._edges.tolist()
+
+    def reference(g):
+        u = (_mix64((key + g * tasks._GOLDEN) % 2**64) >> 11) * 2.0 ** -53
+        return mixer.tasks[bisect.bisect_right(edges, u)]
+
+    first = 2**40 - 500   # large indices too: the uint64 arithmetic wraps like the reference's
+    assert mixer.tasks_of(first, 1000) == [reference(g) for g in range(first, first + 1000)]
+    assert mixer.tasks_of(7, 5) == [mixer.task_of(g) for g in range(7, 12)]
+    other = tasks.TaskMixer(weights, seed=124)
+    assert other.tasks_of(0, 200) != mixer.tasks_of(0, 200)

@@ -33,7 +33,7 @@ from m6_engine.data.tasks import SampleLayout, TaskMixer
 SOURCE_OF_TASK = {"text_denoising": "text", "language_modelling": "text",
                   "image_to_text": "captions", "multimodal_to_text": "pairs",
                   tasks.IMAGE_TEXT_MATCHING: "captions"}
-_PERMUTATION_TAG = 0x7065726D  # "perm": the permutation keys never equal TaskMixer's [seed, l] streams
+_PERMUTATION_TAG = 0x7065726D  # "perm": the permutation keys never equal the task or rng_of streams
 _SUBSTITUTE_DRAWS = 16  # uniform draws for an image-text matching negative before a scan
 
 

@@ -272,14 +272,20 @@ class PretrainDataset:
     def _plan(self, num_samples: int) -> Tuple[List[_Draw], List[int], List[Dict[str, int]]]:
         """What the next ``num_samples`` global samples are, and the corpus positions and draw counts
         after them; nothing is changed (a plan is committed by ``__next__``)."""
-        counts = [s.position for s in self.streams]
-        draws = [dict(s.draws) for s in self.streams]
-        plan = []
+        firsts = [s.position for s in self.streams]
+        counts, corpus_of = list(firsts), []
         for g in range(self.position, self.position + num_samples):
             k = blend_choice(self.weights, counts, g) if len(self.streams) > 1 else 0
-            local = counts[k]
+            corpus_of.append(k)
             counts[k] += 1
-            task = self.streams[k].mixer.task_of(local)
+        # each corpus's tasks for its run of local indices, in one vectorised draw
+        tasks_of = [s.mixer.tasks_of(first, n - first) for s, first, n in zip(self.streams, firsts, counts)]
+        draws = [dict(s.draws) for s in self.streams]
+        taken, plan = list(firsts), []
+        for g, k in enumerate(corpus_of, start=self.position):
+            local = taken[k]
+            taken[k] += 1
+            task = tasks_of[k][local - firsts[k]]
             source = SOURCE_OF_TASK[task]
             plan.append(_Draw(g, k, local, task, source, draws[k][source]))
             draws[k][source] += 1

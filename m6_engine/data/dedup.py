@@ -25,8 +25,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+from m6_engine.data.permutation import splitmix64
+
 _POLY = np.uint64(0x100000001B3)  # odd multiplier of the rolling shingle hash
 _BLOCK = 4096  # shingles hashed per block: bounds the (block, num_perm) temporary to 4 MiB
 
@@ -69,14 +69,6 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(normalize(text).encode("utf-8"), digest_size=16).digest()
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(30))
-    x = x * _MIX1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _MIX2
-    return x ^ (x >> np.uint64(31))
-
-
 def shingle_hashes(text: str, k: int) -> np.ndarray:
     """64-bit hashes of the character k-shingles of the normalised text, in text order.
 
@@ -94,7 +86,7 @@ def shingle_hashes(text: str, k: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         for j in range(k):  # h = sum_j cp[i + j] * POLY^(k - 1 - j)  (mod 2^64)
             h = h * _POLY + cps[j:j + m]
-        return _splitmix64(h)
+        return splitmix64(h)
 
 
 class MinHasher:

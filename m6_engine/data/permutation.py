@@ -24,11 +24,24 @@ ROUNDS = 6
 _MASK64 = (1 << 64) - 1
 
 
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
 def _mix64(x: int) -> int:
     """splitmix64's finaliser: a bijective 64-bit mix in which every input bit reaches every output bit."""
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
     return x ^ (x >> 31)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """:func:`_mix64` of every element of a uint64 array (wrapping multiplication)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(_MIX1)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(_MIX2)
+        return x ^ (x >> np.uint64(31))
 
 
 class KeyedPermutation:

@@ -19,12 +19,16 @@ reads the final hidden state at ``valid_len - 1`` (``m6_engine.model.heads``).
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from m6_engine.data.batch import MicroBatch
+from m6_engine.data.permutation import splitmix64
+
+_TASK_TAG = 0x7461736B  # "task": the task stream's key never equals the permutations' or rng_of's
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, odd: g -> key + g * _GOLDEN visits distinct words
 
 # Segment ids: one learned segment embedding per part.
 SEGMENT_IMAGE, SEGMENT_MASKED, SEGMENT_COMPLETE = 0, 1, 2
@@ -247,11 +251,27 @@ class TaskMixer:
         total = float(sum(weights[t] for t in self.tasks))
         self.probabilities = np.array([weights[t] / total for t in self.tasks])
         self.seed = seed
+        self._edges = np.cumsum(self.probabilities)
+        self._edges[-1] = 1.0   # rounding must not leave a sliver of [0, 1) without a task
+        self._key = np.random.SeedSequence([seed, _TASK_TAG]).generate_state(1, np.uint64)[0]
+
+    def tasks_of(self, first: int, count: int) -> List[str]:
+        """The tasks of samples ``first .. first + count - 1``, at once.
+
+        Sample g's task is where a uniform u_g in [0, 1) falls among the cumulative weights, u_g
+        the top 53 bits of splitmix64(key + g * golden ratio): a counter-based draw, vectorised
+        over a global batch. (A numpy Generator per sample cost ~100 us, every rank drawing the
+        task of every sample of the global batch: 0.6 s of each 6144-sample step.)
+        """
+        g = np.arange(first, first + count, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            bits = splitmix64(self._key + g * np.uint64(_GOLDEN))
+        u = (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+        return [self.tasks[i] for i in np.searchsorted(self._edges, u, side="right").tolist()]
 
     def task_of(self, sample_index: int) -> str:
         """The task of the sample at a global index."""
-        rng = np.random.default_rng([self.seed, sample_index])
-        return self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities))]
+        return self.tasks_of(sample_index, 1)[0]
 
     def rng_of(self, sample_index: int) -> np.random.Generator:
         """A generator for the sample's own random choices (e.g. the masked span)."""
