@@ -30,6 +30,7 @@ parameters, de-duplicated across dp by DCP); on load the optimizer's own pieces 
 fills, then handed back (``optimizer_state``). Nothing is gathered.
 """
 
+from m6_engine.checkpoint.async_save import AsyncCheckpointer, CommittedSave
 from m6_engine.checkpoint.folders import (
     CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, complete_checkpoints,
     latest_checkpoint, read_manifest, step_dirname,
@@ -41,7 +42,7 @@ from m6_engine.checkpoint.rng import resume_seed
 from m6_engine.checkpoint.save import save_checkpoint
 
 __all__ = [
-    "CheckpointCorruptError", "CheckpointError", "CheckpointNotFoundError", "LoadedCheckpoint",
+    "AsyncCheckpointer", "CommittedSave", "CheckpointCorruptError", "CheckpointError", "CheckpointNotFoundError", "LoadedCheckpoint",
     "LoadedWeights", "complete_checkpoints", "latest_checkpoint", "load_checkpoint",
     "load_model_weights", "read_manifest",
     "resolve_checkpoint", "resume_seed", "save_checkpoint", "step_dirname",
