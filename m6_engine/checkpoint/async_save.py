@@ -54,8 +54,6 @@ class SaveInFlight:
     """A save whose writing thread was started."""
 
     request: SaveRequest
-    staged_seconds: float
-    """How long the training loop was held: waiting for nothing else, staging the snapshot."""
     outcome: Future
     """Resolves to the seconds the thread took to write and publish, or to its exception."""
 
@@ -70,8 +68,8 @@ class CommittedSave:
 
     path: Path
     step: int
-    staged_seconds: float
     write_seconds: float
+    """What the thread took to write and publish it."""
 
 
 def _write_in_background(request: SaveRequest, state_dict: dict, group, outcome: Future) -> None:
@@ -106,7 +104,6 @@ class AsyncCheckpointer:
         and return the path it will be published at. Waits for the save in flight first, and
         raises its CheckpointError if it failed (this one is then not started)."""
         self.wait()
-        start = time.perf_counter()
         request = save_request(ckpt_dir, step, state=state, optimizer=optimizer, extra=extra,
                                config=config, keep_last=keep_last, inputs=inputs,
                                attachments=attachments)
@@ -120,7 +117,7 @@ class AsyncCheckpointer:
                                   name=f"m6-checkpoint-step{step}",
                                   daemon=True)   # a job that dies must not wait for its write
         thread.start()
-        self.in_flight = SaveInFlight(request, time.perf_counter() - start, outcome)
+        self.in_flight = SaveInFlight(request, outcome)
         return request.final
 
     def wait(self) -> CommittedSave | None:
@@ -135,7 +132,7 @@ class AsyncCheckpointer:
             raise CheckpointError(f"asynchronous checkpoint (train.async_save) of step "
                                   f"{flight.request.step}, to be published as {flight.path}: "
                                   f"{error}") from error
-        return CommittedSave(flight.path, flight.request.step, flight.staged_seconds, write_seconds)
+        return CommittedSave(flight.path, flight.request.step, write_seconds)
 
     def close(self) -> CommittedSave | None:
         """:meth:`wait`, then free the staging buffers (a later save allocates them again)."""

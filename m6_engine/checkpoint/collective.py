@@ -47,13 +47,6 @@ def on_every_rank(fn, group=None) -> list:
     return [value for _, value in outcomes]
 
 
-def gather_to_rank0(value, group=None) -> list | None:
-    """Every rank's ``value`` in rank order on rank 0; None on the others."""
-    parts = [None] * dist.get_world_size(group) if dist.get_rank() == 0 else None
-    dist.gather_object(value, parts, dst=0, group=group)
-    return parts
-
-
 def gather_lists(items: list, group=None) -> list:
     """The concatenation, in rank order, of every rank's ``items``, on every rank."""
     parts = [None] * dist.get_world_size(group)

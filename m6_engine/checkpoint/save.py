@@ -1,3 +1,34 @@
+"""save_checkpoint: every rank writes its shards into a temporary folder, rank 0 publishes it.
+
+What one checkpoint holds (keys of the DCP state dict):
+
+    model.<name>                    every parameter / persistent buffer, as its global tensor
+    optimizer.<name>.<key>          the optimizer's per-parameter fp32 tensors, sharded like <name>
+                                    (each rank writes the pieces it updates: optimizer_state)
+    optimizer_scalar                optimizer.scalar_state(): loss scaler, LR schedule, step counts
+    extra                           the trainer's dict (data-sampler position, ...), from rank 0
+    rng.rank<r>                     rank r's RNG streams (see ``m6_engine.checkpoint.rng``)
+
+plus, in the ``complete`` manifest (JSON): step, layout (tp, pp, dp), device type, the config the
+trainer passes, and the size and crc32 of every file. The ``extra`` dict and the optimizer's scalar
+state must be the same on every rank (rank 0's copy is stored); they are pickled.
+
+A save is two parts. :func:`save_entries` builds the state dict: views of the live tensors (this
+synchronous save), or copies in host memory (``async_save``, which then lets training go on).
+:func:`write_checkpoint` writes it, the same code for both, collective on the group it is given:
+
+1. every rank creates the ``.tmp-step_*`` folder and rank 0 writes the attachments (a failure on
+   any rank fails every rank, before anything else is written);
+2. ``dcp.save`` through a :class:`digests.DigestingWriter`: each rank writes its shards, taking
+   every file's size and crc32 from the bytes as they go out; DCP's closing collective returns
+   once every rank's shards are written and rank 0 has written ``.metadata``;
+3. the ranks' digests are gathered; rank 0 checks that they name every file in the folder at its
+   size, writes the manifest and publishes the folder (``folders``), then prunes (``keep_last``).
+
+Nothing is read back. Until step 3 publishes, the checkpoints already in the directory are the
+ones a resume finds, whatever happens to the job.
+"""
+
 import copy
 import dataclasses
 import json
@@ -15,9 +46,7 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from m6_engine.checkpoint import rng
-from m6_engine.checkpoint.collective import (
-    describe_failure, from_rank0, gather_to_rank0, on_every_rank, on_rank0,
-)
+from m6_engine.checkpoint.collective import describe_failure, from_rank0, on_every_rank, on_rank0
 from m6_engine.checkpoint.digests import DigestingWriter
 from m6_engine.checkpoint.folders import (
     FORMAT, FORMAT_VERSION, MANIFEST, CheckpointError, prune, publish, step_dirname, tmp_dirname,
@@ -163,7 +192,7 @@ def write_checkpoint(request: SaveRequest, state_dict: dict, *, group=None,
         writer = DigestingWriter(request.tmp, **({"per_thread_copy_ahead": 0} if from_host else {}))
         dcp.save(state_dict, storage_writer=writer, process_group=group,
                  planner=DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
-        digests = gather_to_rank0(writer.digests(), group)
+        digests = on_every_rank(writer.digests, group)
         on_rank0(lambda: _publish(request, [*attached, *digests]), group)
     except (Exception, CheckpointException) as error:
         raise CheckpointError(f"saving step {request.step} into {request.tmp} failed; the checkpoints "
