@@ -55,7 +55,8 @@ test-all: install
 # the main leg's in-place m6_engine/_C*.so and _C.cpu_flags are never touched. Only what the
 # selected tests import is installed (same pins as requirements.txt; no torchvision, transformers
 # or megatron-core). The tests: the ops (with the attention's torch backends: the GPU image has
-# torch 2.11), one multi-rank ZeRO-1 + dp-bucket parity run, the checkpoint round trips, the
+# torch 2.11), one multi-rank ZeRO-1 + dp-bucket parity run, the checkpoint round trips and
+# asynchronous checkpoints (their digests hook DCP's FileSystemWriter, whose internals move), the
 # collectives and torch-version checks, the CPU AdamW op with ZeRO-Offload and sequence parallelism
 # (as a GPU image's torch runs them), the gpu-check dry run.
 VENV211 := .venv-torch211
@@ -66,6 +67,7 @@ TORCH211_PINS := numpy ninja pybind11 regex tensorboard pyyaml tqdm pytest pytes
 TORCH211_TESTS := tests/test_masked_softmax.py tests/test_layer_norm.py tests/test_attention.py \
 	tests/test_attention_torch.py \
 	tests/test_training.py::test_zero1_matches_unsharded tests/test_checkpoint.py \
+	tests/test_async_checkpoint.py \
 	tests/test_collectives.py tests/test_torch_version.py \
 	tests/test_cpu_adamw.py tests/test_offload.py tests/test_sequence_parallel.py \
 	tests/test_gpu_check.py::test_dry_run_runs_every_step_and_stage

@@ -342,6 +342,10 @@ class TrainConfig:
     """Steps between checkpoints (and one at the end); 0 saves only at the end when save_dir is set."""
     keep_last: int = 0
     """Complete checkpoints to keep (older ones are deleted); 0 keeps all."""
+    async_save: bool = False
+    """Write checkpoints in the background (``checkpoint.async_save``): the step that saves waits
+    only while the state is copied into host memory (one copy of it, kept for the run), and the
+    next save or the end of the run waits for the write; false: the step waits for the whole write."""
     load: str = ""
     """"auto" (the latest complete checkpoint in save_dir, if any), a checkpoint folder, or empty."""
     init_from: str = ""

@@ -16,7 +16,10 @@ scale, grad norm, skipped steps, tokens/s, TFLOP/s per device, MFU, peak memory.
 ``eval_interval`` steps the held-out set is run forward-only. Checkpoints every
 ``save_interval`` steps and at the end; ``load="auto"`` resumes from the latest complete one,
 with the data position, RNG streams, optimizer and loss scaler, so a resumed run continues bit
-for bit (same layout, CPU fp32).
+for bit (same layout, CPU fp32). With ``async_save`` the step that saves only copies the state
+into host memory and a background thread writes it (``m6_engine.checkpoint.async_save``); the next
+save, the end of the run and an exception out of the loop wait for that write, and its failure
+raises there. Training is the same either way: the snapshot is taken before the next step.
 
 A run that resumes (``load`` finds a checkpoint) builds its stage without drawing the initial
 weights (``M6Model(draw_weights=False)``): the checkpoint overwrites every one of them.
@@ -40,7 +43,8 @@ import torch
 import torch.distributed as dist
 
 from m6_engine.checkpoint import (
-    CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint,
+    AsyncCheckpointer, CheckpointError, CommittedSave, latest_checkpoint, load_checkpoint,
+    load_model_weights, save_checkpoint,
 )
 from m6_engine.config import ConfigError, JobConfig
 from m6_engine.data.batch import MicroBatch
@@ -140,6 +144,10 @@ class Trainer:
                                              pin_memory=state.device.type == "cuda")
                            if train.prefetch else train_data)
         self.eval_data_factory = eval_data_factory
+        # train.async_save: checkpoints written by a background thread, on a gloo group of its
+        # own made here, at the same point on every rank.
+        self.checkpointer = (AsyncCheckpointer(state.device, timeout_s=job.parallel.timeout_s)
+                             if train.save_dir and train.async_save else None)
         self.step = 0
         self.logs_here = (state.is_last_stage and state.dp_rank == 0 and state.tp_rank == 0
                           and log_rank_output)
@@ -212,12 +220,44 @@ class Trainer:
         return job_model_inputs(self.job).to_dict(), {VOCAB_FILE: vocab}
 
     def save(self) -> None:
+        """Checkpoint this step into save_dir: the whole write now, or with train.async_save a
+        snapshot handed to the background writer (after the previous background save is
+        published; its failure raises here)."""
         train = self.job.train
         inputs, attachments = self._recorded_inputs if self.state.rank == 0 else (None, None)
-        save_checkpoint(train.save_dir, self.step, model=self.model, state=self.state,
-                        optimizer=self.optimizer, rng_tracker=self.tracker, config=self.job.to_dict(),
-                        extra={"step": self.step, "data": self.train_data.state_dict()},
-                        keep_last=train.keep_last or None, inputs=inputs, attachments=attachments)
+        arguments = dict(model=self.model, state=self.state, optimizer=self.optimizer,
+                         rng_tracker=self.tracker, config=self.job.to_dict(),
+                         extra={"step": self.step, "data": self.train_data.state_dict()},
+                         keep_last=train.keep_last or None, inputs=inputs, attachments=attachments)
+        if self.checkpointer is None:
+            start = time.perf_counter()
+            path = save_checkpoint(train.save_dir, self.step, **arguments)
+            self.log.print(f"saved {path} in {time.perf_counter() - start:.2f} s")
+            return
+        self._log_published(self.checkpointer.wait())
+        start = time.perf_counter()
+        path = self.checkpointer.save(train.save_dir, self.step, **arguments)
+        self.log.print(f"checkpoint {path}: staged in {time.perf_counter() - start:.2f} s, "
+                       f"writing in the background")
+
+    def _log_published(self, committed: CommittedSave | None) -> None:
+        if committed is not None:
+            self.log.print(f"checkpoint {committed.path} published: written in "
+                           f"{committed.write_seconds:.2f} s while training went on")
+
+    def _finish_background_save(self, failure: BaseException | None = None) -> None:
+        """Wait for the background save in flight: neither the end of the run nor an exception
+        leaves it half-written. Its own failure raises CheckpointError, or is noted on
+        ``failure`` when the run is already ending with that."""
+        if self.checkpointer is None:
+            return
+        if failure is None:
+            self._log_published(self.checkpointer.close())
+            return
+        try:
+            self._log_published(self.checkpointer.close())
+        except CheckpointError as error:
+            failure.add_note(f"the background checkpoint failed as well: {error}")
 
     def resume(self) -> bool:
         """Load ``train.load`` ("auto": the latest complete checkpoint of save_dir, if any)."""
@@ -307,6 +347,19 @@ class Trainer:
         train = self.job.train
         if not self.resume():
             self.initialize_from()
+        try:
+            self._train_to_the_end()
+            if train.save_dir and (not train.save_interval or self.step % train.save_interval):
+                self.save()
+        except BaseException as failure:
+            self._finish_background_save(failure)
+            raise
+        self._finish_background_save()
+        self.log.close()
+        return self.history
+
+    def _train_to_the_end(self) -> None:
+        train = self.job.train
         totals = self._new_totals()
         with self._profiler() as prof:
             while self.step < train.train_steps:
@@ -335,10 +388,6 @@ class Trainer:
                     self.save()
                 for callback in self.step_callbacks:
                     callback(self)
-        if train.save_dir and (not train.save_interval or self.step % train.save_interval):
-            self.save()
-        self.log.close()
-        return self.history
 
     def _finish_totals(self, totals: IntervalTotals) -> IntervalTotals:
         """Sum tokens and FLOPs over data-parallel replicas (each replica counted its own batches)."""

@@ -447,14 +447,14 @@ def test_round_trip_on_cuda(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Atomicity: a save that fails on one rank, and a process killed in the middle of a save.
 
-class _FailingWriter(save_module.FileSystemWriter):
+class _FailingWriter(save_module.DigestingWriter):
     def write_data(self, plan, planner):
         if dist.get_rank() == 1:
             raise OSError("no space left on device (injected)")
         return super().write_data(plan, planner)
 
 
-class _DyingWriter(save_module.FileSystemWriter):
+class _DyingWriter(save_module.DigestingWriter):
     def write_data(self, plan, planner):
         super().write_data(plan, planner).wait()
         for name in os.listdir(self.path):   # half-written shards, then the process dies
@@ -475,14 +475,14 @@ def _failed_save(ckpt_dir):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    save_module.FileSystemWriter = _FailingWriter
+    save_module.DigestingWriter = _FailingWriter
     try:
         save_checkpoint(ckpt_dir, 2, model=model, state=state, extra={"n": 2})
         error = None
     except CheckpointError as exc:
         error = str(exc)
     finally:
-        save_module.FileSystemWriter = _FailingWriter.__base__
+        save_module.DigestingWriter = _FailingWriter.__base__
     listing = sorted(os.listdir(ckpt_dir))
     fresh, _ = build(state, seed=2)
     loaded = load_checkpoint(ckpt_dir, model=fresh, state=state)
@@ -511,7 +511,7 @@ def _save_then_die(ckpt_dir):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    save_module.FileSystemWriter = _DyingWriter
+    save_module.DigestingWriter = _DyingWriter
     save_checkpoint(ckpt_dir, 2, model=model, state=state, extra={"n": 2})
 
 

@@ -33,6 +33,7 @@ def test_m6_large_configs_follow_the_paper(name, world, steps, text):
     assert (opt.lr, opt.warmup_fraction, opt.betas, opt.eps) == (1.5e-4, 0.01, (0.9, 0.999), 1e-8)
     assert job.train.save_interval > 0 and job.train.keep_last > 0 and job.train.eval_interval > 0
     assert job.train.load == "auto"
+    assert job.train.async_save   # the training loop does not wait for the whole write
     weights = job.data.task_weights
     text_tasks = weights["text_denoising"] > 0 and weights["language_modelling"] > 0
     image_tasks = weights["image_to_text"] > 0 and weights["multimodal_to_text"] > 0

@@ -15,6 +15,12 @@ attempt (``TORCHELASTIC_RESTART_COUNT`` 0) rank 1 SIGKILLs itself after step K, 
 ``--kill-in-save K`` instead rank 0 SIGKILLs itself inside step K's save, once every shard and the
 manifest are written and just before the folder is published. The logging rank of each attempt
 that finishes writes ``OUT/losses_attempt<N>.json``: {step: loss}.
+
+With ``--async-save`` the job saves in the background; ``--hang-in-write K`` (rank 0's writer
+stops for good with part of a shard of step K's save on disk) and ``--hang-in-publish K`` (rank 0
+stops as it publishes step K's save, shards and manifest written) announce themselves in
+``OUT/hung_rank0`` for a test that then SIGKILLs the whole job. These launch without torchrun as
+well (the test sets RANK, WORLD_SIZE, MASTER_ADDR, ... and TORCHELASTIC_RESTART_COUNT itself).
 """
 
 import argparse
@@ -22,6 +28,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -109,10 +116,12 @@ def small_job(corpus: Corpus, *, tp: int = 1, pp: int = 1, steps: int = STEPS, d
     })
 
 
-def fault_job(corpus: Corpus, *, save_dir: str = "", save_interval: int = 0, load: str = "") -> JobConfig:
+def fault_job(corpus: Corpus, *, save_dir: str = "", save_interval: int = 0, load: str = "",
+              async_save: bool = False) -> JobConfig:
     """The job of the resume and fault tests: pp = 2, dropout 0.1, 6 steps."""
     return small_job(corpus, pp=2, steps=6, dropout=0.1,
-                     train={"save_dir": save_dir, "save_interval": save_interval, "load": load})
+                     train={"save_dir": save_dir, "save_interval": save_interval, "load": load,
+                            "async_save": async_save})
 
 
 class StopRun(Exception):
@@ -221,6 +230,50 @@ def _kill_rank0_in_save(step: int) -> None:
     save_module.publish = publish_or_die
 
 
+def _announce_and_hang(out: str) -> None:
+    """Write OUT/hung_rank<r> (this rank's pid), then block this thread until the process is killed."""
+    path = os.path.join(out, f"hung_rank{os.environ['RANK']}")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(3600)   # the test SIGKILLs the job once it sees the file
+
+
+def _hang_in_write(step: int, out: str) -> None:
+    """Make this process's checkpoint writer hang inside the save of ``step``, with part of a shard
+    written to its file (flushed), after announcing it (:func:`_announce_and_hang`)."""
+    from m6_engine.checkpoint import digests
+    from m6_engine.checkpoint.folders import step_dirname
+
+    write, folder = digests.DigestingStream.write, f".tmp-{step_dirname(step)}-"
+
+    def write_then_hang(self, data):
+        written = write(self, data)
+        name = self._raw.name
+        if folder in name and name.endswith(".distcp"):
+            self.flush()
+            _announce_and_hang(out)
+        return written
+
+    digests.DigestingStream.write = write_then_hang
+
+
+def _hang_in_publish(step: int, out: str) -> None:
+    """Make this process hang when it publishes the checkpoint of ``step`` (rank 0 does), its
+    shards and manifest written, the folder not yet renamed."""
+    from m6_engine.checkpoint import save as save_module
+    from m6_engine.checkpoint.folders import step_dirname
+
+    publish = save_module.publish
+
+    def hang_then_publish(tmp, final):
+        if Path(final).name == step_dirname(step):
+            _announce_and_hang(out)
+        publish(tmp, final)
+
+    save_module.publish = hang_then_publish
+
+
 def main(argv=None) -> None:
     """The fault worker (module docstring)."""
     import torch.distributed as dist
@@ -232,13 +285,17 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True, help="folder of build_corpus")
     parser.add_argument("--save", required=True)
     parser.add_argument("--out", required=True)
-    kill = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--async-save", action="store_true", help="train.async_save")
+    kill = parser.add_mutually_exclusive_group()
     kill.add_argument("--kill-after", type=int, help="attempt 0: rank 1 dies after this step")
     kill.add_argument("--kill-in-save", type=int, help="attempt 0: rank 0 dies publishing this step's save")
+    kill.add_argument("--hang-in-write", type=int, help="attempt 0: rank 0's writer hangs in this step's save")
+    kill.add_argument("--hang-in-publish", type=int, help="attempt 0: rank 0 hangs publishing this step's save")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)   # as the test harness's ranks: the reference run is computed there
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
-    job = fault_job(Corpus(Path(args.data)), save_dir=args.save, save_interval=2, load="auto")
+    job = fault_job(Corpus(Path(args.data)), save_dir=args.save, save_interval=2, load="auto",
+                    async_save=args.async_save)
     state = initialize(job.parallel.tp, job.parallel.pp, backend="gloo", timeout=job.parallel.timeout_s)
     train_data, _ = make_datasets(job, state)
     trainer = Trainer(job, state, train_data)
@@ -246,6 +303,10 @@ def main(argv=None) -> None:
         trainer.step_callbacks.append(_kill_rank_after(args.kill_after, rank=1))
     if attempt == 0 and args.kill_in_save is not None and state.rank == 0:
         _kill_rank0_in_save(args.kill_in_save)
+    if attempt == 0 and args.hang_in_write is not None and state.rank == 0:
+        _hang_in_write(args.hang_in_write, args.out)
+    if attempt == 0 and args.hang_in_publish is not None and state.rank == 0:
+        _hang_in_publish(args.hang_in_publish, args.out)
     trainer.run()
     if trainer.logs_here:
         path = os.path.join(args.out, f"losses_attempt{attempt}.json")

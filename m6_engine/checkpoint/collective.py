@@ -1,4 +1,6 @@
-"""The few object collectives a checkpoint needs, on the default (world) process group."""
+"""The few object collectives a checkpoint needs: on the default (world) process group, or on the
+group given (a background save's own gloo group, so its collectives never interleave with the
+training loop's)."""
 
 import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
@@ -6,14 +8,14 @@ from torch.distributed.checkpoint import CheckpointException
 from m6_engine.checkpoint.folders import CheckpointError
 
 
-def from_rank0(value):
+def from_rank0(value, group=None):
     """Rank 0's ``value`` on every rank (so all ranks act on one decision, e.g. one folder name)."""
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def on_rank0(fn):
+def on_rank0(fn, group=None):
     """Run ``fn()`` on rank 0 only; every rank returns its result, or raises when it failed
     (rank 0 its own exception, the others a CheckpointError quoting it)."""
     outcome, error = None, None
@@ -22,7 +24,7 @@ def on_rank0(fn):
             outcome = ("ok", fn())
         except Exception as exc:  # noqa: BLE001 - reported to every rank, re-raised below
             error, outcome = exc, ("error", f"{type(exc).__name__}: {exc}")
-    status, value = from_rank0(outcome)
+    status, value = from_rank0(outcome, group)
     if error is not None:
         raise error
     if status == "error":
@@ -30,10 +32,25 @@ def on_rank0(fn):
     return value
 
 
-def gather_lists(items: list) -> list:
+def on_every_rank(fn, group=None) -> list:
+    """Run ``fn()`` on every rank; return every rank's result in rank order, on every rank, or
+    raise a CheckpointError naming each rank that failed, on every rank (so no rank goes on to a
+    collective the others never reach)."""
+    try:
+        outcome = ("ok", fn())
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, raised below
+        outcome = ("error", f"{type(exc).__name__}: {exc}")
+    outcomes = gather_lists([outcome], group)
+    failed = [f"rank {rank}: {value}" for rank, (status, value) in enumerate(outcomes) if status == "error"]
+    if failed:
+        raise CheckpointError("; ".join(failed))
+    return [value for _, value in outcomes]
+
+
+def gather_lists(items: list, group=None) -> list:
     """The concatenation, in rank order, of every rank's ``items``, on every rank."""
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, items, group=group)
     return [x for part in parts for x in part]
 
 

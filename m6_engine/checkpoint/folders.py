@@ -17,6 +17,12 @@ a job killed at any point leaves the previous checkpoints loadable. A folder wit
 (or with a file whose size or checksum differs from the manifest) is refused with an error that
 names the file. Only one job may write to a checkpoint directory at a time: a successful save
 removes the ``.tmp-*`` folders of saves that died.
+
+The sizes and crc32 in the manifest are taken from the bytes as they are written (``digests``),
+never by reading the files back; a load checks them (:func:`check_sizes`, :func:`check_checksums`).
+An asynchronous save (``async_save``) takes the same steps from a background thread while training
+goes on, so a job killed at any moment of it (mid-write, or between the manifest and the rename)
+leaves the previous checkpoints as they were and ``latest`` naming one of them.
 """
 
 import json

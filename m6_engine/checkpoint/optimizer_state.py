@@ -20,6 +20,7 @@ from m6_engine.checkpoint.folders import CheckpointError
 from m6_engine.checkpoint.sharding import (
     optimizer_key, parameters_by_name, piece_of, pieces_buffer_layout, pieces_view,
 )
+from m6_engine.checkpoint.staging import HostStaging
 
 Pieces = dict[str, list[tuple[int, int, dict[str, torch.Tensor]]]]
 """{global name: [(first, end, {state key: fp32 tensor of end - first elements}), ...]}."""
@@ -53,10 +54,12 @@ class OptimizerEntries:
 
 
 def optimizer_entries(optimizer: CheckpointableOptimizer, tensors: dict, state, *,
-                      for_save: bool) -> OptimizerEntries:
+                      for_save: bool, staging: HostStaging | None = None) -> OptimizerEntries:
     """The optimizer state's DCP entries (``tensors``: :func:`model_tensors` of the stage). For a
-    save they hold the current values; for a load, buffers to read into (then :func:`hand_back`)."""
-    return _piece_entries(optimizer.state_pieces(parameters_by_name(tensors)), tensors, state, for_save)
+    save they hold copies of the current values, in ``staging``'s host buffers when given (an
+    asynchronous save); for a load, buffers to read into (then :func:`hand_back`)."""
+    return _piece_entries(optimizer.state_pieces(parameters_by_name(tensors)), tensors, state,
+                          for_save, staging)
 
 
 def hand_back(optimizer: CheckpointableOptimizer, tensors: dict, read: OptimizerEntries) -> None:
@@ -84,7 +87,15 @@ def _saved_elsewhere(names: list[str], pp_rank: int) -> set[str]:
     return {n for n in names if first_stage[n] < pp_rank}
 
 
-def _piece_entries(pieces: dict, tensors: dict, state, for_save: bool) -> OptimizerEntries:
+def _piece_buffer(name: str, key: str, shape, like: torch.Tensor, staging: HostStaging | None):
+    if staging is not None:   # a save's host snapshot: only the pieces' elements are ever written
+        return staging.buffer(optimizer_key(name, key), shape, like.dtype)
+    # zeros: the padding rows of a vocab-parallel weight are never read
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def _piece_entries(pieces: dict, tensors: dict, state, for_save: bool,
+                   staging: HostStaging | None = None) -> OptimizerEntries:
     skip = _saved_elsewhere(sorted(pieces), state.pp_rank) if for_save else set()
     tp_rank, tp_size = state.tp_rank, state.tp_size
     entries, read = {}, {}
@@ -95,11 +106,14 @@ def _piece_entries(pieces: dict, tensors: dict, state, for_save: bool) -> Optimi
         buffer_shape, placements = pieces_buffer_layout(ranges, shape)
         buffers = {}
         for key, first_value in owned[0][2].items():
-            # zeros: the padding rows of a vocab-parallel weight are never read
-            buffer = torch.zeros(buffer_shape, dtype=first_value.dtype, device=first_value.device)
+            buffer = _piece_buffer(name, key, buffer_shape, first_value, staging)
             if for_save:
                 for (first, end, values), placement in zip(owned, placements):
-                    piece_of(buffer, placement, first, end).copy_(values[key])
+                    target = piece_of(buffer, placement, first, end)
+                    if staging is not None:
+                        staging.fill(target, values[key])
+                    else:
+                        target.copy_(values[key])
             buffers[key] = buffer
             if name not in skip:
                 entries[optimizer_key(name, key)] = pieces_view(buffer, ranges, placements, shape, layout,

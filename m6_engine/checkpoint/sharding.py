@@ -130,9 +130,8 @@ def global_view(local: torch.Tensor, layout: TensorLayout, tp_mesh: DeviceMesh):
     mesh is not free), or for a vocab-parallel weight :func:`chunks.chunked_tensor` of the local
     tensor (global_shape, global_offsets, local_offsets, local_sizes).
     """
-    if layout.vocab is not None:   # the whole local tensor, its padding rows cut off
-        origin = (0,) * local.dim()
-        return _with_chunks(local, [(origin, tuple(local.shape), origin)], tuple(local.shape), layout)
+    if layout.vocab is not None:
+        return chunk_view(local, layout)
     local = local.detach()   # a new tensor object on the same storage
     shape = list(local.shape)
     if layout.tp_dim is None:
@@ -142,6 +141,19 @@ def global_view(local: torch.Tensor, layout: TensorLayout, tp_mesh: DeviceMesh):
         placements = [Shard(layout.tp_dim)]
     return DTensor.from_local(local, tp_mesh, placements, run_check=False,
                               shape=torch.Size(shape), stride=_contiguous_stride(tuple(shape)))
+
+
+def chunk_view(local: torch.Tensor, layout: TensorLayout, tp_rank: int = 0, tp_size: int = 1):
+    """The whole of ``local`` as :func:`chunks.chunked_tensor` of its global tensor (aliasing its
+    storage): the chunk :func:`global_view` gives DCP, without a DTensor. A vocab-parallel
+    weight's padding rows are cut off; a tp-sharded tensor sits at tp rank ``tp_rank``'s offset;
+    a replicated one at the origin on every rank (DCP keeps one copy, as of a Replicate DTensor).
+
+    What an asynchronous save writes its host snapshot through: a DTensor on a GPU mesh would
+    carry its local tensor back to the GPU."""
+    origin = (0,) * local.dim()
+    return _with_chunks(local, [(origin, tuple(local.shape), origin)], tuple(local.shape), layout,
+                        tp_rank, tp_size)
 
 
 def flat_range_rectangles(first: int, end: int, shape: tuple[int, ...]):

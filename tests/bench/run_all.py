@@ -27,6 +27,7 @@ BENCHMARKS = (
     ("tests.bench.bench_decode", {}),
     ("tests.bench.bench_training", {}),
     ("tests.bench.bench_megatron_race", {}),
+    ("tests.bench.bench_async_checkpoint", {}),
 )
 
 
