@@ -73,17 +73,26 @@ inline void mulhilo8(__m256i a, __m256i multiplier, __m256i& hi, __m256i& lo) {
 
 // A group's words: w[g] holds counters counter + 8 g .. counter + 8 g + 7 (philox::philox4x32_10 per lane).
 inline void philox_group(uint64_t counter, const RoundKeys& keys, Words8 (&w)[kInterleave]) {
-  alignas(32) uint32_t lo[kGroupCounters], hi[kGroupCounters];
-  for (int64_t lane = 0; lane < kGroupCounters; ++lane) {
-    const uint64_t c = counter + static_cast<uint64_t>(lane);
-    lo[lane] = static_cast<uint32_t>(c);
-    hi[lane] = static_cast<uint32_t>(c >> 32);
-  }
+  const uint32_t first_lo = static_cast<uint32_t>(counter), first_hi = static_cast<uint32_t>(counter >> 32);
+  if (first_lo <= UINT32_MAX - static_cast<uint32_t>(kGroupCounters - 1)) {  // no carry into word 1
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 #pragma GCC unroll 2
-  for (int g = 0; g < kInterleave; ++g) {
-    w[g] = {_mm256_load_si256(reinterpret_cast<const __m256i*>(lo + kLanes * g)),
-            _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + kLanes * g)), _mm256_setzero_si256(),
-            _mm256_setzero_si256()};
+    for (int g = 0; g < kInterleave; ++g) {
+      w[g] = {_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_lo + kLanes * g)), lanes),
+              _mm256_set1_epi32(static_cast<int>(first_hi)), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    }
+  } else {  // the group crosses a multiple of 2^32: lane by lane
+    alignas(32) uint32_t lo[kGroupCounters], hi[kGroupCounters];
+    for (int64_t lane = 0; lane < kGroupCounters; ++lane) {
+      const uint64_t c = counter + static_cast<uint64_t>(lane);
+      lo[lane] = static_cast<uint32_t>(c);
+      hi[lane] = static_cast<uint32_t>(c >> 32);
+    }
+    for (int g = 0; g < kInterleave; ++g) {
+      w[g] = {_mm256_load_si256(reinterpret_cast<const __m256i*>(lo + kLanes * g)),
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + kLanes * g)), _mm256_setzero_si256(),
+              _mm256_setzero_si256()};
+    }
   }
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kMultiplier0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kMultiplier1));

@@ -33,10 +33,10 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/bit_cast.h>
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 namespace m6::philox {
 
@@ -109,26 +109,6 @@ C10_HOST_DEVICE inline float to_float_rn(double a) {
 #endif
 }
 
-C10_HOST_DEVICE inline uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  return bits;
-#endif
-}
-
-C10_HOST_DEVICE inline float bits_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-#endif
-}
-
 // c0 + x (c1 + x (c2 + ...)), innermost first, one fused multiply-add per coefficient.
 template <typename... Rest>
 C10_HOST_DEVICE inline double horner(double x, double c0, Rest... rest) {
@@ -162,9 +142,9 @@ C10_HOST_DEVICE inline Words philox4x32_10(uint64_t counter, uint64_t key) {
 // std sqrt(-2 ln u) for u = ((word >> 8) + 1) 2^-24, as sqrt(ln u * neg_two_var), neg_two_var = -2 std^2.
 C10_HOST_DEVICE inline double scaled_radius(uint32_t word, double neg_two_var) {
   const uint32_t k = (word >> 8) + 1u;  // [1, 2^24]: exact in fp32
-  const uint32_t biased = float_bits(static_cast<float>(k)) + kLogBias;
+  const uint32_t biased = c10::bit_cast<uint32_t>(static_cast<float>(k)) + kLogBias;
   const int e = static_cast<int>(biased >> 23) - kExponentOffset;
-  const float f = bits_float((biased & 0x7fffffu) + kSqrtHalfBits);
+  const float f = c10::bit_cast<float>((biased & 0x7fffffu) + kSqrtHalfBits);
   const double x = static_cast<double>(f - 1.0f);  // exact (Sterbenz)
   const double ln_f = fma_rn(mul_rn(x, x), horner(x, M6_PHILOX_LOG_Q), x);
   const double ln_u = fma_rn(static_cast<double>(e), kLn2, ln_f);
