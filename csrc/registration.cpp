@@ -58,6 +58,18 @@ TORCH_LIBRARY(m6, m) {
   m.def("adamw_step_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grad, "
         "Tensor(d!)? param_copy, float lr, float beta1, float beta2, float eps, float weight_decay, "
         "int step, float grad_scale) -> ()");
+  // Fills out (R, C), or a 1-D out as one row, with the block [row0, row0 + R) x [col0, col0 + C)
+  // of a full (rows, full_cols) tensor of N(0, std) draws: element i of the full tensor (flat,
+  // row-major) is std * z(key, i) of the counter-based stream csrc/init/philox_normal.h defines
+  // (Philox4x32-10 of counter i / 4 under the 64-bit key, Box-Muller in float64), rounded to fp32,
+  // then to out's dtype. So a shard drawn alone equals that shard of the drawn full tensor, on every
+  // device. out: fp32 | fp16 | bf16, rows contiguous (stride 1 along the last dim), not overlapping;
+  // full_cols >= 1, row0, col0 >= 0, col0 + C <= full_cols, (row0 + R) full_cols < 2^62; std
+  // finite and > 0; key any int64 (its 64 bits are the key).
+  m.def("normal_shard_(Tensor(a!) out, int key, int full_cols, int row0, int col0, float std) -> ()");
+  // out (N, 4) int32, contiguous: the four Philox4x32-10 words (as int32 bit patterns) of the
+  // counters counter .. counter + N - 1 under key, the integers normal_shard_ transforms.
+  m.def("philox4x32_10_(Tensor(a!) out, int key, int counter) -> ()");
 }
 
 namespace {

@@ -12,6 +12,10 @@ tests): the figures and end-to-end checks that need the whole engine on one GPU.
   offload       the training stage's model and batches (fewer steps), bf16, with the optimizer on the
                 device (torch fused AdamW) and under ZeRO-Offload (optimizer.offload: cpu): step time,
                 peak GPU memory, the host optimizer step's time, and the losses of the two agree
+  init          m6::normal_shard_ (the per-shard N(0, std) initialisation) on the device against the CPU
+                kernel (fp32 within 1 ulp, and how many elements are bit-equal; fp16 / bf16; Philox's
+                words equal), blocks of a full tensor on the device equal to its slices, and its
+                fill rate (elements / s)
   attention     prefix_lm_attention (FlexAttention with the lengths' block mask on CUDA) against SDPA
                 causal (flash backend), FlexAttention causal and SDPA with the boolean mask, bf16,
                 fwd and fwd+bwd at (8,16,528,64) prefix 272 and (2,16,2048,64) prefix 1040: ms, ratios,
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 
 from m6_engine.config import job_config_from_dict
 from m6_engine.data.tasks import SampleLayout, collate, multimodal_to_text
-from tests.bench.common import print_table, time_fns, write_json
+from tests.bench.common import print_table, time_calls, time_fns, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Ids of the default vocabulary's specials ([PAD] [CLS] [SEP] [MASK] in bert-base-chinese).
@@ -66,19 +70,21 @@ class Sizes:
     quick_bench: bool
     attention_cases: tuple = ()   # (B, H, S, D, prefix_len) of the attention stage
     offload_steps: int = 6        # steps of each run of the offload stage (the first is warm-up)
+    init_shape: tuple = (4096, 4099)  # the init stage's full tensor (columns not a multiple of 4)
 
 
 FULL = Sizes(train_model={"num_layers": 8}, train_steps=30, timed_from=5, micro_batch=8, global_batch=64,
              tiny_model={"num_layers": 2, "max_text_positions": 64}, tiny_steps=6,
              decode_batches=(1, 16), decode_tokens=64, quick_bench=False,
-             attention_cases=((8, 16, 528, 64, 272), (2, 16, 2048, 64, 1040)), offload_steps=6)
+             attention_cases=((8, 16, 528, 64, 272), (2, 16, 2048, 64, 1040)), offload_steps=6,
+            init_shape=(4096, 4099))
 DRY = Sizes(train_model={"num_layers": 1, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 256,
                          "max_text_positions": 32, "vocab_size": 512},
             train_steps=3, timed_from=1, micro_batch=2, global_batch=4,
             tiny_model={"num_layers": 1, "hidden_size": 32, "num_heads": 2, "max_text_positions": 16,
                         "vocab_size": 256},
             tiny_steps=2, decode_batches=(1,), decode_tokens=3, quick_bench=True,
-            attention_cases=((2, 2, 40, 16, 20),), offload_steps=2)
+            attention_cases=((2, 2, 40, 16, 20),), offload_steps=2, init_shape=(64, 99))
 
 
 # ---- jobs and data --------------------------------------------------------------------------------
@@ -374,7 +380,6 @@ def _attention_contenders(prefix_len, valid_len, sq: int, scale: float, device: 
 def stage_attention(state, sizes: Sizes, out: str) -> dict:
     from m6_engine.ops.reference import prefix_lm_attention_reference
     from tests.bench.bench_attention import attention_calls
-    from tests.bench.common import time_calls
 
     device = state.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -411,9 +416,49 @@ def stage_attention(state, sizes: Sizes, out: str) -> dict:
     return {"cases": rows}
 
 
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of the spacing of b's dtype at |b| (subnormal spacing below the normal range)."""
+    info = torch.finfo(b.dtype)
+    exact = b.double().abs()
+    spacing = torch.exp2(torch.floor(torch.log2(exact.clamp(min=info.smallest_normal)))) * info.eps
+    return (a.double() - b.double()).abs() / spacing
+
+
+def stage_init(state, sizes: Sizes, out: str) -> dict:
+    from m6_engine import ops
+
+    device, (rows, cols), key, std = state.device, sizes.init_shape, 0x299F31D0A4093822, 0.02
+    result = {"shape": [rows, cols], "dtypes": {}}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        here = ops.normal_shard_(torch.empty(rows, cols, dtype=dtype, device=device), key, full_cols=cols, std=std)
+        cpu = ops.normal_shard_(torch.empty(rows, cols, dtype=dtype), key, full_cols=cols, std=std)
+        apart = _ulps_apart(here.cpu(), cpu)
+        result["dtypes"][str(dtype).replace("torch.", "")] = {
+            "max_ulps_from_cpu": apart.max().item(), "bit_equal_fraction": (here.cpu() == cpu).double().mean().item()}
+        if apart.max().item() > 1:
+            raise AssertionError(f"normal_shard_ {dtype} on {device.type} is {apart.max().item():.1f} ulps from the CPU's")
+    words = ops.philox4x32_10(key, 2 ** 32 - 100, 1000, device).cpu()
+    if not torch.equal(words, ops.philox4x32_10(key, 2 ** 32 - 100, 1000)):
+        raise AssertionError(f"Philox4x32-10 words on {device.type} differ from the CPU's")
+    full = ops.normal_shard_(torch.empty(rows, cols, device=device), key, full_cols=cols, std=std)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):     # blocks starting and ending anywhere in a counter's four elements
+        row0, col0 = (int(torch.randint(0, n, (1,), generator=gen)) for n in (rows, cols))
+        r, c = int(torch.randint(1, rows - row0 + 1, (1,), generator=gen)), int(torch.randint(1, cols - col0 + 1, (1,), generator=gen))
+        block = ops.normal_shard_(torch.empty(r, c, device=device), key, full_cols=cols, row0=row0, col0=col0, std=std)
+        if not torch.equal(block, full[row0:row0 + r, col0:col0 + c]):
+            raise AssertionError(f"the block ({r}, {c}) at ({row0}, {col0}) on {device.type} differs from the full tensor's")
+    fills = {str(dtype).replace("torch.", ""): (lambda t=torch.empty(rows, cols, dtype=dtype, device=device):
+                                                ops.normal_shard_(t, key, full_cols=cols, std=std))
+             for dtype in (torch.float32, torch.bfloat16)}
+    seconds = time_calls(fills, str(device), iters=3 if sizes.quick_bench else 10)
+    result["elements_per_s"] = {name: rows * cols / t for name, t in seconds.items()}
+    return result
+
+
 STAGES = {"kernels": stage_kernels, "training": stage_training, "parity": stage_parity,
           "loss_scaler": stage_loss_scaler, "checkpoint": stage_checkpoint, "decode": stage_decode,
-          "attention": stage_attention, "offload": stage_offload}
+          "attention": stage_attention, "offload": stage_offload, "init": stage_init}
 
 
 # ---- the CPU side of the parity and checkpoint stages (run by _run_on_cpu) --------------------------
@@ -494,6 +539,12 @@ def print_summary(results: dict) -> None:
                     ["optimizer", "backend", "step ms", "optimizer step ms", "peak GiB", "host state GiB"],
                     [[name, r["adam_backend"], r["step_s"] * 1e3, r["optimizer_step_s"] * 1e3,
                       r["peak_memory_gib"], r["host_state_gib"]] for name, r in offload["runs"].items()])
+    init = results.get("init", {})
+    if init.get("ok"):
+        print_table(f"normal_shard_ {init['shape']} vs the CPU kernel", ["dtype", "max ulps from CPU", "bit-equal",
+                                                                        "elements / s"],
+                    [[name, r["max_ulps_from_cpu"], r["bit_equal_fraction"], init["elements_per_s"].get(name, "-")]
+                     for name, r in init["dtypes"].items()])
     decode = results.get("decode", {})
     if decode.get("ok"):
         for row in decode["batches"]:

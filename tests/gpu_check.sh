@@ -8,7 +8,7 @@
 #      racecheck where compute-sanitizer is installed
 #   4. the Python stages (tests/gpu_check.py): kernel benchmarks, a bf16 training run of
 #      m6-base-width layers, GPU-vs-CPU losses, the fp16 loss scaler, GPU->CPU checkpoint, decoding,
-#      ZeRO-Offload against AdamW on the device, attention
+#      ZeRO-Offload against AdamW on the device, attention, the per-shard initialisation
 #   5. one JSON with every figure ($OUT/gpu_check.json, OUT=${GPU_CHECK_OUT:-bench-results}) and a
 #      one-screen summary; the exit status is non-zero when any step failed.
 # `--dry-run` checks this script's plumbing on the CPU (no GPU, no build: it uses the existing one,
@@ -72,7 +72,7 @@ print(';'.join(sorted({'%d.%d' % torch.cuda.get_device_capability(i) for i in ra
 fi
 
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --timeout=600)
-CUDA_TESTS=(tests/test_cuda_ops.py tests/test_masked_softmax.py tests/test_layer_norm.py)
+CUDA_TESTS=(tests/test_cuda_ops.py tests/test_masked_softmax.py tests/test_layer_norm.py tests/test_normal_shard.py)
 if [ "$DRY" = 1 ]; then
   # The CPU suite runs these files already; here only check that the CUDA selection collects.
   step cuda_tests "${PYTEST[@]}" --collect-only -m cuda "${CUDA_TESTS[@]}"

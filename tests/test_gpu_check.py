@@ -38,6 +38,8 @@ def test_dry_run_runs_every_step_and_stage(tmp_path):
     (attention,) = summary["stages"]["attention"]["cases"]
     assert attention["max_abs_difference_vs_fp32_reference"] < 1e-4
     assert set(attention["fwd_bwd_ms"]) == {"prefix_lm_attention", "sdpa_mask", "sdpa_causal"}
+    init = summary["stages"]["init"]
+    assert all(r["max_ulps_from_cpu"] == 0 for r in init["dtypes"].values()) and init["elements_per_s"]["float32"] > 0
     assert f"python: {sys.executable}" in output   # it says which interpreter and torch it used
 
 

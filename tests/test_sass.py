@@ -1,6 +1,7 @@
 """Static checks of the CUDA kernels' machine code in the built m6_engine._C, for every architecture
 of the build: no local memory, registers within each kernel's launch bounds, the hardware exp in
-the half-precision softmax forwards. No GPU needed (tests/sass.py reads the fatbinary).
+the half-precision softmax forwards, and float64 math without float32 fast-math intrinsics in the
+initialisation's normal draws. No GPU needed (tests/sass.py reads the fatbinary).
 
 A failure names the kernel (demangled) and the architecture. Skipped on a CPU-only build.
 """
@@ -69,6 +70,23 @@ def test_half_precision_softmax_forwards_use_the_hardware_exp(kernels):
     assert forwards, "no half-precision softmax forward kernel found"
     software = [f"{k.where}: no MUFU.EX2" for k in forwards if not k.opcodes["MUFU.EX2"]]
     assert not software, "software exp in a half-precision forward: " + _failures(software)
+
+
+# The float32 approximations --use_fast_math substitutes for logf, sinf, cosf, expf: none may appear
+# in the normal draws, whose CPU twin computes the same bits in float64 (csrc/init/philox_normal.h).
+FAST_MATH_OPCODES = ("MUFU.LG2", "MUFU.SIN", "MUFU.COS", "MUFU.EX2")
+
+
+def test_the_normal_draws_run_float64_math_without_fast_math_intrinsics(kernels):
+    draws = [k for k in kernels if sass.kernel_family(k) == "normal_shard_kernel"]
+    assert {sass.template_arguments(k)[0] for k in draws} == {"float", *HALF_TYPES}, "normal_shard_kernel missing"
+    fast = [f"{k.where}: {op}" for k in draws for op in FAST_MATH_OPCODES if k.opcodes[op]]
+    assert not fast, "float32 fast-math intrinsics in the normal draws: " + _failures(fast)
+    # The polynomials are float64 FMAs; the radius's correctly rounded sqrt starts from MUFU.RSQ64H.
+    missing = [k.where for k in draws if not (k.opcodes["DFMA"] and k.opcodes["MUFU.RSQ64H"])]
+    assert not missing, "no float64 FMA / sqrt: " + _failures(missing)
+    philox = [k for k in kernels if sass.kernel_family(k) == "philox_kernel"]
+    assert philox and all(k.opcodes["IMAD.WIDE.U32"] for k in philox), "Philox's 32 x 32 -> 64-bit products"
 
 
 def test_every_architecture_has_the_same_kernels(kernels):

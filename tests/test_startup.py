@@ -9,19 +9,19 @@ from tests.training_job import corpus_fixture  # noqa: F401  (provides the modul
 def _ranks_resume_draws_nothing(job_dict, save_dir):
     import torch
 
+    from m6_engine import ops
     from m6_engine.config import job_config_from_dict
-    from m6_engine.model import common
     from m6_engine.training import Trainer, make_datasets
     from tests.distributed import init_state
 
     draws = []
-    normal_init = common.normal_init
+    draw = ops.normal_shard_
 
-    def counting(std):
-        fill = normal_init(std)
-        return lambda weight, generator: (draws.append(weight.numel()), fill(weight, generator))
+    def counting(out, *args, **kwargs):   # every initial weight's draw goes through it (parallel/init.py)
+        draws.append(out.numel())
+        return draw(out, *args, **kwargs)
 
-    common.normal_init = counting
+    ops.normal_shard_ = counting
     fresh_job = job_config_from_dict(job_dict, {"train.save_dir": save_dir})
     state = init_state(fresh_job.parallel.tp, fresh_job.parallel.pp)
     data, _ = make_datasets(fresh_job, state)

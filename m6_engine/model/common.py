@@ -1,9 +1,10 @@
 """Pieces every M6 module shares: layout-independent initialisation and replicated layers.
 
-Every weight is drawn from a generator named after the parameter's *global* name (e.g.
-``layers.7.attention.qkv.weight``, :func:`m6_engine.parallel.init.init_generator`), as the full
-fp32 master weight on the CPU; a rank keeps its shard. So every (tp, pp) layout builds the same
-model from the same seed, and a module that exists on two pipeline stages (the tied word
+Every weight is initialised from the stream of its parameter's *global* name (e.g.
+``layers.7.attention.qkv.weight``, :func:`m6_engine.parallel.init.init_generator`): element i of
+the full weight is a function of the seed, the name and i (``m6_engine.parallel.init``), and a rank
+draws only its shard, on its device and in the parameters' dtype. So every (tp, pp) layout builds
+the same model from the same seed, and a module that exists on two pipeline stages (the tied word
 embedding) is drawn identically on both. On the meta device nothing is drawn: the shapes are
 built, the values are not (parameter counting of 10B models without memory).
 """
@@ -14,12 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m6_engine.parallel.init import InitMethod, init_generator, master_weight, normal_init
+from m6_engine.parallel.init import InitMethod, SkipInit, as_rows, init_block_, init_generator, normal_init
 from m6_engine.parallel.random import RNGTracker
-
-
-def _leave_uninitialised(weight: torch.Tensor, generator: torch.Generator) -> None:
-    """Meta-device builds: the master weight's values are never read, so draw nothing."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +30,9 @@ class ParamInit:
     draw: bool = True
     """False: allocate the weights without drawing them (a resumed run overwrites every one of them
     from its checkpoint, so the draw would be wasted start-up time)."""
+    custom: InitMethod | None = None
+    """A custom InitMethod for every N(0, std) weight in place of the default per-shard draw
+    (``normal_init(std)``): each full master weight is drawn with it on the CPU and sliced."""
 
     def generator(self, name: str) -> torch.Generator:
         """The generator of the parameter with global name ``name``."""
@@ -40,13 +40,16 @@ class ParamInit:
 
     @property
     def init_method(self) -> InitMethod:
-        """N(0, std), or nothing at all on the meta device or without ``draw``."""
-        return _leave_uninitialised if self.device.type == "meta" or not self.draw else normal_init(self.std)
+        """N(0, std) (or the custom method), or nothing at all on the meta device or without ``draw``."""
+        if self.device.type == "meta" or not self.draw:
+            return SkipInit()
+        return normal_init(self.std) if self.custom is None else self.custom
 
     def normal(self, shape: tuple[int, ...], name: str) -> nn.Parameter:
         """A replicated parameter drawn N(0, std) from ``name``'s generator."""
-        master = master_weight(shape, self.generator(name), self.init_method)
-        return nn.Parameter(master.to(dtype=self.dtype, device=self.device))
+        weight = torch.empty(shape, dtype=self.dtype, device=self.device)
+        init_block_(weight.view(as_rows(shape)), shape, 0, 0, self.generator(name), self.init_method)
+        return nn.Parameter(weight)
 
     def constant(self, shape: tuple[int, ...], value: float) -> nn.Parameter:
         """A replicated parameter filled with ``value`` (LayerNorm gains and biases)."""

@@ -47,6 +47,7 @@ from m6_engine.model.common import LayerNorm, ParamInit
 from m6_engine.model.embeddings import M6Embeddings
 from m6_engine.model.heads import MatchingHead, last_valid_states, matching_loss
 from m6_engine.parallel.cross_entropy import vocab_parallel_cross_entropy
+from m6_engine.parallel.init import InitMethod
 from m6_engine.parallel.mappings import gather_from_sequence, gather_from_tp, sequence_chunk
 from m6_engine.parallel.p2p import TensorSpec
 from m6_engine.parallel.random import RNGTracker
@@ -121,14 +122,17 @@ class M6Model(nn.Module):
     parallelism); ``sequence_parallel`` (a no-op at tp = 1; training only, not KV-cache decoding)
     shards the hidden state along the sequence over tp (module docstring); ``draw_weights=False``
     allocates the matrices without drawing them (LayerNorm and bias constants are still set), for a
-    stage whose every weight a checkpoint is about to overwrite.
+    stage whose every weight a checkpoint is about to overwrite; ``init_method``: a custom
+    ``InitMethod`` for the N(0, init_std) weights (``m6_engine.parallel.init``; default: each rank
+    draws its shards alone from the counter-based stream), given each full master weight on the CPU.
     """
 
     def __init__(self, config: ModelConfig, state: ParallelState, *, pre_process: bool | None = None,
                  post_process: bool | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, recompute: str = "none",
                  rng_tracker: RNGTracker | None = None, chunk: int = 0, virtual_stages: int = 1,
-                 sequence_parallel: bool = False, draw_weights: bool = True):
+                 sequence_parallel: bool = False, draw_weights: bool = True,
+                 init_method: InitMethod | None = None):
         super().__init__()
         config.check_layout(state.tp_size, state.pp_size, virtual_stages)
         self.config, self.state = config, state
@@ -141,7 +145,8 @@ class M6Model(nn.Module):
         device = torch.device(state.device if device is None else device)
         self.ops = m6_ops.select_ops(config.fused_kernels, config.attention_backend, device)
         m6_ops.log_attention_backend(config.attention_backend, self.ops.attention_backend, device)
-        init = ParamInit(seed=seed, std=config.init_std, dtype=dtype, device=device, draw=draw_weights)
+        init = ParamInit(seed=seed, std=config.init_std, dtype=dtype, device=device, draw=draw_weights,
+                         custom=init_method)
         self.layer_ids = stage_layer_range(config.num_layers, state.pp_size, state.pp_rank,
                                            virtual_stages, chunk)
 

@@ -3,7 +3,9 @@
 ``masked_softmax`` and ``layer_norm`` are ``torch.library`` custom ops (namespace ``m6``) with CPU
 and CUDA kernels, autograd and fake kernels; ``prefix_lm_attention`` is one with a CPU kernel (on
 CUDA it runs torch's FlexAttention / SDPA for the same mask, ``ops.attention``); ``adamw_step_`` is
-the in-place AdamW update on the CPU (ZeRO-Offload's host step, ``ops.adamw_step``); ``reference``
+the in-place AdamW update on the CPU (ZeRO-Offload's host step, ``ops.adamw_step``); ``normal_shard_``
+fills one shard of a full tensor with counter-based N(0, std) draws, on the CPU and CUDA (the layout-
+independent weight initialisation, ``ops.normal_shard``; ``philox4x32_10`` its integers); ``reference``
 holds their plain-PyTorch twins, which are also the test oracles. Calling a fused op without the built extension raises
 :class:`ExtensionNotBuiltError` with build instructions; the model takes the reference path only
 when its config says so (:func:`select_ops`).
@@ -28,11 +30,14 @@ from m6_engine.ops.attention import (
 )
 from m6_engine.ops.layer_norm import layer_norm
 from m6_engine.ops.masked_softmax import masked_softmax
+from m6_engine.ops.normal_shard import normal_shard_, philox4x32_10
 from m6_engine.ops.output_cache import cpu_output_cache_stats, empty_cpu_output_cache, set_cpu_output_cache_limit
 from m6_engine.ops.reference import (
     adamw_step_reference_,
     layer_norm_reference,
     masked_softmax_reference,
+    normal_shard_reference,
+    philox4x32_10_reference,
     prefix_lm_attention_reference,
     prefix_lm_mask,
 )
@@ -73,6 +78,7 @@ __all__ = [
     "cpu_output_cache_stats", "cuda_kernels_built",
     "empty_cpu_output_cache", "extension_available", "set_cpu_output_cache_limit",
     "layer_norm", "layer_norm_reference", "log_attention_backend", "masked_softmax", "masked_softmax_reference",
+    "normal_shard_", "normal_shard_reference", "philox4x32_10", "philox4x32_10_reference",
     "prefix_lm_attention", "prefix_lm_attention_reference", "prefix_lm_mask", "require_extension",
     "resolve_attention_backend", "sdpa_attention", "select_ops",
 ]

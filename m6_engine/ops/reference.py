@@ -1,8 +1,11 @@
 """Plain-PyTorch references of the fused ops: the test oracle and the model's unfused path.
 
 They are written for clarity, not speed: the prefix-LM mask is materialised as a (B, 1, Sq, Sk)
-boolean tensor, which is exactly what the fused kernels avoid.
+boolean tensor, which is exactly what the fused kernels avoid; Philox runs in int64 tensor
+arithmetic and the normal draws' transform in float64 with torch's log, sqrt, cos and sin.
 """
+
+import math
 
 import torch
 
@@ -95,3 +98,60 @@ def adamw_step_reference_(param, exp_avg, exp_avg_sq, grad, *, lr: float, betas,
     param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
     if param_copy is not None:
         param_copy.copy_(param)
+
+
+# Philox4x32-10 (Salmon et al., SC'11: Random123's and cuRAND's; csrc/init/philox_normal.h).
+PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+PHILOX_ROUNDS = 10
+_WORD = 0xFFFFFFFF
+
+
+def _mulhilo32(a: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32 bits of a * multiplier, for int64 a in [0, 2^32) and a 32-bit constant,
+    in int64 without overflow: the multiplier is split into 16-bit halves (a m = high 2^16 + low)."""
+    low = a * (multiplier & 0xFFFF)                      # < 2^48
+    high = a * (multiplier >> 16)                        # < 2^48
+    low_sum = low + ((high & 0xFFFF) << 16)              # < 2^49: a m mod 2^32, plus the carry
+    return (high >> 16) + (low_sum >> 32), low_sum & _WORD
+
+
+def philox4x32_10_reference(counters: torch.Tensor, key: int) -> torch.Tensor:
+    """Philox4x32-10 of ``counters`` (..., 4) under ``key`` (an int in [0, 2^64): key words
+    (key mod 2^32, key / 2^32)): the four output words (..., 4), int64 in [0, 2^32).
+
+    ``counters`` holds four words per counter, int64 in [0, 2^32), word 0 first (Random123's ctr[0]).
+    """
+    if not 0 <= key < 2 ** 64:
+        raise ValueError(f"philox4x32_10_reference: key must be in [0, 2^64), got {key}")
+    c0, c1, c2, c3 = counters.to(torch.int64).unbind(-1)
+    k0, k1 = key & _WORD, key >> 32
+    for _ in range(PHILOX_ROUNDS):
+        hi0, lo0 = _mulhilo32(c0, PHILOX_MULTIPLIERS[0])
+        hi1, lo1 = _mulhilo32(c2, PHILOX_MULTIPLIERS[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_WEYL[0]) & _WORD, (k1 + PHILOX_WEYL[1]) & _WORD
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def normal_shard_reference(rows: int, cols: int, key: int, *, full_cols: int, row0: int = 0, col0: int = 0,
+                           std: float) -> torch.Tensor:
+    """The block [row0, row0 + rows) x [col0, col0 + cols) of a full tensor with ``full_cols``
+    columns drawn N(0, std) by ``m6::normal_shard_``, as float32 (rows, cols), from the definition
+    (csrc/init/philox_normal.h): element i = 4 c + 2 p + s of the full tensor (flat) takes the words
+    x of Philox4x32-10 of counter (c mod 2^32, c / 2^32, 0, 0); with u = ((x_2p >> 8) + 1) / 2^24
+    and v = (x_2p+1 >> 8) / 2^24 it is std sqrt(-2 ln u) (cos if s = 0 else sin)(2 pi v), computed
+    in float64 and rounded to float32 once."""
+    flat = ((torch.arange(rows).view(-1, 1) + row0) * full_cols + col0 + torch.arange(cols)).reshape(-1)
+    counter = flat // 4
+    zeros = torch.zeros_like(counter)
+    words = philox4x32_10_reference(torch.stack([counter & _WORD, counter >> 32, zeros, zeros], dim=-1), key)
+    pair = (flat % 4) // 2                                                    # (R C,)
+    radius_word = words.gather(1, (2 * pair).view(-1, 1)).squeeze(1)
+    angle_word = words.gather(1, (2 * pair + 1).view(-1, 1)).squeeze(1)
+    u = ((radius_word >> 8) + 1).to(torch.float64) / 2 ** 24                  # (0, 1]
+    v = (angle_word >> 8).to(torch.float64) / 2 ** 24                         # [0, 1)
+    radius = torch.sqrt(-2.0 * torch.log(u))
+    angle = 2 * math.pi * v
+    z = torch.where(flat % 2 == 0, torch.cos(angle), torch.sin(angle)) * radius
+    return (std * z).to(torch.float32).view(rows, cols)

@@ -13,7 +13,9 @@ from m6_engine.parallel.data_parallel import (
 )
 from m6_engine.parallel.sharded_params import ShardedParameters, layer_units
 from m6_engine.parallel.grad_sync import finalize_model_grads, model_grad_sync
-from m6_engine.parallel.init import InitMethod, init_generator, master_weight, normal_init
+from m6_engine.parallel.init import (
+    InitMethod, NormalInit, init_generator, master_weight, mt19937_normal_init, normal_init,
+)
 from m6_engine.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from m6_engine.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
 from m6_engine.parallel.interleaved import forward_backward_interleaved, schedule_table
@@ -30,7 +32,7 @@ from m6_engine.parallel.tied import allreduce_tied_grads, broadcast_tied_weights
 
 __all__ = [
     "AXES", "Bucket", "BufferLayout", "ColumnParallelLinear", "DataParallel", "GROUP_NAMES",
-    "InitMethod", "LayoutError", "MODEL_PARALLEL_STREAM", "P2PShapeError", "ParallelState",
+    "InitMethod", "LayoutError", "NormalInit", "MODEL_PARALLEL_STREAM", "P2PShapeError", "ParallelState",
     "PipeChannel", "RNGTracker", "RankLayout", "RowParallelLinear", "SCHEDULES", "ScheduleTimers",
     "StepResult", "TensorSpec", "VocabParallelEmbedding", "allreduce_tied_grads",
     "broadcast_tied_weights", "checkpoint", "copy_to_tp", "forward_backward",
@@ -38,6 +40,6 @@ __all__ = [
     "forward_backward_interleaved", "forward_backward_no_pipelining", "model_grad_sync", "schedule_table",
     "ShardedParameters", "data_parallel_options", "gather_from_tp", "grad_reduce_for",
     "init_generator", "initialize", "layer_units", "layout_grad_buffer", "mark_tied",
-    "master_weight", "normal_init", "rank_layout", "reduce_from_tp", "scatter_to_tp",
+    "master_weight", "mt19937_normal_init", "normal_init", "rank_layout", "reduce_from_tp", "scatter_to_tp",
     "seed_parallel_rng", "tied_parameters", "vocab_parallel_cross_entropy",
 ]

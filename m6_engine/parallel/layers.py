@@ -5,9 +5,11 @@
 
 A sharded parameter's role (``parallel.roles``) names the dim it is split along, in rank order;
 parameters without one are replicated across tp and get identical gradients on every tp rank by
-construction, so they need no tp reduction. Each layer draws its master weight from the
-generator it is given (see ``m6_engine.parallel.init``), so its full weight is the same for every
-tp; biases start at zero.
+construction, so they need no tp reduction. Each layer initialises only its own shard of the full
+weight from the generator it is given, so the full weight is the same for every tp
+(``m6_engine.parallel.init``: the default N(0, std) draws the shard alone, on the layer's device
+and in its dtype; a custom InitMethod draws the full master weight and the shard is copied out);
+biases start at zero.
 
 The two linear layers run as one autograd function each (:class:`_ColumnParallelLinear`,
 :class:`_RowParallelLinear`, Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``
@@ -23,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from m6_engine.parallel.init import InitMethod, master_weight, normal_init
+from m6_engine.parallel.init import InitMethod, init_block_, normal_init
 from m6_engine.parallel.mappings import (
     all_gather_sequence, gather_from_tp, reduce_from_tp, reduce_scatter_sequence,
     reduce_scatter_to_sequence, scatter_to_tp,
@@ -38,11 +40,15 @@ def _divide(n: int, t: int, what: str) -> int:
     return n // t
 
 
-def _shard(master: torch.Tensor, dim: int, state: ParallelState, dtype, device) -> nn.Parameter:
-    """This tp rank's contiguous chunk of ``master`` along ``dim``, as a parameter."""
-    chunk = master.shape[dim] // state.tp_size
-    part = master.narrow(dim, state.tp_rank * chunk, chunk)
-    param = nn.Parameter(part.to(dtype=dtype, device=device, copy=True).contiguous())
+def _sharded_weight(full_shape: tuple[int, int], dim: int, state: ParallelState, generator: torch.Generator,
+                    init_method: InitMethod, dtype, device) -> nn.Parameter:
+    """This tp rank's contiguous chunk along ``dim`` of the full (out, in) weight, as a parameter:
+    only the chunk is initialised (``init.init_block_``)."""
+    shape, offset = list(full_shape), [0, 0]
+    shape[dim] //= state.tp_size
+    offset[dim] = state.tp_rank * shape[dim]
+    weight = init_block_(torch.empty(shape, dtype=dtype, device=device), full_shape, *offset, generator, init_method)
+    param = nn.Parameter(weight)
     param_role(param).tp_dim = dim
     return param
 
@@ -225,8 +231,8 @@ class ColumnParallelLinear(nn.Module):
         self.out_per_rank = _divide(out_features, state.tp_size, "ColumnParallelLinear out_features")
         self.gather_output = gather_output
         self.group, self.tp_size = state.group("tp"), state.tp_size
-        master = master_weight((out_features, in_features), generator, init_method)
-        self.weight = _shard(master, 0, state, dtype, device)   # (out/t, in)
+        self.weight = _sharded_weight((out_features, in_features), 0, state, generator, init_method,
+                                      dtype, device)   # (out/t, in)
         self.bias = _bias(self.out_per_rank, dtype, device, sharded=True) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,8 +265,8 @@ class RowParallelLinear(nn.Module):
         self.in_per_rank = _divide(in_features, state.tp_size, "RowParallelLinear in_features")
         self.input_is_parallel = input_is_parallel
         self.group, self.tp_size = state.group("tp"), state.tp_size
-        master = master_weight((out_features, in_features), generator, init_method)
-        self.weight = _shard(master, 1, state, dtype, device)   # (out, in/t)
+        self.weight = _sharded_weight((out_features, in_features), 1, state, generator, init_method,
+                                      dtype, device)   # (out, in/t)
         self.bias = _bias(out_features, dtype, device, sharded=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -274,8 +280,9 @@ class VocabParallelEmbedding(nn.Module):
     """Word embedding split along the vocabulary: rank r holds rows [r V/t, (r+1) V/t).
 
     The vocabulary is padded up to V = a multiple of ``vocab_multiple * t`` (Megatron's rule, so
-    every shard has the same, aligned size). Real rows are drawn from the generator; padding rows
-    are zero and are never predicted: :meth:`logits` sets their columns to -inf.
+    every shard has the same, aligned size). Real rows are this shard's rows of the full
+    (vocab_size, dim) weight drawn from the generator; padding rows are zero and are never
+    predicted: :meth:`logits` sets their columns to -inf.
 
     Shapes:       ids (...) int, replicated on the tp group -> (..., dim), replicated; with
                   ``sequence_parallel`` ids (B, S) -> this rank's positions (B, S/t, dim).
@@ -310,12 +317,17 @@ class VocabParallelEmbedding(nn.Module):
         self.rows_per_rank = self.padded_vocab_size // state.tp_size
         self.vocab_start = state.tp_rank * self.rows_per_rank
         self.group, self.tp_size = state.group("tp"), state.tp_size
-        master = torch.zeros(self.padded_vocab_size, dim)
-        master[:vocab_size] = master_weight((vocab_size, dim), generator, init_method)
-        self.weight = _shard(master, 0, state, dtype, device)   # (V/t, dim)
         # Local vocabulary columns that are padding: a suffix of the shard, possibly empty.
         self.real_rows = min(max(vocab_size - self.vocab_start, 0), self.rows_per_rank)
         self.shard_has_padding = self.real_rows < self.rows_per_rank
+        # The real rows are this shard's rows of the full (vocab_size, dim) weight; padding rows are
+        # zero (whatever the initialisation, a resumed run's included).
+        weight = torch.empty(self.rows_per_rank, dim, dtype=dtype, device=device)   # (V/t, dim)
+        weight[self.real_rows:].zero_()
+        if self.real_rows:
+            init_block_(weight[:self.real_rows], (vocab_size, dim), self.vocab_start, 0, generator, init_method)
+        self.weight = nn.Parameter(weight)
+        param_role(self.weight).tp_dim = 0
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start

@@ -22,6 +22,7 @@ BENCHMARKS = (
     ("tests.bench.bench_optim", {"device": "cpu"}),
     ("tests.bench.bench_cpu_adamw", {}),
     ("tests.bench.bench_zero", {}),
+    ("tests.bench.bench_startup", {}),
     ("tests.bench.bench_sequence_parallel", {}),
     ("tests.bench.bench_plan_vs_measured", {}),
     ("tests.bench.bench_decode", {}),
