@@ -58,7 +58,7 @@ test-all: install
 # torch 2.11), one multi-rank ZeRO-1 + dp-bucket parity run, the checkpoint round trips and
 # asynchronous checkpoints (their digests hook DCP's FileSystemWriter, whose internals move), the
 # collectives and torch-version checks, the CPU AdamW op with ZeRO-Offload and sequence parallelism
-# (as a GPU image's torch runs them), the gpu-check dry run.
+# and the per-shard initialisation (as a GPU image's torch runs them), the gpu-check dry run.
 VENV211 := .venv-torch211
 PY211 := $(VENV211)/bin/python
 BUILD211 := .torch211
@@ -70,6 +70,7 @@ TORCH211_TESTS := tests/test_masked_softmax.py tests/test_layer_norm.py tests/te
 	tests/test_async_checkpoint.py \
 	tests/test_collectives.py tests/test_torch_version.py \
 	tests/test_cpu_adamw.py tests/test_offload.py tests/test_sequence_parallel.py \
+	tests/test_normal_shard.py tests/test_init_layout.py \
 	tests/test_gpu_check.py::test_dry_run_runs_every_step_and_stage
 
 $(PY211):
