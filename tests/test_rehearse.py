@@ -1,6 +1,6 @@
 """The rehearsal (m6_engine/plan/rehearse.py) at a small size: M6-large's shape cut to d 256,
 8 heads, 2 blocks and 16 + 64 positions, tp = 2 on 2 ranks, fp32, full recomputation, 3 steps of
-the real trainer on a small demo corpus. Per rank: the losses are finite and fall, the measured
+the real trainer on a small demo corpus. Per rank: the losses are finite (an untrained model's), the measured
 weights, gradients, optimizer state and saved activations are within 10% of the planner's
 prediction for that configuration, no saved activation outlives the steps, and the sharded
 checkpoint saved after the steps loads back into overwritten weights equal to the saved ones.
@@ -29,8 +29,18 @@ def _rank(corpus_dir: str, vocab_file: str, vocab_size: int, ckpt_dir: str) -> d
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    corpus = build_corpus(tmp_path_factory.mktemp("corpus"))
+def rehearsal_corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def corpus_vocab_size(rehearsal_corpus):
+    return rehearsal_corpus.vocab_size
+
+
+@pytest.fixture(scope="module")
+def results(rehearsal_corpus, tmp_path_factory):
+    corpus = rehearsal_corpus
     ckpt = tmp_path_factory.mktemp("ckpt")
     out = run_ranks(_rank, 2, corpus.train, corpus.vocab_file, corpus.vocab_size, str(ckpt),
                     timeout_s=180.0)
@@ -40,12 +50,16 @@ def results(tmp_path_factory):
     return out
 
 
-def test_losses_are_finite_and_fall(results):
+def test_losses_are_finite_and_untrained(results, corpus_vocab_size):
+    # One sample per step: three losses of three different samples say nothing about learning (a
+    # "last < first" check passed or failed with the sample order and the initial weights), so this
+    # checks what they do say: finite, and what an untrained model scores, ln(vocab) give or take.
+    # That training lowers the loss is tested with real batches (tests/test_training.py, the demo).
     for r in results:
         losses = [s["loss"] for s in r["steps"]]
         assert [s["step"] for s in r["steps"]] == list(range(1, STEPS + 1))
         assert all(math.isfinite(x) for x in losses), losses
-        assert losses[-1] < losses[0], losses
+        assert all(abs(x - math.log(corpus_vocab_size)) < 1.0 for x in losses), (losses, corpus_vocab_size)
     # Both tp ranks compute the same vocab-parallel loss.
     assert [s["loss"] for s in results[0]["steps"]] == pytest.approx([s["loss"] for s in results[1]["steps"]])
 
